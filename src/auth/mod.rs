@@ -1,0 +1,5 @@
+//! Authentication: API keys → a [`Caller`].
+
+mod caller;
+
+pub use caller::{Caller, CallerBuilder};

@@ -1,0 +1,1 @@
+//! Credit gating: prepaid balances charged on real usage.

@@ -1,0 +1,1 @@
+//! Rate limiting: per-plan token buckets.
