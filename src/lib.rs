@@ -22,10 +22,20 @@ pub mod auth;
 pub mod body;
 pub mod credits;
 pub mod format;
+pub mod inspect;
 pub mod ip;
+pub mod keys;
 pub mod normalize;
 pub mod ratelimit;
 pub mod rejection;
+pub mod usage;
+
+#[cfg(feature = "admin")]
+pub mod admin;
+#[cfg(feature = "config")]
+pub mod config;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(feature = "axum")]
 mod axum_integration;

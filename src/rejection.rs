@@ -359,7 +359,9 @@ impl Rejection {
     /// 403 `ip_not_allowed`; the message names the IP (as FirebirdGen's `IP_NOT_WHITELISTED`).
     pub fn ip_not_allowed(ip: IpAddr) -> Self {
         Rejection::new(Reason::IpNotAllowed)
-            .with_message(format!("IP address {ip} is not in the allowlist for this API key."))
+            .with_message(format!(
+                "IP address {ip} is not in the allowlist for this API key."
+            ))
             .with_detail("ip", ip.to_string())
     }
 

@@ -439,13 +439,19 @@ where
                         Ok(Poll::Ready(Ok(response))) => response,
                         Ok(Poll::Ready(Err(error))) => {
                             let rejection = classify(error.into());
-                            let response = this.config.render(&rejection, &this.info.context(), None);
-                            this.kind.set(Kind::Ready { response: Some(response) });
+                            let response =
+                                this.config.render(&rejection, &this.info.context(), None);
+                            this.kind.set(Kind::Ready {
+                                response: Some(response),
+                            });
                             continue;
                         }
                         Err(_) => {
-                            let response = this.config.render(&panicked(), &this.info.context(), None);
-                            this.kind.set(Kind::Ready { response: Some(response) });
+                            let response =
+                                this.config.render(&panicked(), &this.info.context(), None);
+                            this.kind.set(Kind::Ready {
+                                response: Some(response),
+                            });
                             continue;
                         }
                     }
@@ -462,7 +468,18 @@ where
             if response.status().as_u16() < 400 || this.info.grpc {
                 return Poll::Ready(Ok(response.map(ResponseBody::new)));
             }
-            let future = rewrite(response, this.config.clone(), std::mem::replace(this.info, RequestInfo { grpc: false, path: None, request_id: None }));
+            let future = rewrite(
+                response,
+                this.config.clone(),
+                std::mem::replace(
+                    this.info,
+                    RequestInfo {
+                        grpc: false,
+                        path: None,
+                        request_id: None,
+                    },
+                ),
+            );
             this.kind.set(Kind::Rewrite { future });
         }
     }
@@ -508,10 +525,9 @@ where
             Some(bytes) if status == StatusCode::REQUEST_TIMEOUT && bytes.is_empty() => {
                 Rejection::new(Reason::GatewayTimeout)
             }
-            Some(bytes) if status.is_client_error() => Rejection::from_status(
-                status,
-                safe_message(content_type.as_deref(), &bytes),
-            ),
+            Some(bytes) if status.is_client_error() => {
+                Rejection::from_status(status, safe_message(content_type.as_deref(), &bytes))
+            }
             _ => Rejection::from_status(status, None),
         };
         let mut rendered = config.render(&rejection, &info.context(), Some(parts.headers));

@@ -1,0 +1,1 @@
+//! API key generation and digests.
