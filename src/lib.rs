@@ -19,6 +19,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod auth;
+pub mod backend;
 pub mod body;
 pub mod credits;
 pub mod format;
@@ -41,6 +42,7 @@ pub mod redis;
 mod axum_integration;
 
 pub use auth::Caller;
+pub use backend::BackendError;
 pub use rejection::{LimitKind, Reason, Rejection};
 
 /// A type-erased error, as tower uses.

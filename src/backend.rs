@@ -1,0 +1,57 @@
+//! What a store (key store, ledger, limiter) answers when it cannot answer.
+
+use std::{fmt, time::Duration};
+
+use crate::{Reason, Rejection};
+
+/// A store (key store, ledger or limiter backend) is unavailable or failed.
+///
+/// Rendered as 503 `backend_unavailable` with a `Retry-After`; the message given to the client
+/// never includes the store's own error text (it may name hosts), which goes to the log.
+#[derive(Clone, Debug)]
+pub struct BackendError {
+    message: String,
+    retry_after: Duration,
+}
+
+impl BackendError {
+    /// A backend failure, described for the log.
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    /// When a retry may succeed (default one second).
+    #[must_use]
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
+    /// The description for the log.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// When a retry may succeed.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend unavailable: {}", self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+impl From<BackendError> for Rejection {
+    fn from(error: BackendError) -> Self {
+        tracing::warn!(error = %error.message, code = "backend_unavailable", "backend unavailable");
+        Rejection::new(Reason::BackendUnavailable).with_retry_after(error.retry_after)
+    }
+}
