@@ -1,0 +1,3 @@
+//! The gateway example (being assembled).
+mod upstream;
+fn main() {}
