@@ -1,0 +1,219 @@
+use std::{
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::service::AuthConfig;
+use crate::{
+    body::ResponseBody,
+    inspect::{inspect, wants_inspection, InspectedBody, LlmRequest},
+    BackendError, BoxError, Rejection,
+};
+
+use super::KeyLookup;
+
+type Inspection<B> =
+    Pin<Box<dyn Future<Output = Result<Request<InspectedBody<B>>, Rejection>> + Send>>;
+
+pin_project! {
+    /// The response future of [`Auth`](super::Auth).
+    pub struct ResponseFuture<S, B, L>
+    where
+        S: Service<Request<InspectedBody<B>>>,
+    {
+        #[pin]
+        kind: Kind<S, B, L>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, B, L>
+    where
+        S: Service<Request<InspectedBody<B>>>,
+    {
+        Refused { rejection: Option<Rejection>, grpc: bool },
+        Lookup { #[pin] lookup: L, pending: Option<Pending<S, B>> },
+        Inspecting { inspection: Inspection<B>, inner: Option<S>, grpc: bool },
+        Call { #[pin] future: S::Future },
+    }
+}
+
+struct Pending<S, B> {
+    inner: S,
+    request: Request<B>,
+    config: Arc<AuthConfig>,
+    ip: Option<IpAddr>,
+}
+
+impl<S, B, L> ResponseFuture<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+{
+    pub(super) fn refused<ReqB>(request: &Request<ReqB>, rejection: Rejection) -> Self {
+        tracing::debug!(code = rejection.code(), "authentication refused");
+        ResponseFuture {
+            kind: Kind::Refused {
+                rejection: Some(rejection),
+                grpc: crate::normalize::is_grpc(request),
+            },
+        }
+    }
+
+    pub(super) fn lookup(
+        lookup: L,
+        inner: S,
+        request: Request<B>,
+        config: Arc<AuthConfig>,
+        ip: Option<IpAddr>,
+    ) -> Self {
+        ResponseFuture {
+            kind: Kind::Lookup {
+                lookup,
+                pending: Some(Pending {
+                    inner,
+                    request,
+                    config,
+                    ip,
+                }),
+            },
+        }
+    }
+}
+
+/// A refusal response for a request that is gone (read by the inspection).
+fn refusal<RB>(grpc: bool, rejection: &Rejection) -> Response<ResponseBody<RB>> {
+    let mut probe = Request::new(());
+    if grpc {
+        probe.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+    }
+    crate::refuse(&probe, rejection)
+}
+
+impl<S, B, L, RB> Future for ResponseFuture<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>, Response = Response<RB>>,
+    L: Future<Output = Result<Option<KeyLookup>, BackendError>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<RB>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().kind.project() {
+                KindProj::Call { future } => {
+                    return future
+                        .poll(cx)
+                        .map(|result| result.map(|response| response.map(ResponseBody::new)))
+                }
+                KindProj::Refused { rejection, grpc } => {
+                    let rejection = rejection
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(refusal(*grpc, &rejection)));
+                }
+                KindProj::Lookup { lookup, pending } => {
+                    let found = ready!(lookup.poll(cx));
+                    let Pending {
+                        mut inner,
+                        mut request,
+                        config,
+                        ip,
+                    } = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let grpc = crate::normalize::is_grpc(&request);
+                    match config.decide(found, ip) {
+                        Err(rejection) => refused(rejection, grpc),
+                        Ok(caller) if config.checks_models(&caller) => {
+                            if wants_inspection(&request) {
+                                request.extensions_mut().insert(caller.clone());
+                                let limit = config.body_limit();
+                                let inspection = Box::pin(async move {
+                                    let request = inspect(request, limit).await?;
+                                    config.check_model(
+                                        &caller,
+                                        request.extensions().get::<LlmRequest>(),
+                                    )?;
+                                    Ok(request)
+                                });
+                                Kind::Inspecting {
+                                    inspection,
+                                    inner: Some(inner),
+                                    grpc,
+                                }
+                            } else if let Err(rejection) = config
+                                .check_model(&caller, request.extensions().get::<LlmRequest>())
+                            {
+                                refused(rejection, grpc)
+                            } else {
+                                request.extensions_mut().insert(caller);
+                                Kind::Call {
+                                    future: inner.call(request.map(InspectedBody::new)),
+                                }
+                            }
+                        }
+                        Ok(caller) => {
+                            request.extensions_mut().insert(caller);
+                            Kind::Call {
+                                future: inner.call(request.map(InspectedBody::new)),
+                            }
+                        }
+                    }
+                }
+                KindProj::Inspecting {
+                    inspection,
+                    inner,
+                    grpc,
+                } => match ready!(inspection.as_mut().poll(cx)) {
+                    Ok(request) => Kind::Call {
+                        future: inner
+                            .take()
+                            .expect("ResponseFuture polled after completion")
+                            .call(request),
+                    },
+                    Err(rejection) => refused(rejection, *grpc),
+                },
+            };
+            self.as_mut().project().kind.set(next);
+        }
+    }
+}
+
+fn refused<S, B, L>(rejection: Rejection, grpc: bool) -> Kind<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+{
+    tracing::debug!(code = rejection.code(), "authentication refused");
+    Kind::Refused {
+        rejection: Some(rejection),
+        grpc,
+    }
+}
+
+impl<S, B, L> std::fmt::Debug for ResponseFuture<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.kind {
+            Kind::Refused { .. } => "ResponseFuture::Refused",
+            Kind::Lookup { .. } => "ResponseFuture::Lookup",
+            Kind::Inspecting { .. } => "ResponseFuture::Inspecting",
+            Kind::Call { .. } => "ResponseFuture::Call",
+        })
+    }
+}
