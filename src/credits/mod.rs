@@ -1,1 +1,104 @@
-//! Credit gating: prepaid balances charged on real usage.
+//! Credit gating: prepaid balances charged on real usage, never negative.
+//!
+//! [`CreditsLayer`] charges every request to the prepaid balance of its [`Caller`]'s account:
+//!
+//! 1. **Before the call** it prices the request ([`Pricing`]: a flat price per request, per
+//!    route or per model, and per-token rates estimated from the JSON body's prompt and
+//!    `max_tokens`) and places a **hold** of that amount on the [`Ledger`]. When the account's
+//!    available credits do not cover it, the answer is 402 `insufficient_quota` with `required`
+//!    and `available` (`INSUFFICIENT_CREDITS` in the envelope format) and the inner service is
+//!    never called.
+//! 2. **After the call** the response body streams through untouched while the OpenAI `usage`
+//!    object is looked for (in a JSON body or the final chunk of an SSE stream). When the body
+//!    ends, the hold is **settled** at the real cost: the unused part goes back, a cost above the
+//!    hold is charged up to what is available, never below zero.
+//! 3. An inner service error or an error status (>= 400) **releases** the hold: not charged. A
+//!    body dropped before its end (client disconnected) is charged the hold, or the usage so far
+//!    ([`OnDisconnect`]); never zero, never twice.
+//!
+//! A retried request with the same `Idempotency-Key` header (per account, within the ledger's
+//! window) is charged once, as Stripe does: the same request again after the first was charged is
+//! let through uncharged with `idempotent-replayed: true`; while the first is still running it
+//! is 409 `idempotency_key_in_use`; the key with a different request (method, path, model and
+//! body length) is 422 `idempotency_key_reused`. A first request that was released (an upstream
+//! error) frees its key, so the retry is processed and charged normally.
+//!
+//! Successful responses carry [`x-credits-held`](CREDITS_HELD) and
+//! [`x-credits-balance`](CREDITS_BALANCE). The final charge is known only when the body ends,
+//! after the headers were sent: it is in the [journal](Ledger::journal).
+//!
+//! Requests without a [`Caller`] (no authentication layer in front) are refused with 401
+//! `missing_api_key`, or let through free with [`CreditsLayer::allow_anonymous`].
+//!
+//! Holds that are never settled (a crashed handler, a leaked future) are settled at their held
+//! amount by [`Ledger::expire_holds`]; [`MemoryLedger::spawn_expiry`] runs it periodically.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{routing::post, Extension, Router};
+//! use http::{Request, StatusCode};
+//! use tollgate::{
+//!     credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+//!     Caller,
+//! };
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let ledger = MemoryLedger::new();
+//! ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+//!
+//! let pricing = Pricing::new().model("small", Price::flat(1).per_1k_tokens(10));
+//! let app = Router::new()
+//!     .route(
+//!         "/v1/chat/completions",
+//!         post(|| async {
+//!             axum::Json(serde_json::json!({
+//!                 "choices": [],
+//!                 "usage": {"prompt_tokens": 100, "completion_tokens": 200, "total_tokens": 300}
+//!             }))
+//!         }),
+//!     )
+//!     .layer(CreditsLayer::new(ledger.clone(), pricing))
+//!     // Stands in for the authentication layer.
+//!     .layer(Extension(Caller::builder("key_1", "acct_1").build()));
+//!
+//! let request = Request::post("/v1/chat/completions")
+//!     .header("content-type", "application/json")
+//!     .body(axum::body::Body::from(r#"{"model":"small","max_tokens":500}"#))
+//!     .unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! // Held: 1 + ceil(500 × 10 / 1000) = 6 credits.
+//! assert_eq!(response.headers()["x-credits-held"], "6");
+//! assert_eq!(response.headers()["x-credits-balance"], "94");
+//!
+//! // Reading the body to its end settles: 1 + ceil(300 × 10 / 1000) = 4 credits.
+//! axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+//! assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 96);
+//! # }
+//! ```
+
+mod body;
+mod clock;
+mod ledger;
+mod memory;
+mod pricing;
+mod service;
+
+pub use body::MeteredBody;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use ledger::{
+    Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
+    Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+};
+pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
+pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS};
+pub use service::{
+    Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+};
+
+#[allow(unused_imports)] // doc links
+use crate::Caller;

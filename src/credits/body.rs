@@ -1,0 +1,266 @@
+//! The metering response body: settles the hold when the body ends or is dropped.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::{
+    ledger::{Hold, Ledger, Settlement},
+    pricing::Price,
+    service::Shared,
+    MemoryLedger, OnDisconnect,
+};
+use crate::{body::ResponseBody, usage::UsageScanner, BackendError};
+
+/// What is needed to close one hold, exactly once: on the body's end, on an upstream failure, or
+/// (by `Drop`) when the response or its body is abandoned.
+pub(super) struct Meter<L: Ledger> {
+    shared: Arc<Shared<L>>,
+    hold: Option<Hold>,
+    price: Price,
+    prompt_estimate: u64,
+    scanner: UsageScanner,
+    sse: bool,
+    events: EventCounter,
+}
+
+impl<L: Ledger> Meter<L> {
+    pub(super) fn new(
+        shared: Arc<Shared<L>>,
+        hold: Hold,
+        price: Price,
+        prompt_estimate: u64,
+    ) -> Self {
+        Meter {
+            shared,
+            hold: Some(hold),
+            price,
+            prompt_estimate,
+            scanner: UsageScanner::new(),
+            sse: false,
+            events: EventCounter::default(),
+        }
+    }
+
+    pub(super) fn hold(&self) -> Option<&Hold> {
+        self.hold.as_ref()
+    }
+
+    pub(super) fn set_sse(&mut self, sse: bool) {
+        self.sse = sse;
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        self.scanner.feed(chunk);
+        if self.sse {
+            self.events.feed(chunk);
+        }
+    }
+
+    /// The body ended: charge the usage it reported, or the hold when it reported none.
+    fn finish(&mut self) {
+        let Some(hold) = self.hold.take() else { return };
+        let charge = match self.scanner.usage() {
+            Some(usage) => self.price.cost(&usage),
+            None => hold.amount(),
+        };
+        drive(self.shared.ledger.settle(&hold, charge), &hold, "settle");
+    }
+
+    /// The upstream failed: charge nothing.
+    pub(super) fn release(&mut self) {
+        let Some(hold) = self.hold.take() else { return };
+        drive(self.shared.ledger.release(&hold), &hold, "release");
+    }
+
+    /// The response was abandoned (client gone, body error): charge per [`OnDisconnect`].
+    fn abandon(&mut self) {
+        let Some(hold) = self.hold.take() else { return };
+        let charge = match (self.shared.on_disconnect, self.scanner.usage()) {
+            (OnDisconnect::ChargeHold, _) => hold.amount(),
+            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(&usage),
+            (OnDisconnect::UsageSoFar, None) => {
+                let estimate = self
+                    .price
+                    .tokens_cost(self.prompt_estimate, self.events.count);
+                match hold.amount() {
+                    0 => 0,
+                    held => estimate.clamp(1, held),
+                }
+            }
+        };
+        drive(self.shared.ledger.settle(&hold, charge), &hold, "settle");
+    }
+}
+
+impl<L: Ledger> Drop for Meter<L> {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
+/// Run a settlement to completion: poll it once in place (an in-memory ledger is done then),
+/// else move it onto the current tokio runtime. Without a runtime the hold is left to expire,
+/// which charges it at its held amount.
+fn drive<F>(mut future: F, hold: &Hold, what: &'static str)
+where
+    F: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let log = move |result: Result<Settlement, BackendError>| {
+        if let Err(error) = result {
+            tracing::warn!(%error, what, "credit hold not closed; it will expire");
+        }
+    };
+    match Pin::new(&mut future).poll(&mut cx) {
+        Poll::Ready(result) => log(result),
+        Poll::Pending => match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move { log(future.await) });
+            }
+            Err(_) => tracing::warn!(
+                hold = hold.id(),
+                what,
+                "no tokio runtime to close a credit hold; it will expire"
+            ),
+        },
+    }
+}
+
+/// Counts SSE `data:` fields across chunk boundaries: the completion-token estimate of a stream
+/// cut short (OpenAI-style streams send about one token per event).
+#[derive(Default)]
+struct EventCounter {
+    matched: usize,
+    count: u64,
+}
+
+impl EventCounter {
+    const FIELD: &'static [u8] = b"data:";
+
+    fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if b == Self::FIELD[self.matched] {
+                self.matched += 1;
+                if self.matched == Self::FIELD.len() {
+                    self.count += 1;
+                    self.matched = 0;
+                }
+            } else {
+                self.matched = usize::from(b == Self::FIELD[0]);
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of [`Credits`](super::Credits): the inner body, streamed through
+    /// untouched, while the `usage` object is looked for; the hold is settled when the body
+    /// ends, or per [`OnDisconnect`] when it is dropped before its end.
+    pub struct MeteredBody<B, L: Ledger = MemoryLedger> {
+        #[pin]
+        inner: ResponseBody<B>,
+        meter: Option<Meter<L>>,
+    }
+}
+
+impl<B, L: Ledger> MeteredBody<B, L> {
+    pub(super) fn new(inner: ResponseBody<B>, meter: Option<Meter<L>>) -> Self {
+        MeteredBody { inner, meter }
+    }
+}
+
+impl<B, L: Ledger> MeteredBody<B, L>
+where
+    B: Body<Data = Bytes>,
+{
+    /// Settle now if the body is already known to be complete.
+    pub(super) fn settle_if_ended(mut self) -> Self {
+        if self.inner.is_end_stream() {
+            if let Some(mut meter) = self.meter.take() {
+                meter.finish();
+            }
+        }
+        self
+    }
+}
+
+impl<B, L> Body for MeteredBody<B, L>
+where
+    B: Body<Data = Bytes>,
+    L: Ledger,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(meter) = this.meter.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        meter.feed(data);
+                    }
+                    // A server may stop polling once the body says it has ended.
+                    if this.inner.is_end_stream() {
+                        meter.finish();
+                    }
+                }
+            }
+            // An upstream failure mid-stream: the client got part of the answer.
+            Some(Err(_)) => drop(this.meter.take()),
+            None => {
+                if let Some(mut meter) = this.meter.take() {
+                    meter.finish();
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B, L: Ledger> fmt::Debug for MeteredBody<B, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeteredBody")
+            .field("inner", &self.inner)
+            .field(
+                "hold",
+                &self.meter.as_ref().and_then(|m| m.hold()).map(Hold::id),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventCounter;
+
+    #[test]
+    fn events_are_counted_across_chunks() {
+        let mut counter = EventCounter::default();
+        for chunk in [&b"data: {}\n\nda"[..], b"ta: {}\n\nddata: [DONE]\n\n"] {
+            counter.feed(chunk);
+        }
+        assert_eq!(counter.count, 3);
+    }
+}

@@ -1,0 +1,488 @@
+//! The in-memory ledger.
+
+use std::{
+    collections::{hash_map::RandomState, HashMap},
+    fmt,
+    future::{ready, Ready},
+    hash::BuildHasher,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    time::{Duration, SystemTime},
+};
+
+use super::{
+    clock::{Clock, SystemClock},
+    ledger::{
+        Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
+        Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+    },
+};
+use crate::BackendError;
+
+/// The default time after which a hold never settled is settled at its held amount: 15 minutes.
+pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The default window in which an `Idempotency-Key` is remembered: 24 hours (as Stripe).
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A [`Ledger`] in this process's memory: exact, fast, and gone when the process exits.
+///
+/// Accounts are spread over shards, each behind its own mutex; every operation on an account is
+/// one short critical section, so it is exact under any concurrency. Every future it returns is
+/// [`std::future::Ready`]. Cloning shares the ledger (keep a clone for top-ups and the admin
+/// router).
+///
+/// The journal is kept in full for the process's lifetime (it is append-only); an operator who
+/// needs durable accounting uses a remote ledger.
+///
+/// # Example
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use tollgate::credits::{Ledger, ManualClock, MemoryLedger, ReserveRequest};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
+/// let ledger = MemoryLedger::builder()
+///     .hold_ttl(Duration::from_secs(60))
+///     .clock(clock.clone())
+///     .build();
+/// ledger.top_up("acct_1", 50, "invoice-1").await.unwrap();
+///
+/// // A hold nobody settles...
+/// let _leaked = ledger.reserve(ReserveRequest::new("acct_1", 20)).await.unwrap();
+/// clock.advance(Duration::from_secs(61));
+/// // ...is settled at its held amount once it expires.
+/// let expired = ledger.expire_holds(clock.now()).await.unwrap();
+/// assert_eq!(expired.charged, 20);
+/// let balance = ledger.balance("acct_1").await.unwrap();
+/// assert_eq!((balance.balance, balance.held), (30, 0));
+/// # }
+/// # use tollgate::credits::Clock;
+/// ```
+#[derive(Clone)]
+pub struct MemoryLedger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    next_hold: AtomicU64,
+    hold_ttl: Duration,
+    idempotency_window: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Default)]
+struct Shard {
+    accounts: HashMap<Arc<str>, Account>,
+}
+
+#[derive(Default)]
+struct Account {
+    balance: u64,
+    held: u64,
+    holds: HashMap<u64, OpenHold>,
+    keys: HashMap<Arc<str>, KeyRecord>,
+    top_ups: HashMap<Arc<str>, u64>,
+    journal: Vec<JournalEntry>,
+}
+
+struct OpenHold {
+    amount: u64,
+    expires_at: SystemTime,
+    request_id: Option<Arc<str>>,
+    key_id: Option<Arc<str>>,
+    idempotency_key: Option<Arc<str>>,
+}
+
+struct KeyRecord {
+    fingerprint: Fingerprint,
+    expires_at: SystemTime,
+    hold_id: u64,
+    charged: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Close {
+    Settle(u64),
+    Release,
+    Expire,
+}
+
+impl Account {
+    fn balance(&self) -> Balance {
+        Balance::new(self.balance, self.held, self.holds.len() as u64)
+    }
+
+    fn push(
+        &mut self,
+        at: SystemTime,
+        kind: EntryKind,
+        amount: u64,
+        hold: Option<(u64, &OpenHold)>,
+    ) {
+        let seq = self.journal.len() as u64 + 1;
+        let mut entry = JournalEntry::new(
+            seq,
+            at,
+            kind,
+            amount,
+            hold.map_or(0, |(_, h)| h.amount),
+            hold.map(|(id, _)| id),
+            self.balance,
+            self.held,
+        );
+        if let Some((_, h)) = hold {
+            entry.request_id = h.request_id.clone();
+            entry.key_id = h.key_id.clone();
+            entry.idempotency_key = h.idempotency_key.clone();
+        }
+        self.journal.push(entry);
+    }
+
+    /// Close an open hold; `None` when it is not open.
+    fn close(&mut self, id: u64, how: Close, now: SystemTime) -> Option<u64> {
+        let open = self.holds.remove(&id)?;
+        self.held -= open.amount;
+        // Invariant: balance >= held + open.amount, so a charge up to the hold always fits and
+        // anything beyond it takes at most what others have not reserved.
+        let (kind, charged) = match how {
+            Close::Settle(actual) => (EntryKind::Settle, actual.min(self.balance - self.held)),
+            Close::Release => (EntryKind::Release, 0),
+            Close::Expire => (EntryKind::Expire, open.amount),
+        };
+        self.balance -= charged;
+        if let Some(key) = &open.idempotency_key {
+            if let Some(record) = self.keys.get_mut(key).filter(|r| r.hold_id == id) {
+                match how {
+                    // Not charged: the key may be used again (the retry is processed afresh).
+                    Close::Release => {
+                        self.keys.remove(key);
+                    }
+                    Close::Settle(_) | Close::Expire => record.charged = true,
+                }
+            }
+        }
+        let amount = if matches!(how, Close::Release) {
+            0
+        } else {
+            charged
+        };
+        self.push(now, kind, amount, Some((id, &open)));
+        Some(charged)
+    }
+}
+
+impl MemoryLedger {
+    /// A ledger with the default hold TTL ([`DEFAULT_HOLD_TTL`]), idempotency window
+    /// ([`DEFAULT_IDEMPOTENCY_WINDOW`]) and the system clock.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Configure a ledger.
+    pub fn builder() -> MemoryLedgerBuilder {
+        MemoryLedgerBuilder {
+            hold_ttl: DEFAULT_HOLD_TTL,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            clock: Arc::new(SystemClock),
+            shards: 32,
+        }
+    }
+
+    /// Expire holds every `every` on a tokio task (using the ledger's clock), until the ledger
+    /// is dropped or the task aborted. Must be called inside a tokio runtime.
+    pub fn spawn_expiry(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                let ledger = MemoryLedger { inner };
+                let now = ledger.inner.clock.now();
+                let expired = ledger.expire_now(now);
+                if expired.holds > 0 {
+                    tracing::info!(
+                        holds = expired.holds,
+                        charged = expired.charged,
+                        "expired credit holds"
+                    );
+                }
+            }
+        })
+    }
+
+    fn shard(&self, account: &str) -> MutexGuard<'_, Shard> {
+        let index = self.inner.hasher.hash_one(account) as usize % self.inner.shards.len();
+        // A panic inside a critical section leaves the numbers consistent (every mutation is
+        // checked before it is applied), so a poisoned lock is still usable.
+        self.inner.shards[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reserve_now(&self, request: ReserveRequest) -> Result<Reservation, ReserveError> {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(&request.account);
+        let account = match shard.accounts.get_mut(&request.account) {
+            Some(account) => account,
+            None if request.amount == 0 => {
+                shard.accounts.entry(request.account.clone()).or_default()
+            }
+            None => {
+                return Err(ReserveError::Insufficient {
+                    required: request.amount,
+                    available: 0,
+                })
+            }
+        };
+        if let Some((key, fingerprint)) = &request.idempotency {
+            if let Some(record) = account.keys.get(key).filter(|r| r.expires_at > now) {
+                return if record.fingerprint != *fingerprint {
+                    Err(ReserveError::KeyReused)
+                } else if record.charged {
+                    Ok(Reservation::Replayed)
+                } else {
+                    Err(ReserveError::KeyInUse)
+                };
+            }
+        }
+        let available = account.balance - account.held;
+        if request.amount > available {
+            return Err(ReserveError::Insufficient {
+                required: request.amount,
+                available,
+            });
+        }
+        let id = self.inner.next_hold.fetch_add(1, Ordering::Relaxed) + 1;
+        let idempotency_key = request.idempotency.as_ref().map(|(k, _)| k.clone());
+        if let Some((key, fingerprint)) = request.idempotency {
+            account.keys.insert(
+                key,
+                KeyRecord {
+                    fingerprint,
+                    expires_at: now + self.inner.idempotency_window,
+                    hold_id: id,
+                    charged: false,
+                },
+            );
+        }
+        let open = OpenHold {
+            amount: request.amount,
+            expires_at: now + self.inner.hold_ttl,
+            request_id: request.request_id,
+            key_id: request.key_id,
+            idempotency_key,
+        };
+        account.held += request.amount;
+        account.push(now, EntryKind::Reserve, request.amount, Some((id, &open)));
+        account.holds.insert(id, open);
+        Ok(Reservation::Held(Hold::new(
+            id,
+            request.account,
+            request.amount,
+            available - request.amount,
+        )))
+    }
+
+    fn close_now(&self, hold: &Hold, how: Close) -> Settlement {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(hold.account());
+        let Some(account) = shard.accounts.get_mut(hold.account()) else {
+            return Settlement::new(0, 0, false);
+        };
+        match account.close(hold.id(), how, now) {
+            Some(charged) => Settlement::new(charged, account.balance, true),
+            None => Settlement::new(0, account.balance, false),
+        }
+    }
+
+    fn top_up_now(&self, account: &str, amount: u64, key: &str) -> Result<TopUp, TopUpError> {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(account);
+        let account = match shard.accounts.get_mut(account) {
+            Some(a) => a,
+            None => shard.accounts.entry(Arc::from(account)).or_default(),
+        };
+        if let Some(&previous) = account.top_ups.get(key) {
+            return if previous == amount {
+                Ok(TopUp::new(false, account.balance()))
+            } else {
+                Err(TopUpError::KeyReused { amount: previous })
+            };
+        }
+        account.balance = account
+            .balance
+            .checked_add(amount)
+            .ok_or(TopUpError::Overflow)?;
+        let key: Arc<str> = Arc::from(key);
+        account.top_ups.insert(key.clone(), amount);
+        account.push(now, EntryKind::TopUp, amount, None);
+        if let Some(entry) = account.journal.last_mut() {
+            entry.idempotency_key = Some(key);
+        }
+        Ok(TopUp::new(true, account.balance()))
+    }
+
+    fn expire_now(&self, now: SystemTime) -> Expired {
+        let mut expired = Expired::default();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for account in shard.accounts.values_mut() {
+                let due: Vec<u64> = account
+                    .holds
+                    .iter()
+                    .filter(|(_, h)| h.expires_at <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in due {
+                    if let Some(charged) = account.close(id, Close::Expire, now) {
+                        expired.holds += 1;
+                        expired.charged += charged;
+                    }
+                }
+                account.keys.retain(|_, r| r.expires_at > now || !r.charged);
+            }
+        }
+        expired
+    }
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLedger")
+            .field("hold_ttl", &self.inner.hold_ttl)
+            .field("idempotency_window", &self.inner.idempotency_window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger for MemoryLedger {
+    type ReserveFuture = Ready<Result<Reservation, ReserveError>>;
+    type SettleFuture = Ready<Result<Settlement, BackendError>>;
+    type ReleaseFuture = Ready<Result<Settlement, BackendError>>;
+    type TopUpFuture = Ready<Result<TopUp, TopUpError>>;
+    type BalanceFuture = Ready<Result<Balance, BackendError>>;
+    type JournalFuture = Ready<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = Ready<Result<Expired, BackendError>>;
+
+    fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
+        ready(self.reserve_now(request))
+    }
+
+    fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
+        ready(Ok(self.close_now(hold, Close::Settle(actual))))
+    }
+
+    fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
+        ready(Ok(self.close_now(hold, Close::Release)))
+    }
+
+    fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
+        ready(self.top_up_now(account, amount, idempotency_key))
+    }
+
+    fn balance(&self, account: &str) -> Self::BalanceFuture {
+        let shard = self.shard(account);
+        ready(Ok(shard
+            .accounts
+            .get(account)
+            .map(Account::balance)
+            .unwrap_or_default()))
+    }
+
+    fn journal(&self, account: &str, query: JournalQuery) -> Self::JournalFuture {
+        let shard = self.shard(account);
+        let entries = shard.accounts.get(account).map_or(Vec::new(), |a| {
+            let start = query
+                .after
+                .map_or(0, |after| usize::try_from(after).unwrap_or(usize::MAX))
+                .min(a.journal.len());
+            a.journal[start..]
+                .iter()
+                .take(query.limit)
+                .cloned()
+                .collect()
+        });
+        ready(Ok(entries))
+    }
+
+    fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
+        ready(Ok(self.expire_now(now)))
+    }
+}
+
+/// Configures a [`MemoryLedger`]; see [`MemoryLedger::builder`].
+#[must_use]
+pub struct MemoryLedgerBuilder {
+    hold_ttl: Duration,
+    idempotency_window: Duration,
+    clock: Arc<dyn Clock>,
+    shards: usize,
+}
+
+impl MemoryLedgerBuilder {
+    /// How long a hold may stay open before [`Ledger::expire_holds`] settles it at its held
+    /// amount (default [`DEFAULT_HOLD_TTL`]). Make it longer than your longest response stream:
+    /// a stream still running when its hold expires is charged the hold, not its usage.
+    pub fn hold_ttl(mut self, ttl: Duration) -> Self {
+        self.hold_ttl = ttl;
+        self
+    }
+
+    /// How long an `Idempotency-Key` is remembered after its first use (default
+    /// [`DEFAULT_IDEMPOTENCY_WINDOW`]).
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
+    }
+
+    /// The clock (default [`SystemClock`]); tests pass a [`ManualClock`](super::ManualClock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The number of shards (independently locked groups of accounts), default 32.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
+    }
+
+    /// The ledger.
+    pub fn build(self) -> MemoryLedger {
+        MemoryLedger {
+            inner: Arc::new(Inner {
+                shards: (0..self.shards).map(|_| Mutex::default()).collect(),
+                hasher: RandomState::new(),
+                next_hold: AtomicU64::new(0),
+                hold_ttl: self.hold_ttl,
+                idempotency_window: self.idempotency_window,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for MemoryLedgerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLedgerBuilder")
+            .field("hold_ttl", &self.hold_ttl)
+            .field("idempotency_window", &self.idempotency_window)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,535 @@
+//! `CreditsLayer`, the `Credits` service and its response future.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{
+    body::{Meter, MeteredBody},
+    ledger::{Fingerprint, Ledger, Reservation, ReserveRequest},
+    pricing::{Price, Pricing},
+    MemoryLedger,
+};
+use crate::{
+    body::ResponseBody,
+    format::{Format, RenderContext},
+    inspect::{inspect, wants_inspection, InspectedBody, LlmRequest, DEFAULT_BODY_LIMIT},
+    normalize::REQUEST_ID,
+    BoxError, Caller, Reason, Rejection,
+};
+
+/// `x-credits-held`: the credits held for this request (its price or its estimate, see
+/// [`Pricing`]). The final charge, known when the body ends, is at most this unless the
+/// response's `usage` costs more (then it is charged up to what is available); read it in the
+/// journal.
+pub const CREDITS_HELD: HeaderName = HeaderName::from_static("x-credits-held");
+
+/// `x-credits-balance`: the account's available credits right after this request's hold was
+/// placed (balance minus every open hold, this one included). When the call costs less than its
+/// hold the difference comes back at settlement.
+pub const CREDITS_BALANCE: HeaderName = HeaderName::from_static("x-credits-balance");
+
+/// `idempotent-replayed: true` (as Stripe): a retry with an `Idempotency-Key` whose first
+/// request was already charged; this response was not charged.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The request header that carries an idempotency key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// What a response abandoned before its end (client disconnected, body dropped, upstream error
+/// mid-stream, response future dropped) is charged. Never zero unless the hold was zero, never
+/// twice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OnDisconnect {
+    /// The whole hold (the default): the upstream may have done all the work anyway.
+    #[default]
+    ChargeHold,
+    /// The usage seen so far: the `usage` object if it already went by, else the price of the
+    /// estimated prompt tokens plus one completion token per SSE `data:` event streamed, at
+    /// least 1 credit and at most the hold.
+    UsageSoFar,
+}
+
+pub(super) struct Shared<L> {
+    pub(super) ledger: L,
+    pub(super) pricing: Pricing,
+    pub(super) on_disconnect: OnDisconnect,
+    pub(super) allow_anonymous: bool,
+    pub(super) body_limit: usize,
+}
+
+/// Charges every request to its caller's prepaid balance; see the [module docs](super).
+///
+/// Before the call: a hold of the request's price (or estimate) is placed on the account of the
+/// [`Caller`]; if the available credits do not cover it the answer is 402 `insufficient_quota`
+/// with `required` and `available`, and the inner service is never called. After the call: the
+/// hold is settled on the response's `usage` when its body ends, released on an error.
+#[must_use]
+pub struct CreditsLayer<L = MemoryLedger> {
+    ledger: L,
+    pricing: Pricing,
+    on_disconnect: OnDisconnect,
+    allow_anonymous: bool,
+    body_limit: usize,
+}
+
+impl<L: Ledger + Clone> CreditsLayer<L> {
+    /// Charge requests to `ledger` at `pricing`.
+    pub fn new(ledger: L, pricing: Pricing) -> Self {
+        CreditsLayer {
+            ledger,
+            pricing,
+            on_disconnect: OnDisconnect::default(),
+            allow_anonymous: false,
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+
+    /// What an abandoned response is charged (default [`OnDisconnect::ChargeHold`]).
+    pub fn on_disconnect(mut self, on_disconnect: OnDisconnect) -> Self {
+        self.on_disconnect = on_disconnect;
+        self
+    }
+
+    /// Let requests without a [`Caller`] through, free and unmetered. By default they are
+    /// refused with 401 `missing_api_key`: without an account there is nobody to charge.
+    pub fn allow_anonymous(mut self, allow: bool) -> Self {
+        self.allow_anonymous = allow;
+        self
+    }
+
+    /// The largest JSON request body read to estimate the hold (default 1 MiB); larger ones are
+    /// refused with 413 `payload_too_large`.
+    pub fn body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+}
+
+impl<S, L: Ledger + Clone> Layer<S> for CreditsLayer<L> {
+    type Service = Credits<S, L>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Credits {
+            inner,
+            shared: Arc::new(Shared {
+                ledger: self.ledger.clone(),
+                pricing: self.pricing.clone(),
+                on_disconnect: self.on_disconnect,
+                allow_anonymous: self.allow_anonymous,
+                body_limit: self.body_limit,
+            }),
+        }
+    }
+}
+
+impl<L: Clone> Clone for CreditsLayer<L> {
+    fn clone(&self) -> Self {
+        CreditsLayer {
+            ledger: self.ledger.clone(),
+            pricing: self.pricing.clone(),
+            on_disconnect: self.on_disconnect,
+            allow_anonymous: self.allow_anonymous,
+            body_limit: self.body_limit,
+        }
+    }
+}
+
+impl<L: fmt::Debug> fmt::Debug for CreditsLayer<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreditsLayer")
+            .field("ledger", &self.ledger)
+            .field("pricing", &self.pricing)
+            .field("on_disconnect", &self.on_disconnect)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("body_limit", &self.body_limit)
+            .finish()
+    }
+}
+
+/// The service of [`CreditsLayer`].
+pub struct Credits<S, L = MemoryLedger> {
+    inner: S,
+    shared: Arc<Shared<L>>,
+}
+
+impl<S: Clone, L> Clone for Credits<S, L> {
+    fn clone(&self) -> Self {
+        Credits {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, L: fmt::Debug> fmt::Debug for Credits<S, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credits")
+            .field("inner", &self.inner)
+            .field("ledger", &self.shared.ledger)
+            .field("pricing", &self.shared.pricing)
+            .finish()
+    }
+}
+
+impl<S, B, ResB, L> Service<Request<B>> for Credits<S, L>
+where
+    S: Service<Request<InspectedBody<B>>, Response = Response<ResB>> + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    L: Ledger,
+{
+    type Response = Response<MeteredBody<ResB, L>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, L>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The ready service goes into the future; a clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let grpc = crate::normalize::is_grpc(&request);
+        let refused = |rejection: Rejection| ResponseFuture {
+            kind: Kind::Refused {
+                rejection: Some(rejection),
+                grpc,
+            },
+            shared: shared.clone(),
+        };
+        let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+            if shared.allow_anonymous {
+                return ResponseFuture {
+                    kind: Kind::Passthrough {
+                        future: service.call(request.map(InspectedBody::new)),
+                        replayed: false,
+                    },
+                    shared,
+                };
+            }
+            return refused(Rejection::new(Reason::MissingApiKey));
+        };
+        let idempotency_key = match idempotency_key(&request) {
+            Ok(key) => key,
+            Err(rejection) => return refused(rejection),
+        };
+        let pending = Pending {
+            caller,
+            idempotency_key,
+            grpc,
+        };
+        if shared.pricing.reads_body() && wants_inspection(&request) {
+            let limit = shared.body_limit;
+            return ResponseFuture {
+                kind: Kind::Inspecting {
+                    future: Box::pin(inspect(request, limit)),
+                    service: Some(service),
+                    pending: Some(pending),
+                },
+                shared,
+            };
+        }
+        let kind = reserve(&shared, request.map(InspectedBody::new), service, pending);
+        ResponseFuture { kind, shared }
+    }
+}
+
+/// What is known about a request before its hold.
+struct Pending {
+    caller: Caller,
+    idempotency_key: Option<Arc<str>>,
+    grpc: bool,
+}
+
+/// What settlement needs to know about a request.
+#[derive(Clone, Copy)]
+struct Plan {
+    price: Price,
+    prompt_estimate: u64,
+    grpc: bool,
+}
+
+fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejection> {
+    let mut values = request.headers().get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let valid = values.next().is_none()
+        && (1..=255).contains(&value.len())
+        && value.as_bytes().iter().all(u8::is_ascii_graphic);
+    if !valid {
+        return Err(Rejection::new(Reason::BadRequest).with_message(
+            "The Idempotency-Key header must be one value of 1 to 255 printable ASCII characters without spaces.",
+        ));
+    }
+    // Checked above: printable ASCII.
+    Ok(value.to_str().ok().map(Arc::from))
+}
+
+fn reserve<S, B, L>(
+    shared: &Shared<L>,
+    request: Request<InspectedBody<B>>,
+    service: S,
+    pending: Pending,
+) -> Kind<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+    L: Ledger,
+{
+    let llm = request.extensions().get::<LlmRequest>();
+    let model = llm.and_then(|l| l.model.as_deref());
+    let price = shared.pricing.price_for(request.uri().path(), model);
+    let amount = shared.pricing.hold_for(&price, llm);
+    let idempotency = pending.idempotency_key.map(|key| {
+        let body_len = match llm {
+            Some(llm) => llm.body_len.to_string(),
+            None => request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+        };
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or(request.uri().path(), |pq| pq.as_str());
+        let fingerprint = Fingerprint::of(&[
+            request.method().as_str().as_bytes(),
+            target.as_bytes(),
+            model.unwrap_or("").as_bytes(),
+            body_len.as_bytes(),
+        ]);
+        (key, fingerprint)
+    });
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(Arc::from);
+    let plan = Plan {
+        price,
+        prompt_estimate: llm.map_or(0, LlmRequest::estimated_prompt_tokens),
+        grpc: pending.grpc,
+    };
+    let future = shared.ledger.reserve(
+        ReserveRequest::new(pending.caller.account_id_arc().clone(), amount)
+            .request_id(request_id)
+            .key_id(Some(pending.caller.key_id_arc().clone()))
+            .idempotency(idempotency),
+    );
+    Kind::Reserving {
+        future,
+        request: Some(request),
+        service: Some(service),
+        plan,
+    }
+}
+
+type InspectFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Request<InspectedBody<B>>, Rejection>> + Send + 'static>>;
+
+pin_project! {
+    /// The response future of [`Credits`].
+    pub struct ResponseFuture<S, B, L = MemoryLedger>
+    where
+        S: Service<Request<InspectedBody<B>>>,
+        L: Ledger,
+    {
+        #[pin]
+        kind: Kind<S, B, L>,
+        shared: Arc<Shared<L>>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, B, L>
+    where
+        S: Service<Request<InspectedBody<B>>>,
+        L: Ledger,
+    {
+        Refused {
+            rejection: Option<Rejection>,
+            grpc: bool,
+        },
+        Passthrough {
+            #[pin]
+            future: S::Future,
+            replayed: bool,
+        },
+        Inspecting {
+            future: InspectFuture<B>,
+            service: Option<S>,
+            pending: Option<Pending>,
+        },
+        Reserving {
+            #[pin]
+            future: L::ReserveFuture,
+            request: Option<Request<InspectedBody<B>>>,
+            service: Option<S>,
+            plan: Plan,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+            // Dropped with the future before a response: closed per `OnDisconnect`.
+            meter: Option<Meter<L>>,
+        },
+    }
+}
+
+const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
+
+impl<S, B, ResB, L> Future for ResponseFuture<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    L: Ledger,
+{
+    type Output = Result<Response<MeteredBody<ResB, L>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.kind.as_mut().project() {
+                KindProj::Refused { rejection, grpc } => {
+                    let rejection = rejection.take().expect(POLLED_AFTER_COMPLETION);
+                    return Poll::Ready(Ok(render(&rejection, *grpc)));
+                }
+                KindProj::Passthrough { future, replayed } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    if *replayed {
+                        response
+                            .headers_mut()
+                            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                    }
+                    return Poll::Ready(Ok(
+                        response.map(|b| MeteredBody::new(ResponseBody::new(b), None))
+                    ));
+                }
+                KindProj::Inspecting {
+                    future,
+                    service,
+                    pending,
+                } => {
+                    let inspected = ready!(future.as_mut().poll(cx));
+                    let pending = pending.take().expect(POLLED_AFTER_COMPLETION);
+                    match inspected {
+                        Ok(request) => reserve(
+                            this.shared,
+                            request,
+                            service.take().expect(POLLED_AFTER_COMPLETION),
+                            pending,
+                        ),
+                        Err(rejection) => Kind::Refused {
+                            rejection: Some(rejection),
+                            grpc: pending.grpc,
+                        },
+                    }
+                }
+                KindProj::Reserving {
+                    future,
+                    request,
+                    service,
+                    plan,
+                } => {
+                    let reserved = ready!(future.poll(cx));
+                    let mut service = service.take().expect(POLLED_AFTER_COMPLETION);
+                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    match reserved {
+                        Ok(Reservation::Held(hold)) => {
+                            let meter = Meter::new(
+                                this.shared.clone(),
+                                hold,
+                                plan.price,
+                                plan.prompt_estimate,
+                            );
+                            Kind::Calling {
+                                future: service.call(request),
+                                meter: Some(meter),
+                            }
+                        }
+                        Ok(Reservation::Replayed) => Kind::Passthrough {
+                            future: service.call(request),
+                            replayed: true,
+                        },
+                        Err(error) => Kind::Refused {
+                            rejection: Some(error.into()),
+                            grpc: plan.grpc,
+                        },
+                    }
+                }
+                KindProj::Calling { future, meter } => {
+                    let result = ready!(future.poll(cx));
+                    let mut meter = meter.take().expect(POLLED_AFTER_COMPLETION);
+                    let response = match result {
+                        Ok(response) => response,
+                        Err(error) => {
+                            meter.release();
+                            return Poll::Ready(Err(error));
+                        }
+                    };
+                    // An upstream error (or a refusal further in) is not charged.
+                    if response.status().as_u16() >= 400 {
+                        meter.release();
+                        return Poll::Ready(Ok(
+                            response.map(|b| MeteredBody::new(ResponseBody::new(b), None))
+                        ));
+                    }
+                    let (mut parts, body) = response.into_parts();
+                    if let Some(hold) = meter.hold() {
+                        parts
+                            .headers
+                            .insert(CREDITS_HELD, HeaderValue::from(hold.amount()));
+                        parts
+                            .headers
+                            .insert(CREDITS_BALANCE, HeaderValue::from(hold.available_after()));
+                    }
+                    meter.set_sse(parts.headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
+                        ct.as_bytes()
+                            .get(..17)
+                            .is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream"))
+                    }));
+                    let body =
+                        MeteredBody::new(ResponseBody::new(body), Some(meter)).settle_if_ended();
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+            };
+            this.kind.set(next);
+        }
+    }
+}
+
+fn render<B, L: Ledger>(rejection: &Rejection, grpc: bool) -> Response<MeteredBody<B, L>> {
+    let cx = RenderContext::new().grpc(grpc);
+    Format::OpenAi
+        .response(rejection, &cx)
+        .map(|bytes| MeteredBody::new(ResponseBody::full(bytes), None))
+}
+
+impl<S, B, L> fmt::Debug for ResponseFuture<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+    L: Ledger,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
