@@ -227,8 +227,6 @@ mod tests {
     #[test]
     fn generated_keys_use_the_alphabet() {
         let key = generate("sk-");
-        assert!(key.as_str()[3..]
-            .bytes()
-            .all(|b| ALPHABET.contains(&b)));
+        assert!(key.as_str()[3..].bytes().all(|b| ALPHABET.contains(&b)));
     }
 }

@@ -57,9 +57,9 @@ fn request() -> http::request::Builder {
 }
 
 fn from(ip: &str, mut request: Request<Body>) -> Request<Body> {
-    request
-        .extensions_mut()
-        .insert(ConnectInfo(format!("{ip}:40000").parse::<SocketAddr>().unwrap()));
+    request.extensions_mut().insert(ConnectInfo(
+        format!("{ip}:40000").parse::<SocketAddr>().unwrap(),
+    ));
     request
 }
 
@@ -95,7 +95,11 @@ struct Answer {
 
 async fn send<S>(service: S, request: Request<Body>) -> Answer
 where
-    S: tower::Service<Request<Body>, Response = axum::response::Response, Error = std::convert::Infallible>,
+    S: tower::Service<
+        Request<Body>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+    >,
 {
     let response = service.oneshot(request).await.unwrap();
     let status = response.status();
@@ -120,7 +124,11 @@ fn error(message: &str, kind: &str, code: &str) -> Value {
 /// No refusal shows any part of the key.
 fn assert_no_key(answer: &Answer, key: &str) {
     let secret = &key[8..];
-    assert!(!answer.raw.contains(secret), "body echoes the key: {}", answer.raw);
+    assert!(
+        !answer.raw.contains(secret),
+        "body echoes the key: {}",
+        answer.raw
+    );
     for (name, value) in &answer.headers {
         assert!(
             !String::from_utf8_lossy(value.as_bytes()).contains(secret),
@@ -166,12 +174,20 @@ async fn no_key_is_401_saying_how_to_pass_one() {
 
 #[tokio::test]
 async fn a_wrong_scheme_is_401_malformed_without_echo() {
-    for value in [format!("Basic {KEY}"), KEY.to_owned(), "Bearer".to_owned(), "Bearer ".to_owned()] {
+    for value in [
+        format!("Basic {KEY}"),
+        KEY.to_owned(),
+        "Bearer".to_owned(),
+        "Bearer ".to_owned(),
+    ] {
         let answer = send(
             app(AuthLayer::new(store())),
             from(
                 "192.0.2.1",
-                request().header("authorization", value).body(Body::empty()).unwrap(),
+                request()
+                    .header("authorization", value)
+                    .body(Body::empty())
+                    .unwrap(),
             ),
         )
         .await;
@@ -229,12 +245,19 @@ async fn several_authorization_headers_are_refused_never_first_wins() {
 
 #[tokio::test]
 async fn whitespace_around_the_key_is_401_pointing_at_the_environment_variable() {
-    for value in [format!("Bearer {KEY} "), format!("Bearer  {KEY}"), format!("Bearer {KEY}\t")] {
+    for value in [
+        format!("Bearer {KEY} "),
+        format!("Bearer  {KEY}"),
+        format!("Bearer {KEY}\t"),
+    ] {
         let answer = send(
             app(AuthLayer::new(store())),
             from(
                 "192.0.2.1",
-                request().header("authorization", value).body(Body::empty()).unwrap(),
+                request()
+                    .header("authorization", value)
+                    .body(Body::empty())
+                    .unwrap(),
             ),
         )
         .await;
@@ -295,7 +318,11 @@ async fn disabled_and_revoked_keys_are_403_or_401_when_configured() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
     assert_eq!(
         answer.body,
-        error("Your API key has been disabled.", "permission_error", "api_key_disabled")
+        error(
+            "Your API key has been disabled.",
+            "permission_error",
+            "api_key_disabled"
+        )
     );
     assert_no_key(&answer, KEY);
 
@@ -304,7 +331,11 @@ async fn disabled_and_revoked_keys_are_403_or_401_when_configured() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
     assert_eq!(
         answer.body,
-        error("Your API key has been revoked.", "permission_error", "api_key_revoked")
+        error(
+            "Your API key has been revoked.",
+            "permission_error",
+            "api_key_revoked"
+        )
     );
     let answer = send(app401, bearer(KEY)).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
@@ -373,7 +404,10 @@ async fn x_api_key_only_when_enabled_and_it_must_agree_with_authorization() {
     let with_header = |key: &str| {
         from(
             "192.0.2.1",
-            request().header("x-api-key", key).body(Body::empty()).unwrap(),
+            request()
+                .header("x-api-key", key)
+                .body(Body::empty())
+                .unwrap(),
         )
     };
     let answer = send(app(AuthLayer::new(store())), with_header(KEY)).await;
@@ -384,7 +418,11 @@ async fn x_api_key_only_when_enabled_and_it_must_agree_with_authorization() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body["x_api_key"], false);
 
-    let answer = send(enabled.clone(), with_header(&format!("{KEY}\n").replace('\n', " "))).await;
+    let answer = send(
+        enabled.clone(),
+        with_header(&format!("{KEY}\n").replace('\n', " ")),
+    )
+    .await;
     assert_eq!(answer.body["error"]["code"], "api_key_whitespace");
 
     let mut conflicting = bearer(KEY);
@@ -458,7 +496,10 @@ async fn plan_models_are_enforced_from_the_body_which_still_reaches_the_service(
 
     // Upgrading the plan applies at once.
     store.set_account_plan("acct_1", "pro").await.unwrap();
-    assert_eq!(send(app, chat(KEY, "large-model")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(app, chat(KEY, "large-model")).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -494,10 +535,12 @@ async fn repeated_failures_from_one_ip_are_429_before_the_store_is_asked() {
         inner: store(),
         lookups: lookups.clone(),
     };
-    let app = Router::new().route("/v1/chat/completions", post(whoami)).layer(
-        AuthLayer::new(store)
-            .shield(AuthShield::new(3, Duration::from_secs(60)).with_clock(clock.clone())),
-    );
+    let app = Router::new()
+        .route("/v1/chat/completions", post(whoami))
+        .layer(
+            AuthLayer::new(store)
+                .shield(AuthShield::new(3, Duration::from_secs(60)).with_clock(clock.clone())),
+        );
 
     for _ in 0..3 {
         let answer = send(app.clone(), bearer(OTHER_KEY)).await;
@@ -536,11 +579,11 @@ async fn repeated_failures_from_one_ip_are_429_before_the_store_is_asked() {
 
 #[tokio::test]
 async fn the_shield_can_be_turned_off() {
-    let app = app(
-        AuthLayer::new(store())
-            .shield(AuthShield::new(1, Duration::from_secs(60)).with_clock(FakeRelativeClock::default()))
-            .no_shield(),
-    );
+    let app = app(AuthLayer::new(store())
+        .shield(
+            AuthShield::new(1, Duration::from_secs(60)).with_clock(FakeRelativeClock::default()),
+        )
+        .no_shield());
     for _ in 0..5 {
         assert_eq!(
             send(app.clone(), bearer(OTHER_KEY)).await.status,
@@ -555,7 +598,9 @@ impl KeyStore for Down {
     type Future = Ready<Result<Option<KeyLookup>, BackendError>>;
 
     fn lookup(&self, _: &KeyDigest) -> Self::Future {
-        ready(Err(BackendError::new("redis at 10.0.0.3:6379 refused the connection")))
+        ready(Err(BackendError::new(
+            "redis at 10.0.0.3:6379 refused the connection",
+        )))
     }
 }
 
@@ -589,7 +634,10 @@ async fn grpc_requests_are_refused_with_a_grpc_status() {
 async fn generated_keys_work_end_to_end_and_only_their_digest_is_stored() {
     let store = store();
     let key = store
-        .create_key("sk-live-", KeyRecord::new("key_new", "acct_2").plan("enterprise"))
+        .create_key(
+            "sk-live-",
+            KeyRecord::new("key_new", "acct_2").plan("enterprise"),
+        )
         .await
         .unwrap();
     assert!(key.as_str().starts_with("sk-live-"));

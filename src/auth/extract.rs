@@ -113,7 +113,10 @@ fn check(key: &str) -> Result<&str, Rejection> {
     if key.len() > MAX_KEY_LEN {
         return Err(malformed("The API key is too long."));
     }
-    if key.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if key
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(malformed(
             "The API key contains whitespace. Use exactly one header of the form `Authorization: Bearer YOUR_KEY`.",
         ));

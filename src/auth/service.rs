@@ -230,7 +230,8 @@ where
             .get::<ClientIp>()
             .map(|c| c.0)
             .or_else(|| {
-                peer_addr(&request).map(|peer| config.resolver.resolve_from(peer, request.headers()))
+                peer_addr(&request)
+                    .map(|peer| config.resolver.resolve_from(peer, request.headers()))
             });
         if let (Some(shield), Some(ip)) = (&config.shield, ip) {
             if let Err(wait) = shield.check(ip) {
@@ -292,10 +293,7 @@ impl AuthConfig {
             KeyStatus::Disabled => return Err(inactive(Reason::DisabledApiKey)),
             KeyStatus::Revoked => return Err(inactive(Reason::RevokedApiKey)),
         }
-        if lookup
-            .expires_at
-            .is_some_and(|at| at <= SystemTime::now())
-        {
+        if lookup.expires_at.is_some_and(|at| at <= SystemTime::now()) {
             return Err(Rejection::new(Reason::ExpiredApiKey));
         }
         match &lookup.account {

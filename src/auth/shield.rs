@@ -45,7 +45,8 @@ pub struct AuthShield {
 }
 
 struct Inner {
-    limiter: RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, ShieldClock, NoOpMiddleware<Nanos>>,
+    limiter:
+        RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, ShieldClock, NoOpMiddleware<Nanos>>,
     quota: Quota,
     clock: ShieldClock,
     /// Client IPs refused until an instant; `blocked_len` lets the hot path skip the lock.
@@ -119,7 +120,9 @@ impl AuthShield {
             Some(&until) if until > now => Err(until.duration_since(now).into()),
             Some(_) => {
                 blocked.remove(&key);
-                self.inner.blocked_len.store(blocked.len(), Ordering::Release);
+                self.inner
+                    .blocked_len
+                    .store(blocked.len(), Ordering::Release);
                 Ok(())
             }
             None => Ok(()),
@@ -138,21 +141,24 @@ impl AuthShield {
             self.inner.limiter.retain_recent();
         }
         blocked.insert(key, until);
-        self.inner.blocked_len.store(blocked.len(), Ordering::Release);
+        self.inner
+            .blocked_len
+            .store(blocked.len(), Ordering::Release);
         Some(not_until.wait_time_from(now).max(Duration::from_millis(1)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Nanos>> {
-        self.inner.blocked.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .blocked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// IPv6 clients are counted per /64.
 fn bucket(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(
-            u128::from(v6) & !((1u128 << 64) - 1),
-        )),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         v4 => v4,
     }
 }

@@ -433,10 +433,7 @@ pub trait KeyAdmin: Send + Sync + 'static {
     }
 
     /// Reactivate a frozen or blocked account.
-    fn unfreeze_account(
-        &self,
-        id: &str,
-    ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
+    fn unfreeze_account(&self, id: &str) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         self.set_account_status(id, AccountStatus::Active)
     }
 
@@ -470,12 +467,16 @@ pub trait KeyAdmin: Send + Sync + 'static {
     }
 
     /// A key's record.
-    fn key(&self, id: &str)
-        -> impl Future<Output = Result<Option<KeyRecord>, KeyAdminError>> + Send;
+    fn key(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<KeyRecord>, KeyAdminError>> + Send;
 
     /// Replace a key's record (plan override, models, allowlist, expiry, ...), keeping its digest.
-    fn update_key(&self, record: KeyRecord)
-        -> impl Future<Output = Result<(), KeyAdminError>> + Send;
+    fn update_key(
+        &self,
+        record: KeyRecord,
+    ) -> impl Future<Output = Result<(), KeyAdminError>> + Send;
 
     /// Enable, disable or revoke a key.
     fn set_key_status(
@@ -580,7 +581,11 @@ impl State {
         Ok(())
     }
 
-    fn update_key(&mut self, id: &str, f: impl FnOnce(&mut KeyRecord)) -> Result<(), KeyAdminError> {
+    fn update_key(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut KeyRecord),
+    ) -> Result<(), KeyAdminError> {
         let (digest, record) = self
             .keys
             .get(id)

@@ -55,7 +55,6 @@ pub use resolve::{peer_addr, ClientIpResolver, ForwardedHeader, PeerAddr};
 pub use service::{ClientIpLayer, ClientIpService, IpAllow, IpAllowLayer};
 pub use set::{parse_network, InvalidCidr, IpSet};
 
-
 /// The client's IP address as resolved by the IP layers, in the request's extensions.
 ///
 /// Other layers (rate limits per IP, the brute-force shield) read it.

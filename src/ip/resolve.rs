@@ -230,10 +230,22 @@ mod tests {
 
     #[test]
     fn nodes() {
-        assert_eq!(parse_node(" 192.0.2.1 "), Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(parse_node("192.0.2.1:80"), Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(parse_node("[2001:db8::1]:80"), Some("2001:db8::1".parse().unwrap()));
-        assert_eq!(parse_node("[2001:db8::1]"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            parse_node(" 192.0.2.1 "),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_node("192.0.2.1:80"),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_node("[2001:db8::1]:80"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_node("[2001:db8::1]"),
+            Some("2001:db8::1".parse().unwrap())
+        );
         assert_eq!(parse_node("unknown"), None);
         assert_eq!(parse_node("_hidden"), None);
         assert_eq!(

@@ -14,7 +14,10 @@ use crate::{body::ResponseBody, Caller, Reason, Rejection};
 
 /// The request's client IP: the [`ClientIp`] an earlier layer resolved, else resolved now (and
 /// recorded for the layers after).
-fn client_ip<B>(resolver: &ClientIpResolver, request: &mut Request<B>) -> Result<IpAddr, Rejection> {
+fn client_ip<B>(
+    resolver: &ClientIpResolver,
+    request: &mut Request<B>,
+) -> Result<IpAddr, Rejection> {
     if let Some(ClientIp(ip)) = request.extensions().get::<ClientIp>() {
         return Ok(*ip);
     }
