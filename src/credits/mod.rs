@@ -21,7 +21,9 @@
 //! let through uncharged with `idempotent-replayed: true`; while the first is still running it
 //! is 409 `idempotency_key_in_use`; the key with a different request (method, path, model and
 //! body length) is 422 `idempotency_key_reused`. A first request that was released (an upstream
-//! error) frees its key, so the retry is processed and charged normally.
+//! error) frees its key, so the retry is processed and charged normally. A replay calls the
+//! inner service again (a streamed answer cannot be stored and replayed), uncharged: the window
+//! ([`MemoryLedgerBuilder::idempotency_window`]) bounds how long that lasts.
 //!
 //! Successful responses carry [`x-credits-held`](CREDITS_HELD) and
 //! [`x-credits-balance`](CREDITS_BALANCE). The final charge is known only when the body ends,

@@ -50,6 +50,19 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// What a response abandoned before its end (client disconnected, body dropped, upstream error
 /// mid-stream, response future dropped) is charged. Never zero unless the hold was zero, never
 /// twice.
+///
+/// A timeout placed *outside* [`Credits`] drops the response future, which counts as abandoned;
+/// place timeouts between `Credits` and the upstream so that they are errors (released).
+///
+/// # Example
+///
+/// ```
+/// use tollgate::credits::{CreditsLayer, MemoryLedger, OnDisconnect, Pricing};
+///
+/// let layer = CreditsLayer::new(MemoryLedger::new(), Pricing::flat(1))
+///     .on_disconnect(OnDisconnect::UsageSoFar);
+/// # let _ = layer;
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OnDisconnect {
@@ -76,6 +89,39 @@ pub(super) struct Shared<L> {
 /// [`Caller`]; if the available credits do not cover it the answer is 402 `insufficient_quota`
 /// with `required` and `available`, and the inner service is never called. After the call: the
 /// hold is settled on the response's `usage` when its body ends, released on an error.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use tollgate::{credits::{CreditsLayer, Ledger, MemoryLedger, Pricing}, Caller};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let ledger = MemoryLedger::new();
+/// ledger.top_up("acct_1", 2, "invoice-1").await.unwrap();
+/// let service = CreditsLayer::new(ledger.clone(), Pricing::flat(2))
+///     .layer(service_fn(|_: Request<_>| async {
+///         Ok::<_, Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
+///     }));
+///
+/// let request = || {
+///     let mut request = Request::get("/v1/models").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+///     request.extensions_mut().insert(Caller::builder("key_1", "acct_1").build());
+///     request
+/// };
+/// let response = service.clone().oneshot(request()).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::OK);
+/// assert_eq!(response.headers()["x-credits-held"], "2");
+/// drop(response); // (dropping or reading the body settles)
+///
+/// // The balance is spent: the next one is refused before the service is called.
+/// let response = service.oneshot(request()).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+/// # }
+/// ```
 #[must_use]
 pub struct CreditsLayer<L = MemoryLedger> {
     ledger: L,
