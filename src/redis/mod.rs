@@ -1,1 +1,301 @@
-//! Redis backends.
+//! Redis backends: one Redis shared by many gateway replicas, so they behave as one.
+//!
+//! [`RedisBackend::connect`] opens one multiplexed connection (reconnected in the background)
+//! and hands out the three stores, each implementing the same trait as its in-memory sibling:
+//!
+//! | store | trait | per request |
+//! |---|---|---|
+//! | [`RedisLimiter`] | [`Limiter`](crate::ratelimit::Limiter) | one script (GCRA, every limit all-or-nothing) |
+//! | [`RedisLedger`] | [`Ledger`](crate::credits::Ledger) | one script to reserve, one to settle |
+//! | [`RedisKeyStore`] | [`KeyStore`](crate::auth::KeyStore) | none when the local cache is warm |
+//!
+//! Scripts are loaded once and called by SHA (`EVALSHA`, reloaded on `NOSCRIPT`); time is
+//! always the Redis server's (`TIME` inside the scripts), never a replica's clock. Every call has
+//! a deadline, and a circuit breaker stops calling a Redis that keeps failing, letting one probe
+//! through per cooldown until it answers again. When Redis cannot answer, credits fail closed
+//! (503 `backend_unavailable` with `Retry-After`) and rate limits fail open or closed as
+//! configured ([`FailMode`]).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tollgate::redis::{FailMode, RedisBackend, RedisOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tollgate::BackendError> {
+//! let backend = RedisBackend::connect_with(
+//!     "redis://127.0.0.1:6379/",
+//!     RedisOptions::new()
+//!         .response_timeout(Duration::from_millis(250))
+//!         .rate_limit_fail(FailMode::Open),
+//! )
+//! .await?;
+//! let (limiter, ledger) = (backend.limiter(), backend.ledger());
+//! let keys = backend.key_store();
+//! # let _ = (limiter, ledger, keys);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::BackendError;
+
+mod conn;
+mod keystore;
+mod ledger;
+mod limiter;
+
+pub use keystore::RedisKeyStore;
+pub use ledger::{RedisLedger, MAX_BALANCE};
+pub use limiter::RedisLimiter;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the rate limiter does when Redis cannot answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailMode {
+    /// Let the request through, unlimited (as Kong, Envoy and Stripe do by default).
+    #[default]
+    Open,
+    /// Refuse it with 503 `backend_unavailable` and a `Retry-After`.
+    Closed,
+}
+
+#[cfg(feature = "config")]
+impl From<crate::config::FailMode> for FailMode {
+    fn from(mode: crate::config::FailMode) -> Self {
+        match mode {
+            crate::config::FailMode::Open => FailMode::Open,
+            crate::config::FailMode::Closed => FailMode::Closed,
+        }
+    }
+}
+
+/// Timeouts, circuit breaker, TTLs and key names of a [`RedisBackend`].
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::redis::RedisOptions;
+///
+/// let options = RedisOptions::new()
+///     .prefix("gateway-eu")
+///     .hold_ttl(Duration::from_secs(600))
+///     .key_cache_ttl(Duration::from_secs(2));
+/// assert_eq!(options.hold_ttl_value(), Duration::from_secs(600));
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RedisOptions {
+    prefix: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    hold_ttl: Duration,
+    idempotency_window: Duration,
+    key_cache_ttl: Duration,
+    key_cache_capacity: usize,
+    rate_limit_fail: FailMode,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: "tollgate".to_owned(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(500),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            hold_ttl: crate::credits::DEFAULT_HOLD_TTL,
+            idempotency_window: crate::credits::DEFAULT_IDEMPOTENCY_WINDOW,
+            key_cache_ttl: Duration::from_secs(5),
+            key_cache_capacity: 10_000,
+            rate_limit_fail: FailMode::Open,
+        }
+    }
+}
+
+impl RedisOptions {
+    /// The defaults: prefix `tollgate`, connect timeout 1 s, response timeout 500 ms, breaker
+    /// open after 5 consecutive failures for 1 s, hold TTL 15 min, idempotency window 24 h, key
+    /// cache 5 s × 10 000 entries, rate limits fail open.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The first part of every key name (several gateways may share one Redis with different
+    /// prefixes).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long connecting may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long any one call may take before it fails (and counts against the breaker).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Open the circuit breaker after `failures` consecutive failed calls, for `cooldown`.
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// How long a hold may stay open before it is settled at its held amount. Make it longer
+    /// than your longest response stream.
+    pub fn hold_ttl(mut self, ttl: Duration) -> Self {
+        self.hold_ttl = ttl;
+        self
+    }
+
+    /// The configured hold TTL.
+    pub fn hold_ttl_value(&self) -> Duration {
+        self.hold_ttl
+    }
+
+    /// How long an `Idempotency-Key` is remembered.
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
+    }
+
+    /// How long a replica trusts its cached key lookups when an invalidation message is lost
+    /// (the worst case for a revocation to reach every replica).
+    pub fn key_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.key_cache_ttl = ttl;
+        self
+    }
+
+    /// How many key lookups each replica caches.
+    pub fn key_cache_capacity(mut self, capacity: usize) -> Self {
+        self.key_cache_capacity = capacity;
+        self
+    }
+
+    /// What the rate limiter does when Redis cannot answer (default [`FailMode::Open`]).
+    pub fn rate_limit_fail(mut self, mode: FailMode) -> Self {
+        self.rate_limit_fail = mode;
+        self
+    }
+}
+
+/// What the stores of one backend share: the connection, the options, the client (for the
+/// key store's pub/sub connection).
+pub(crate) struct Shared {
+    conn: conn::Conn,
+    client: redis::Client,
+    options: RedisOptions,
+}
+
+/// A connection to the Redis that every replica shares, and the stores built on it.
+///
+/// Cloning shares the connection.
+///
+/// # Example
+///
+/// ```no_run
+/// use tollgate::redis::RedisBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tollgate::BackendError> {
+/// let backend = RedisBackend::connect("redis://127.0.0.1/").await?;
+/// let ledger = backend.ledger();
+/// # let _ = ledger;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    shared: Arc<Shared>,
+}
+
+impl RedisBackend {
+    /// Connect with the default [`RedisOptions`].
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+        Self::connect_with(url, RedisOptions::new()).await
+    }
+
+    /// Connect. Fails when the URL is invalid or Redis does not answer within the connect
+    /// timeout; once connected, a lost connection is re-established in the background.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BackendError::new(format!("redis url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            // Reconnection attempts, not command retries: the manager never re-sends a command.
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let manager = tokio::time::timeout(
+            options.connect_timeout * 4,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| BackendError::new("redis connect: timed out"))?
+        .map_err(|e| BackendError::new(format!("redis connect: {e}")))?;
+        let breaker = conn::Breaker::new(options.breaker_threshold, options.breaker_cooldown);
+        Ok(RedisBackend {
+            shared: Arc::new(Shared {
+                conn: conn::Conn::new(manager, breaker, options.response_timeout),
+                client,
+                options,
+            }),
+        })
+    }
+
+    /// The rate limiter.
+    pub fn limiter(&self) -> RedisLimiter {
+        RedisLimiter::new(Arc::clone(&self.shared))
+    }
+
+    /// The credit ledger.
+    pub fn ledger(&self) -> RedisLedger {
+        RedisLedger::new(Arc::clone(&self.shared))
+    }
+
+    /// The key store, with its local cache and its invalidation listener (a task on the current
+    /// Tokio runtime, ended when the store and its clones are dropped).
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn key_store(&self) -> RedisKeyStore {
+        RedisKeyStore::new(Arc::clone(&self.shared))
+    }
+
+    /// Whether the circuit breaker is open or probing (Redis is failing).
+    pub fn is_degraded(&self) -> bool {
+        self.shared.conn.is_open()
+    }
+
+    /// The options it was connected with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.shared.options
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+#[path = "../../tests/support/redis_server.rs"]
+mod test_server;

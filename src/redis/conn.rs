@@ -1,0 +1,197 @@
+//! One shared connection with a timeout on every call and a circuit breaker in front of it.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use redis::{aio::ConnectionManager, RedisResult};
+
+use crate::BackendError;
+
+/// A `ConnectionManager` (one multiplexed connection, reconnected in the background), a deadline
+/// on every call and a circuit breaker.
+///
+/// The manager never re-sends a command: a call that fails or times out returns an error and
+/// the next call goes out on a fresh connection. The only automatic second send is redis-rs's
+/// `EVALSHA` → `SCRIPT LOAD` → `EVALSHA` on `NOSCRIPT`, which is safe because `NOSCRIPT` means the
+/// script did not run.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    manager: ConnectionManager,
+    breaker: Arc<Breaker>,
+    timeout: Duration,
+}
+
+impl Conn {
+    pub(crate) fn new(manager: ConnectionManager, breaker: Breaker, timeout: Duration) -> Self {
+        Conn {
+            manager,
+            breaker: Arc::new(breaker),
+            timeout,
+        }
+    }
+
+    /// Run `f` on the connection, unless the breaker is open; at most `timeout` long.
+    pub(crate) fn call<T, F, Fut>(&self, what: &'static str, f: F) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    where
+        F: FnOnce(ConnectionManager) -> Fut + Send + 'static,
+        Fut: Future<Output = RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let breaker = Arc::clone(&self.breaker);
+        let manager = self.manager.clone();
+        let timeout = self.timeout;
+        async move {
+            let permit = breaker.permit().map_err(|retry_after| {
+                BackendError::new(format!("redis {what}: circuit open")).with_retry_after(retry_after)
+            })?;
+            match tokio::time::timeout(timeout, f(manager)).await {
+                Ok(Ok(value)) => {
+                    permit.success();
+                    Ok(value)
+                }
+                Ok(Err(error)) => {
+                    let retry_after = permit.failure();
+                    Err(BackendError::new(format!("redis {what}: {error}")).with_retry_after(retry_after))
+                }
+                Err(_) => {
+                    let retry_after = permit.failure();
+                    Err(BackendError::new(format!("redis {what}: no answer within {timeout:?}"))
+                        .with_retry_after(retry_after))
+                }
+            }
+        }
+    }
+
+    /// Whether the breaker lets calls through now.
+    pub(crate) fn is_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+}
+
+/// A circuit breaker: after `threshold` consecutive failures it refuses every call for
+/// `cooldown`, then lets one probe through; the probe's success closes it, its failure opens it
+/// again.
+pub(crate) struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Clone, Copy)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    /// One probe is out; others wait until it answers (or `until`, should it be lost).
+    Probing { until: Instant },
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            state: Mutex::new(State::Closed { failures: 0 }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_open(&self) -> bool {
+        !matches!(*self.lock(), State::Closed { .. })
+    }
+
+    /// A permit to call, or how long until one may be had.
+    fn permit(&self) -> Result<Permit<'_>, Duration> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match *state {
+            State::Closed { .. } => {}
+            State::Open { until } | State::Probing { until } if now < until => {
+                return Err(until - now);
+            }
+            State::Open { .. } | State::Probing { .. } => {
+                *state = State::Probing {
+                    until: now + self.cooldown,
+                };
+            }
+        }
+        Ok(Permit {
+            breaker: self,
+            done: false,
+        })
+    }
+
+    fn record(&self, ok: bool) -> Duration {
+        let mut state = self.lock();
+        if ok {
+            *state = State::Closed { failures: 0 };
+            return Duration::from_secs(1);
+        }
+        let failures = match *state {
+            State::Closed { failures } => failures + 1,
+            State::Open { .. } | State::Probing { .. } => self.threshold,
+        };
+        if failures >= self.threshold {
+            if !matches!(*state, State::Open { .. }) {
+                tracing::warn!(cooldown = ?self.cooldown, "redis circuit breaker open");
+            }
+            *state = State::Open {
+                until: Instant::now() + self.cooldown,
+            };
+        } else {
+            *state = State::Closed { failures };
+        }
+        self.cooldown.max(Duration::from_secs(1))
+    }
+}
+
+/// One call's right to go out. Dropped without an answer (the caller gave up), it counts as a
+/// failure, so a lost probe cannot leave the breaker half-open for ever.
+struct Permit<'a> {
+    breaker: &'a Breaker,
+    done: bool,
+}
+
+impl Permit<'_> {
+    fn success(mut self) {
+        self.done = true;
+        self.breaker.record(true);
+    }
+
+    fn failure(mut self) -> Duration {
+        self.done = true;
+        self.breaker.record(false)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.record(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_and_probes_after_cooldown() {
+        let breaker = Breaker::new(2, Duration::from_millis(20));
+        breaker.permit().unwrap().failure();
+        let second = breaker.permit().expect("one failure keeps it closed");
+        second.failure();
+        assert!(breaker.permit().is_err(), "open");
+        std::thread::sleep(Duration::from_millis(25));
+        let probe = breaker.permit().expect("a probe after the cooldown");
+        assert!(breaker.permit().is_err(), "one probe at a time");
+        probe.success();
+        assert!(breaker.permit().is_ok(), "closed again");
+    }
+}

@@ -1,0 +1,416 @@
+//! The Redis [`Ledger`]: one Lua script per operation, on keys hash-tagged per account.
+
+use std::{
+    fmt,
+    sync::{Arc, LazyLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
+
+use super::{conn::Conn, BoxFuture, Shared};
+use crate::{
+    credits::{
+        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, Reservation,
+        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+    },
+    BackendError,
+};
+
+/// The largest balance the ledger keeps: Lua numbers are doubles, exact up to 2⁵³.
+pub const MAX_BALANCE: u64 = (1 << 53) - 1;
+
+const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
+static CLOSE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/close.lua")));
+static TOP_UP: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/top_up.lua")));
+static BALANCE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/balance.lua")));
+static EXPIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/expire.lua")));
+
+/// Holds settled per account and script call by [`Ledger::expire_holds`].
+const EXPIRE_BATCH: u64 = 256;
+
+/// A [`Ledger`] in Redis, shared by every replica connected to the same server.
+///
+/// Each operation is one Lua script on the account's keys, so it is atomic per account and
+/// exact under any concurrency from any number of processes; the balance can never go below
+/// zero. Every script first settles the account's expired holds at their held amount, so a hold
+/// left by a replica that died is charged by whichever replica touches the account next (and by
+/// [`expire_holds`](Ledger::expire_holds)). The journal is a Redis stream per account, appended in
+/// the same script as the movement; idempotency records live in the same script with a TTL.
+/// Time is the Redis server's (`TIME`), never a replica's clock.
+///
+/// Built by [`RedisBackend::ledger`](super::RedisBackend::ledger). Amounts are limited to
+/// [`MAX_BALANCE`].
+///
+/// # Example
+///
+/// ```no_run
+/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::redis::RedisBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let backend = RedisBackend::connect("redis://127.0.0.1/").await?;
+/// let ledger = backend.ledger();
+/// ledger.top_up("acct_1", 100, "invoice-1").await?;
+/// let hold = ledger.reserve(ReserveRequest::new("acct_1", 30)).await?.into_hold().unwrap();
+/// let settlement = ledger.settle(&hold, 12).await?;
+/// assert_eq!(settlement.balance, 88);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisLedger {
+    shared: Arc<Shared>,
+}
+
+impl RedisLedger {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        RedisLedger { shared }
+    }
+
+    fn conn(&self) -> &Conn {
+        &self.shared.conn
+    }
+
+    /// `{prefix}:{acct:ID}`: the account's hash; its other keys extend this name.
+    fn account_key(&self, account: &str) -> String {
+        format!("{}:{{acct:{account}}}", self.shared.options.prefix)
+    }
+
+    fn accounts_key(&self) -> String {
+        format!("{}:ledger:accounts", self.shared.options.prefix)
+    }
+
+    fn hold_ttl_ms(&self) -> u64 {
+        millis(self.shared.options.hold_ttl)
+    }
+
+    /// After a reserve whose answer was lost, release the hold if it was placed and forbid it
+    /// from being placed later; retried in the background until the hold's TTL has passed.
+    fn compensate(&self, account: Arc<str>, id: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ledger = self.clone();
+        let deadline = tokio::time::Instant::now() + ledger.shared.options.hold_ttl;
+        runtime.spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match ledger.close(&account, id, "release", 0, true).await {
+                    Ok(_) => return,
+                    Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                        tracing::debug!(%error, "releasing a reserve whose answer was lost: retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not release a reserve whose answer was lost; it expires at its hold TTL");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn close(
+        &self,
+        account: &str,
+        id: u64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        let key = self.account_key(account);
+        let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
+        let call = self.conn().call("settle", move |mut conn| async move {
+            let mut invocation = CLOSE.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(id)
+                .arg(how)
+                .arg(actual.min(MAX_BALANCE))
+                .arg(fence);
+            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+        });
+        Box::pin(async move {
+            let reply = call.await?;
+            match reply[..] {
+                [charged, balance, open] => Ok(Settlement::new(
+                    to_u64(charged),
+                    to_u64(balance),
+                    open == 1,
+                )),
+                _ => Err(BackendError::new("redis settle: unexpected reply")),
+            }
+        })
+    }
+}
+
+impl Ledger for RedisLedger {
+    type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
+    type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
+
+    fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
+        let id = hold_id();
+        let key = self.account_key(&request.account);
+        let (idempotency_key, fingerprint) = match &request.idempotency {
+            Some((key, fingerprint)) => (key.to_string(), fingerprint.to_hex()),
+            None => (String::new(), String::new()),
+        };
+        let amount = request.amount;
+        let ttl = self.hold_ttl_ms();
+        let window = millis(self.shared.options.idempotency_window);
+        let request_id = request.request_id.as_deref().unwrap_or("").to_owned();
+        let key_id = request.key_id.as_deref().unwrap_or("").to_owned();
+        let call = self.conn().call("reserve", move |mut conn| async move {
+            let mut invocation = RESERVE.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(id)
+                .arg(amount)
+                .arg(ttl)
+                .arg(window)
+                .arg(idempotency_key)
+                .arg(fingerprint)
+                .arg(request_id)
+                .arg(key_id);
+            invocation.invoke_async::<Vec<Value>>(&mut conn).await
+        });
+        let ledger = self.clone();
+        let account = request.account;
+        Box::pin(async move {
+            if amount > MAX_BALANCE {
+                return Err(ReserveError::Insufficient {
+                    required: amount,
+                    available: 0,
+                });
+            }
+            let reply = match call.await {
+                Ok(reply) => reply,
+                Err(error) => {
+                    // The script may have run: make sure the hold does not stay.
+                    ledger.compensate(account, id);
+                    return Err(error.into());
+                }
+            };
+            let number = |i: usize| reply.get(i).map_or(0, value_u64);
+            match reply.first().map(value_str).as_deref() {
+                Some("held") => Ok(Reservation::Held(Hold::new(id, account, amount, number(1)))),
+                Some("insufficient") => Err(ReserveError::Insufficient {
+                    required: amount,
+                    available: number(1),
+                }),
+                Some("replayed") => Ok(Reservation::Replayed),
+                Some("reused") => Err(ReserveError::KeyReused),
+                Some("in_use") => Err(ReserveError::KeyInUse),
+                _ => Err(BackendError::new("redis reserve: unexpected reply").into()),
+            }
+        })
+    }
+
+    fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
+        self.close(hold.account(), hold.id(), "settle", actual, false)
+    }
+
+    fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
+        self.close(hold.account(), hold.id(), "release", 0, false)
+    }
+
+    fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
+        let key = self.account_key(account);
+        let accounts = self.accounts_key();
+        let account = account.to_owned();
+        let idempotency_key = idempotency_key.to_owned();
+        let call = self.conn().call("top-up", move |mut conn| async move {
+            let mut invocation = TOP_UP.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(amount)
+                .arg(idempotency_key)
+                .arg(MAX_BALANCE);
+            let reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
+            // The registry `expire_holds` walks; a set, so a repeat is harmless.
+            let () = conn.sadd(accounts, account).await?;
+            Ok(reply)
+        });
+        Box::pin(async move {
+            if amount > MAX_BALANCE {
+                return Err(TopUpError::Overflow);
+            }
+            let reply = call.await?;
+            let number = |i: usize| reply.get(i).map_or(0, value_u64);
+            let balance = || Balance::new(number(1), number(2), number(3));
+            match reply.first().map(value_str).as_deref() {
+                Some("applied") => Ok(TopUp::new(true, balance())),
+                Some("duplicate") => Ok(TopUp::new(false, balance())),
+                Some("reused") => Err(TopUpError::KeyReused { amount: number(1) }),
+                Some("overflow") => Err(TopUpError::Overflow),
+                _ => Err(BackendError::new("redis top-up: unexpected reply").into()),
+            }
+        })
+    }
+
+    fn balance(&self, account: &str) -> Self::BalanceFuture {
+        let key = self.account_key(account);
+        let call = self.conn().call("balance", move |mut conn| async move {
+            let mut invocation = BALANCE.prepare_invoke();
+            invocation.key(key);
+            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+        });
+        Box::pin(async move {
+            match call.await?[..] {
+                [balance, held, holds] => Ok(Balance::new(
+                    to_u64(balance),
+                    to_u64(held),
+                    to_u64(holds),
+                )),
+                _ => Err(BackendError::new("redis balance: unexpected reply")),
+            }
+        })
+    }
+
+    fn journal(&self, account: &str, query: JournalQuery) -> Self::JournalFuture {
+        let key = format!("{}:journal", self.account_key(account));
+        let call = self.conn().call("journal", move |mut conn| async move {
+            let start = query.after.map_or("-".to_owned(), |after| format!("({after}-0"));
+            if query.limit == usize::MAX {
+                conn.xrange(key, start, "+").await
+            } else {
+                conn.xrange_count(key, start, "+", query.limit).await
+            }
+        });
+        Box::pin(async move {
+            let reply: StreamRangeReply = call.await?;
+            reply.ids.iter().map(entry).collect()
+        })
+    }
+
+    fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
+        let ledger = self.clone();
+        let now_ms = millis(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+        Box::pin(async move {
+            let accounts_key = ledger.accounts_key();
+            let accounts: Vec<String> = ledger
+                .conn()
+                .call("expire", move |mut conn| async move {
+                    conn.smembers(accounts_key).await
+                })
+                .await?;
+            let mut expired = Expired::default();
+            for account in accounts {
+                loop {
+                    let key = ledger.account_key(&account);
+                    let reply: Vec<i64> = ledger
+                        .conn()
+                        .call("expire", move |mut conn| async move {
+                            let mut invocation = EXPIRE.prepare_invoke();
+                            invocation.key(key).arg(now_ms).arg(EXPIRE_BATCH);
+                            invocation.invoke_async(&mut conn).await
+                        })
+                        .await?;
+                    let (holds, charged) = match reply[..] {
+                        [holds, charged] => (to_u64(holds), to_u64(charged)),
+                        _ => return Err(BackendError::new("redis expire: unexpected reply")),
+                    };
+                    expired = Expired::new(expired.holds + holds, expired.charged + charged);
+                    if holds < EXPIRE_BATCH {
+                        break;
+                    }
+                }
+            }
+            Ok(expired)
+        })
+    }
+}
+
+impl fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLedger")
+            .field("prefix", &self.shared.options.prefix)
+            .field("hold_ttl", &self.shared.options.hold_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A random hold id in `1..2⁵³` (exact as a Lua number), so a reserve carries its own id and
+/// can be released by it even when its answer was lost.
+fn hold_id() -> u64 {
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: fall back on the clock and a counter (still unique per process).
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        nanos ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).rotate_left(40)
+    });
+    (random & MAX_BALANCE).max(1)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn value_str(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn value_u64(value: &Value) -> u64 {
+    match value {
+        Value::Int(n) => to_u64(*n),
+        other => value_str(other).parse().unwrap_or(0),
+    }
+}
+
+fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
+    let text = |field: &str| id.map.get(field).map(value_str);
+    let number = |field: &str| id.map.get(field).map_or(0, value_u64);
+    let seq = id
+        .id
+        .split('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| BackendError::new("redis journal: bad entry id"))?;
+    let kind = match text("k").as_deref() {
+        Some("reserve") => EntryKind::Reserve,
+        Some("settle") => EntryKind::Settle,
+        Some("release") => EntryKind::Release,
+        Some("expire") => EntryKind::Expire,
+        Some("top_up") => EntryKind::TopUp,
+        _ => return Err(BackendError::new("redis journal: unknown entry kind")),
+    };
+    let mut entry = JournalEntry::new(
+        seq,
+        UNIX_EPOCH + Duration::from_millis(number("t")),
+        kind,
+        number("a"),
+        number("h"),
+        id.map.get("id").map(value_u64),
+        number("b"),
+        number("held"),
+    );
+    entry.request_id = text("r").map(Arc::from);
+    entry.key_id = text("key").map(Arc::from);
+    entry.idempotency_key = text("i").map(Arc::from);
+    Ok(entry)
+}

@@ -1,0 +1,311 @@
+//! The Redis [`Limiter`]: GCRA in one Lua script per check, every limit all-or-nothing.
+
+use std::{
+    fmt,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
+
+use redis::Script;
+
+use super::{BoxFuture, FailMode, Shared};
+use crate::{
+    ratelimit::{BucketKey, Charge, Correction, Decision, LimitStatus, Limiter, Outcome, Subject},
+    BackendError, LimitKind,
+};
+
+static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/gcra.lua")));
+
+/// A [`Limiter`] in Redis: every replica draws from the same buckets.
+///
+/// One `EVALSHA` per [`check`](Limiter::check), however many limits it charges: the script reads
+/// the time from Redis (`TIME`), tests every bucket with governor's GCRA arithmetic and writes
+/// all of them or none, so concurrent checks from any number of replicas are linearizable and
+/// a burst of N across replicas lets exactly N through. Decisions are the in-memory
+/// [`MemoryLimiter`](crate::ratelimit::MemoryLimiter)'s: both pass the same
+/// [conformance vectors](crate::ratelimit::conformance). A bucket's key expires when the bucket
+/// is full again, so idle callers cost nothing.
+///
+/// When Redis cannot answer, [`FailMode::Open`] (the default) allows the request without limit
+/// headers and [`FailMode::Closed`] answers with the [`BackendError`] (503
+/// `backend_unavailable`).
+///
+/// # Example
+///
+/// ```no_run
+/// use std::num::NonZeroU32;
+/// use governor::Quota;
+/// use tollgate::ratelimit::{BucketKey, Charge, Limiter, Subject};
+/// use tollgate::redis::RedisBackend;
+/// use tollgate::LimitKind;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tollgate::BackendError> {
+/// let limiter = RedisBackend::connect("redis://127.0.0.1/").await?.limiter();
+/// let charges = [Charge {
+///     key: BucketKey::new(Subject::Account("acct_1".into()), "plan:free", 0),
+///     kind: LimitKind::Requests,
+///     quota: Quota::per_minute(NonZeroU32::new(2).unwrap()),
+///     cost: 1,
+/// }];
+/// assert!(limiter.check(&charges).await?.is_allowed());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisLimiter {
+    shared: Arc<Shared>,
+    fail: FailMode,
+    /// Tests only: a frozen time (seconds, nanoseconds) instead of Redis `TIME`.
+    #[cfg(test)]
+    frozen: Option<Arc<std::sync::Mutex<Duration>>>,
+}
+
+impl RedisLimiter {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        let fail = shared.options.rate_limit_fail;
+        RedisLimiter {
+            shared,
+            fail,
+            #[cfg(test)]
+            frozen: None,
+        }
+    }
+
+    /// The same limiter with another [`FailMode`].
+    #[must_use]
+    pub fn fail_mode(mut self, mode: FailMode) -> Self {
+        self.fail = mode;
+        self
+    }
+
+    /// `{prefix}:rl:{subject}:{policy}|{index}`, hash-tagged by subject (an account's buckets
+    /// share the `{acct:ID}` slot of its ledger keys).
+    fn key(&self, key: &BucketKey) -> String {
+        let prefix = &self.shared.options.prefix;
+        let (policy, index) = (key.policy(), key.index());
+        match key.subject() {
+            Subject::Account(id) => format!("{prefix}:rl:{{acct:{id}}}:{policy}|{index}"),
+            subject => format!("{prefix}:rl:{{{subject}}}:{policy}|{index}"),
+        }
+    }
+
+    fn frozen_time(&self) -> (String, String) {
+        #[cfg(test)]
+        if let Some(frozen) = &self.frozen {
+            let now = *frozen.lock().unwrap();
+            return (now.as_secs().to_string(), now.subsec_nanos().to_string());
+        }
+        (String::new(), String::new())
+    }
+
+    fn invoke(
+        &self,
+        mode: &'static str,
+        buckets: Vec<(String, Params, i64)>,
+    ) -> BoxFuture<Result<Vec<i64>, BackendError>> {
+        let (seconds, nanos) = self.frozen_time();
+        Box::pin(self.shared.conn.call("rate limit", move |mut conn| async move {
+            let mut invocation = GCRA.prepare_invoke();
+            invocation.arg(seconds).arg(nanos).arg(mode);
+            for (key, params, amount) in buckets {
+                invocation.key(key).arg(params.t).arg(params.burst).arg(amount);
+            }
+            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+        }))
+    }
+}
+
+/// A quota as the script's GCRA parameters.
+#[derive(Clone, Copy)]
+struct Params {
+    t: u64,
+    burst: u64,
+}
+
+impl Params {
+    fn new(quota: governor::Quota) -> Self {
+        Params {
+            t: u64::try_from(quota.replenish_interval().as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            burst: u64::from(quota.burst_size().get()),
+        }
+    }
+
+    /// What the headers say about a bucket whose arrival time is `rel` ns from now (as
+    /// `ratelimit::gcra`).
+    fn status(self, rel: u64) -> LimitStatus {
+        let tau = self.t.saturating_mul(self.burst - 1);
+        let capacity = tau.saturating_add(self.t).saturating_sub(rel);
+        LimitStatus {
+            limit: self.burst,
+            window: Duration::from_nanos(self.t.saturating_mul(self.burst)),
+            remaining: (capacity / self.t).min(self.burst),
+            reset: Duration::from_nanos(rel),
+        }
+    }
+}
+
+impl Limiter for RedisLimiter {
+    type Future = BoxFuture<Result<Decision, BackendError>>;
+    type SettleFuture = BoxFuture<Result<(), BackendError>>;
+
+    fn check(&self, charges: &[Charge]) -> Self::Future {
+        if charges.is_empty() {
+            return Box::pin(std::future::ready(Ok(Decision::new(Outcome::Allowed))));
+        }
+        let buckets: Vec<_> = charges
+            .iter()
+            .map(|c| {
+                let cost = i64::try_from(c.cost).unwrap_or(i64::MAX);
+                (self.key(&c.key), Params::new(c.quota), cost)
+            })
+            .collect();
+        let meta: Vec<(LimitKind, Params, u64)> = charges
+            .iter()
+            .map(|c| (c.kind, Params::new(c.quota), c.cost))
+            .collect();
+        let call = self.invoke("check", buckets);
+        let fail = self.fail;
+        Box::pin(async move {
+            let reply = match call.await {
+                Ok(reply) => reply,
+                Err(error) if fail == FailMode::Open => {
+                    tracing::warn!(%error, "rate limiter unavailable: failing open");
+                    return Ok(Decision::new(Outcome::Allowed));
+                }
+                Err(error) => return Err(error),
+            };
+            if reply.len() != 3 + meta.len() {
+                return Err(BackendError::new("redis rate limit: unexpected reply"));
+            }
+            let index = usize::try_from(reply[1] - 1).unwrap_or(0).min(meta.len() - 1);
+            let outcome = match reply[0] {
+                0 => Outcome::Allowed,
+                1 => Outcome::Refused {
+                    limit: meta[index].0,
+                    retry_after: Duration::from_nanos(u64::try_from(reply[2]).unwrap_or(0)),
+                },
+                _ => Outcome::TooLarge {
+                    limit: meta[index].0,
+                    requested: meta[index].2,
+                    capacity: meta[index].1.burst,
+                },
+            };
+            let mut decision = Decision::new(outcome);
+            for ((kind, params, _), rel) in meta.iter().zip(&reply[3..]) {
+                decision.observe(*kind, params.status(u64::try_from(*rel).unwrap_or(0)));
+            }
+            Ok(decision)
+        })
+    }
+
+    fn settle(&self, corrections: &[Correction]) -> Self::SettleFuture {
+        if corrections.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let buckets = corrections
+            .iter()
+            .map(|c| (self.key(&c.key), Params::new(c.quota), c.delta))
+            .collect();
+        let call = self.invoke("settle", buckets);
+        let fail = self.fail;
+        Box::pin(async move {
+            match call.await {
+                Ok(_) => Ok(()),
+                Err(error) if fail == FailMode::Open => {
+                    tracing::warn!(%error, "rate limiter unavailable: correction dropped");
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            }
+        })
+    }
+}
+
+impl fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.shared.options.prefix)
+            .field("fail", &self.fail)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        ratelimit::{conformance, MemoryLimiter},
+        redis::{test_server::RedisServer, RedisBackend},
+    };
+
+    /// The in-memory backend's conformance vectors, on Redis with a frozen clock.
+    #[tokio::test]
+    async fn passes_the_conformance_vectors() {
+        let server = RedisServer::start();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let clock = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000)));
+        let mut limiter = backend.limiter().fail_mode(FailMode::Closed);
+        limiter.frozen = Some(Arc::clone(&clock));
+        conformance::run(&limiter, |d| *clock.lock().unwrap() += d).await;
+    }
+
+    /// Random sequences: the same decisions and statuses as the in-memory backend.
+    #[tokio::test]
+    async fn same_decisions_as_memory_on_random_sequences() {
+        use governor::{clock::FakeRelativeClock, Quota};
+        use std::num::NonZeroU32;
+
+        let server = RedisServer::start();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let frozen = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000) + Duration::from_nanos(123_456_789)));
+        let mut redis = backend.limiter().fail_mode(FailMode::Closed);
+        redis.frozen = Some(Arc::clone(&frozen));
+        let fake = FakeRelativeClock::default();
+        let memory = MemoryLimiter::with_clock(fake.clone());
+
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        for round in 0..40 {
+            let burst = NonZeroU32::new(1 + next(10) as u32).unwrap();
+            let quotas = [
+                Quota::with_period(Duration::from_millis(1 + next(700))).unwrap().allow_burst(burst),
+                Quota::per_second(NonZeroU32::new(1 + next(50) as u32).unwrap()),
+            ];
+            let subject = Subject::Key(format!("random-{round}").into());
+            let keys: Vec<_> = (0..2).map(|i| BucketKey::new(subject.clone(), "p", i)).collect();
+            for _ in 0..40 {
+                let advance = Duration::from_nanos(next(400_000_000));
+                fake.advance(advance);
+                *frozen.lock().unwrap() += advance;
+                if next(5) == 0 {
+                    let delta = next(20) as i64 - 10;
+                    let corrections = [Correction { key: keys[1].clone(), quota: quotas[1], delta }];
+                    memory.settle(&corrections).await.unwrap();
+                    redis.settle(&corrections).await.unwrap();
+                    continue;
+                }
+                let charges: Vec<Charge> = (0..2)
+                    .map(|i| Charge {
+                        key: keys[i].clone(),
+                        kind: if i == 0 { LimitKind::Requests } else { LimitKind::Tokens },
+                        quota: quotas[i],
+                        cost: next(12),
+                    })
+                    .collect();
+                let ours = redis.check(&charges).await.unwrap();
+                let theirs = memory.check(&charges).await.unwrap();
+                assert_eq!(ours, theirs, "round {round}");
+            }
+        }
+    }
+}
