@@ -34,7 +34,11 @@ impl Conn {
     }
 
     /// Run `f` on the connection, unless the breaker is open; at most `timeout` long.
-    pub(crate) fn call<T, F, Fut>(&self, what: &'static str, f: F) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    pub(crate) fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
     where
         F: FnOnce(ConnectionManager) -> Fut + Send + 'static,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
@@ -45,7 +49,8 @@ impl Conn {
         let timeout = self.timeout;
         async move {
             let permit = breaker.permit().map_err(|retry_after| {
-                BackendError::new(format!("redis {what}: circuit open")).with_retry_after(retry_after)
+                BackendError::new(format!("redis {what}: circuit open"))
+                    .with_retry_after(retry_after)
             })?;
             match tokio::time::timeout(timeout, f(manager)).await {
                 Ok(Ok(value)) => {
@@ -54,12 +59,15 @@ impl Conn {
                 }
                 Ok(Err(error)) => {
                     let retry_after = permit.failure();
-                    Err(BackendError::new(format!("redis {what}: {error}")).with_retry_after(retry_after))
+                    Err(BackendError::new(format!("redis {what}: {error}"))
+                        .with_retry_after(retry_after))
                 }
                 Err(_) => {
                     let retry_after = permit.failure();
-                    Err(BackendError::new(format!("redis {what}: no answer within {timeout:?}"))
-                        .with_retry_after(retry_after))
+                    Err(
+                        BackendError::new(format!("redis {what}: no answer within {timeout:?}"))
+                            .with_retry_after(retry_after),
+                    )
                 }
             }
         }
@@ -82,10 +90,16 @@ pub(crate) struct Breaker {
 
 #[derive(Clone, Copy)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One probe is out; others wait until it answers (or `until`, should it be lost).
-    Probing { until: Instant },
+    Probing {
+        until: Instant,
+    },
 }
 
 impl Breaker {

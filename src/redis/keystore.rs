@@ -198,13 +198,16 @@ impl RedisKeyStore {
     fn publish(&self, messages: Vec<String>) -> impl Future<Output = ()> + Send + 'static {
         let channel = self.channel();
         let cache = Arc::clone(&self.cache);
-        let call = self.shared.conn.call("publish", move |mut conn| async move {
-            for message in messages.iter() {
-                cache.invalidate(message);
-                let _: i64 = conn.publish(&channel, message).await?;
-            }
-            Ok(())
-        });
+        let call = self
+            .shared
+            .conn
+            .call("publish", move |mut conn| async move {
+                for message in messages.iter() {
+                    cache.invalidate(message);
+                    let _: i64 = conn.publish(&channel, message).await?;
+                }
+                Ok(())
+            });
         async move {
             if let Err(error) = call.await {
                 tracing::warn!(%error, "key invalidation not published; other replicas see the change within the cache TTL");
@@ -218,14 +221,17 @@ impl RedisKeyStore {
         args: Vec<String>,
     ) -> impl Future<Output = Result<Vec<String>, KeyAdminError>> + Send + 'static {
         let prefix = self.prefix();
-        let call = self.shared.conn.call("key admin", move |mut conn| async move {
-            let mut invocation = KEY_ADMIN.prepare_invoke();
-            invocation.arg(prefix).arg(op);
-            for arg in args {
-                invocation.arg(arg);
-            }
-            invocation.invoke_async::<Vec<String>>(&mut conn).await
-        });
+        let call = self
+            .shared
+            .conn
+            .call("key admin", move |mut conn| async move {
+                let mut invocation = KEY_ADMIN.prepare_invoke();
+                invocation.arg(prefix).arg(op);
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                invocation.invoke_async::<Vec<String>>(&mut conn).await
+            });
         let store = self.clone();
         async move {
             let mut reply = call.await?;
@@ -250,13 +256,16 @@ impl RedisKeyStore {
         must_exist: bool,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send + 'static {
         let key = format!("{}account:{id}", self.prefix());
-        let call = self.shared.conn.call("account", move |mut conn| async move {
-            if must_exist && !conn.exists::<_, bool>(&key).await? {
-                return Ok(false);
-            }
-            let () = conn.hset_multiple(&key, &fields).await?;
-            Ok(true)
-        });
+        let call = self
+            .shared
+            .conn
+            .call("account", move |mut conn| async move {
+                if must_exist && !conn.exists::<_, bool>(&key).await? {
+                    return Ok(false);
+                }
+                let () = conn.hset_multiple(&key, &fields).await?;
+                Ok(true)
+            });
         let publish = self.publish(vec![ALL.to_owned()]);
         let id: Arc<str> = id.into();
         async move {
@@ -279,11 +288,14 @@ impl KeyStore for RedisKeyStore {
         let generation = self.cache.generation.load(Ordering::Acquire);
         let prefix = self.prefix();
         let key = format!("{prefix}key:{}", digest.to_hex());
-        let call = self.shared.conn.call("key lookup", move |mut conn| async move {
-            let mut invocation = LOOKUP.prepare_invoke();
-            invocation.key(key).arg(prefix);
-            invocation.invoke_async::<Vec<Value>>(&mut conn).await
-        });
+        let call = self
+            .shared
+            .conn
+            .call("key lookup", move |mut conn| async move {
+                let mut invocation = LOOKUP.prepare_invoke();
+                invocation.key(key).arg(prefix);
+                invocation.invoke_async::<Vec<Value>>(&mut conn).await
+            });
         let cache = Arc::clone(&self.cache);
         let digest = *digest;
         Box::pin(async move {
@@ -314,9 +326,12 @@ impl KeyAdmin for RedisKeyStore {
         id: &str,
     ) -> impl Future<Output = Result<Option<AccountRecord>, KeyAdminError>> + Send {
         let key = format!("{}account:{id}", self.prefix());
-        let call = self.shared.conn.call("account", move |mut conn| async move {
-            conn.hgetall::<_, HashMap<String, String>>(key).await
-        });
+        let call = self
+            .shared
+            .conn
+            .call("account", move |mut conn| async move {
+                conn.hgetall::<_, HashMap<String, String>>(key).await
+            });
         let id: Arc<str> = id.into();
         async move {
             let fields = call.await?;
@@ -372,19 +387,21 @@ impl KeyAdmin for RedisKeyStore {
         let mut args = vec![digest.to_hex(), id.to_string(), account.to_string()];
         args.extend(encode_key(&record));
         let call = self.admin("insert", args);
-        async move {
-            call.await.map(drop).map_err(|e| named(e, &id, &account))
-        }
+        async move { call.await.map(drop).map_err(|e| named(e, &id, &account)) }
     }
 
-    fn key(&self, id: &str) -> impl Future<Output = Result<Option<KeyRecord>, KeyAdminError>> + Send {
+    fn key(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<KeyRecord>, KeyAdminError>> + Send {
         let prefix = self.prefix();
         let id_key = format!("{prefix}keyid:{id}");
         let call = self.shared.conn.call("key", move |mut conn| async move {
             let Some(digest) = conn.get::<_, Option<String>>(id_key).await? else {
                 return Ok(None);
             };
-            let fields: HashMap<String, String> = conn.hgetall(format!("{prefix}key:{digest}")).await?;
+            let fields: HashMap<String, String> =
+                conn.hgetall(format!("{prefix}key:{digest}")).await?;
             Ok(Some(fields))
         });
         async move {
@@ -395,7 +412,10 @@ impl KeyAdmin for RedisKeyStore {
         }
     }
 
-    fn update_key(&self, record: KeyRecord) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
+    fn update_key(
+        &self,
+        record: KeyRecord,
+    ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let id = record.id.clone();
         let account = record.account_id.clone();
         let mut args = vec![id.to_string(), account.to_string()];
@@ -410,7 +430,10 @@ impl KeyAdmin for RedisKeyStore {
         status: KeyStatus,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let id: Arc<str> = id.into();
-        let call = self.admin("status", vec![id.to_string(), key_status(status).to_owned()]);
+        let call = self.admin(
+            "status",
+            vec![id.to_string(), key_status(status).to_owned()],
+        );
         async move { call.await.map(drop).map_err(|e| named(e, &id, &id)) }
     }
 
@@ -493,7 +516,12 @@ fn account_status(status: &AccountStatus) -> (&'static str, String) {
 }
 
 fn millis(at: SystemTime) -> u64 {
-    u64::try_from(at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(
+        at.duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
 }
 
 /// A key record as hash fields (the digest and the key's text are not among them).
@@ -596,10 +624,12 @@ fn decode_lookup(reply: &[Value]) -> Result<Option<KeyLookup>, BackendError> {
     }
     let account = decode_account(key.account_id.clone(), &account);
     let models: Option<Vec<String>> = match models {
-        Value::BulkString(bytes) => {
-            Some(parse_list(bytes).ok_or_else(|| corrupt("plan models"))?)
-        }
+        Value::BulkString(bytes) => Some(parse_list(bytes).ok_or_else(|| corrupt("plan models"))?),
         _ => None,
     };
-    Ok(Some(KeyLookup::from_records(&key, &account, models.as_deref())))
+    Ok(Some(KeyLookup::from_records(
+        &key,
+        &account,
+        models.as_deref(),
+    )))
 }

@@ -142,11 +142,9 @@ impl RedisLedger {
         Box::pin(async move {
             let reply = call.await?;
             match reply[..] {
-                [charged, balance, open] => Ok(Settlement::new(
-                    to_u64(charged),
-                    to_u64(balance),
-                    open == 1,
-                )),
+                [charged, balance, open] => {
+                    Ok(Settlement::new(to_u64(charged), to_u64(balance), open == 1))
+                }
                 _ => Err(BackendError::new("redis settle: unexpected reply")),
             }
         })
@@ -271,11 +269,9 @@ impl Ledger for RedisLedger {
         });
         Box::pin(async move {
             match call.await?[..] {
-                [balance, held, holds] => Ok(Balance::new(
-                    to_u64(balance),
-                    to_u64(held),
-                    to_u64(holds),
-                )),
+                [balance, held, holds] => {
+                    Ok(Balance::new(to_u64(balance), to_u64(held), to_u64(holds)))
+                }
                 _ => Err(BackendError::new("redis balance: unexpected reply")),
             }
         })
@@ -284,7 +280,9 @@ impl Ledger for RedisLedger {
     fn journal(&self, account: &str, query: JournalQuery) -> Self::JournalFuture {
         let key = format!("{}:journal", self.account_key(account));
         let call = self.conn().call("journal", move |mut conn| async move {
-            let start = query.after.map_or("-".to_owned(), |after| format!("({after}-0"));
+            let start = query
+                .after
+                .map_or("-".to_owned(), |after| format!("({after}-0"));
             if query.limit == usize::MAX {
                 conn.xrange(key, start, "+").await
             } else {
@@ -354,7 +352,10 @@ fn hold_id() -> u64 {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as u64;
-        nanos ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).rotate_left(40)
+        nanos
+            ^ COUNTER
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .rotate_left(40)
     });
     (random & MAX_BALANCE).max(1)
 }

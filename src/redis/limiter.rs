@@ -105,14 +105,22 @@ impl RedisLimiter {
         buckets: Vec<(String, Params, i64)>,
     ) -> BoxFuture<Result<Vec<i64>, BackendError>> {
         let (seconds, nanos) = self.frozen_time();
-        Box::pin(self.shared.conn.call("rate limit", move |mut conn| async move {
-            let mut invocation = GCRA.prepare_invoke();
-            invocation.arg(seconds).arg(nanos).arg(mode);
-            for (key, params, amount) in buckets {
-                invocation.key(key).arg(params.t).arg(params.burst).arg(amount);
-            }
-            invocation.invoke_async::<Vec<i64>>(&mut conn).await
-        }))
+        Box::pin(
+            self.shared
+                .conn
+                .call("rate limit", move |mut conn| async move {
+                    let mut invocation = GCRA.prepare_invoke();
+                    invocation.arg(seconds).arg(nanos).arg(mode);
+                    for (key, params, amount) in buckets {
+                        invocation
+                            .key(key)
+                            .arg(params.t)
+                            .arg(params.burst)
+                            .arg(amount);
+                    }
+                    invocation.invoke_async::<Vec<i64>>(&mut conn).await
+                }),
+        )
     }
 }
 
@@ -180,7 +188,9 @@ impl Limiter for RedisLimiter {
             if reply.len() != 3 + meta.len() {
                 return Err(BackendError::new("redis rate limit: unexpected reply"));
             }
-            let index = usize::try_from(reply[1] - 1).unwrap_or(0).min(meta.len() - 1);
+            let index = usize::try_from(reply[1] - 1)
+                .unwrap_or(0)
+                .min(meta.len() - 1);
             let outcome = match reply[0] {
                 0 => Outcome::Allowed,
                 1 => Outcome::Refused {
@@ -262,7 +272,9 @@ mod tests {
 
         let server = RedisServer::start();
         let backend = RedisBackend::connect(&server.url()).await.unwrap();
-        let frozen = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000) + Duration::from_nanos(123_456_789)));
+        let frozen = Arc::new(Mutex::new(
+            Duration::from_secs(1_700_000_000) + Duration::from_nanos(123_456_789),
+        ));
         let mut redis = backend.limiter().fail_mode(FailMode::Closed);
         redis.frozen = Some(Arc::clone(&frozen));
         let fake = FakeRelativeClock::default();
@@ -278,18 +290,26 @@ mod tests {
         for round in 0..40 {
             let burst = NonZeroU32::new(1 + next(10) as u32).unwrap();
             let quotas = [
-                Quota::with_period(Duration::from_millis(1 + next(700))).unwrap().allow_burst(burst),
+                Quota::with_period(Duration::from_millis(1 + next(700)))
+                    .unwrap()
+                    .allow_burst(burst),
                 Quota::per_second(NonZeroU32::new(1 + next(50) as u32).unwrap()),
             ];
             let subject = Subject::Key(format!("random-{round}").into());
-            let keys: Vec<_> = (0..2).map(|i| BucketKey::new(subject.clone(), "p", i)).collect();
+            let keys: Vec<_> = (0..2)
+                .map(|i| BucketKey::new(subject.clone(), "p", i))
+                .collect();
             for _ in 0..40 {
                 let advance = Duration::from_nanos(next(400_000_000));
                 fake.advance(advance);
                 *frozen.lock().unwrap() += advance;
                 if next(5) == 0 {
                     let delta = next(20) as i64 - 10;
-                    let corrections = [Correction { key: keys[1].clone(), quota: quotas[1], delta }];
+                    let corrections = [Correction {
+                        key: keys[1].clone(),
+                        quota: quotas[1],
+                        delta,
+                    }];
                     memory.settle(&corrections).await.unwrap();
                     redis.settle(&corrections).await.unwrap();
                     continue;
@@ -297,7 +317,11 @@ mod tests {
                 let charges: Vec<Charge> = (0..2)
                     .map(|i| Charge {
                         key: keys[i].clone(),
-                        kind: if i == 0 { LimitKind::Requests } else { LimitKind::Tokens },
+                        kind: if i == 0 {
+                            LimitKind::Requests
+                        } else {
+                            LimitKind::Tokens
+                        },
                         quota: quotas[i],
                         cost: next(12),
                     })

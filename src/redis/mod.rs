@@ -232,8 +232,8 @@ impl RedisBackend {
     /// Connect. Fails when the URL is invalid or Redis does not answer within the connect
     /// timeout; once connected, a lost connection is re-established in the background.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| BackendError::new(format!("redis url: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| BackendError::new(format!("redis url: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.response_timeout))

@@ -87,3 +87,24 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+impl RedisServer {
+    /// Freeze the server (SIGSTOP): connections stay open, nothing answers, data is kept.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Unfreeze it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}

@@ -1,0 +1,563 @@
+//! The Redis backends against a real `redis-server` (started on a free port, killed on drop):
+//! several replicas sharing one Redis behave as one.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::{
+    num::NonZeroU32,
+    time::{Duration, Instant, SystemTime},
+};
+
+use governor::Quota;
+use redis_server::RedisServer;
+use tollgate::{
+    auth::{AccountRecord, KeyAdmin, KeyRecord, KeyStatus, KeyStore},
+    credits::{EntryKind, Fingerprint, JournalQuery, Ledger, ReserveError, ReserveRequest},
+    keys,
+    ratelimit::{BucketKey, Charge, Limiter, Subject},
+    redis::{FailMode, RedisBackend, RedisOptions},
+    LimitKind,
+};
+
+async fn replica(server: &RedisServer, options: RedisOptions) -> RedisBackend {
+    RedisBackend::connect_with(&server.url(), options)
+        .await
+        .expect("connect")
+}
+
+fn fast() -> RedisOptions {
+    RedisOptions::new()
+        .response_timeout(Duration::from_millis(200))
+        .connect_timeout(Duration::from_millis(200))
+        .circuit_breaker(3, Duration::from_millis(200))
+}
+
+fn charge(subject: &str, per_minute: u32) -> Charge {
+    Charge {
+        key: BucketKey::new(Subject::Account(subject.into()), "plan:test", 0),
+        kind: LimitKind::Requests,
+        quota: Quota::per_minute(NonZeroU32::new(per_minute).unwrap()),
+        cost: 1,
+    }
+}
+
+/// Journal invariants: balance = Σ top-ups − Σ charges; every reserve closed at most once.
+async fn assert_journal_matches(ledger: &impl Ledger, account: &str) -> (u64, u64) {
+    let journal = ledger.journal(account, JournalQuery::new()).await.unwrap();
+    let sum = |kind: EntryKind| -> u64 {
+        journal
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.amount)
+            .sum()
+    };
+    let balance = ledger.balance(account).await.unwrap();
+    let charged = sum(EntryKind::Settle) + sum(EntryKind::Expire);
+    assert_eq!(
+        balance.balance,
+        sum(EntryKind::TopUp) - charged,
+        "balance = top-ups - charges"
+    );
+    let reserved: u64 = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Reserve)
+        .map(|e| e.hold)
+        .sum();
+    let closed: u64 = journal
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EntryKind::Settle | EntryKind::Release | EntryKind::Expire
+            )
+        })
+        .map(|e| e.hold)
+        .sum();
+    assert_eq!(balance.held, reserved - closed, "held = reserved - closed");
+    for (i, entry) in journal.iter().enumerate() {
+        assert_eq!(entry.seq, i as u64 + 1, "journal without gaps");
+    }
+    let mut closes: Vec<u64> = journal
+        .iter()
+        .filter(|e| e.kind != EntryKind::Reserve && e.kind != EntryKind::TopUp)
+        .filter_map(|e| e.hold_id)
+        .collect();
+    let total = closes.len();
+    closes.sort_unstable();
+    closes.dedup();
+    assert_eq!(closes.len(), total, "no hold closed twice");
+    (
+        charged,
+        journal
+            .iter()
+            .filter(|e| e.kind == EntryKind::Reserve)
+            .count() as u64,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reserves_across_replicas_spend_exactly_the_balance() {
+    let server = RedisServer::start();
+    let replicas = [
+        replica(&server, RedisOptions::new()).await,
+        replica(&server, RedisOptions::new()).await,
+    ];
+    let (k, price, requests) = (700u64, 3u64, 3_000usize);
+    let admin = replicas[0].ledger();
+    admin
+        .top_up("acct_1", k * price, "invoice-1")
+        .await
+        .unwrap();
+
+    let tasks: Vec<_> = (0..requests)
+        .map(|i| {
+            let ledger = replicas[i % 2].ledger();
+            tokio::spawn(async move {
+                match ledger.reserve(ReserveRequest::new("acct_1", price)).await {
+                    Ok(reservation) => {
+                        let hold = reservation.into_hold().unwrap();
+                        let settled = ledger.settle(&hold, price).await.unwrap();
+                        assert!(settled.was_open);
+                        true
+                    }
+                    Err(ReserveError::Insufficient { .. }) => false,
+                    Err(other) => panic!("{other}"),
+                }
+            })
+        })
+        .collect();
+    let mut succeeded = 0;
+    for task in tasks {
+        succeeded += u64::from(task.await.unwrap());
+    }
+    assert_eq!(succeeded, k);
+    let balance = admin.balance("acct_1").await.unwrap();
+    assert_eq!(
+        (balance.balance, balance.held, balance.available),
+        (0, 0, 0)
+    );
+    let (charged, reserves) = assert_journal_matches(&admin, "acct_1").await;
+    assert_eq!((charged, reserves), (k * price, k));
+}
+
+#[tokio::test]
+async fn settle_and_release_close_a_hold_once_and_never_go_negative() {
+    let server = RedisServer::start();
+    let ledger = replica(&server, RedisOptions::new()).await.ledger();
+    let top_up = ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    assert!(top_up.applied);
+    // The same invoice again: not applied twice; another amount: refused.
+    assert!(
+        !ledger
+            .top_up("acct_1", 100, "invoice-1")
+            .await
+            .unwrap()
+            .applied
+    );
+    assert!(ledger.top_up("acct_1", 5, "invoice-1").await.is_err());
+
+    let a = ledger
+        .reserve(ReserveRequest::new("acct_1", 60))
+        .await
+        .unwrap()
+        .into_hold()
+        .unwrap();
+    assert_eq!(a.available_after(), 40);
+    let b = ledger
+        .reserve(ReserveRequest::new("acct_1", 40))
+        .await
+        .unwrap()
+        .into_hold()
+        .unwrap();
+    match ledger.reserve(ReserveRequest::new("acct_1", 1)).await {
+        Err(ReserveError::Insufficient {
+            required: 1,
+            available: 0,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Used more than held: charged up to what is available, never below zero.
+    let settled = ledger.settle(&a, 1_000).await.unwrap();
+    assert_eq!(
+        (settled.charged, settled.balance, settled.was_open),
+        (60, 40, true)
+    );
+    assert!(
+        !ledger.settle(&a, 10).await.unwrap().was_open,
+        "closing twice is a no-op"
+    );
+    let released = ledger.release(&b).await.unwrap();
+    assert_eq!((released.charged, released.balance), (0, 40));
+    assert_eq!(ledger.balance("acct_1").await.unwrap().available, 40);
+    assert_journal_matches(&ledger, "acct_1").await;
+    let page = ledger
+        .journal("acct_1", JournalQuery::new().after(Some(2)).limit(2))
+        .await
+        .unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_charges_once() {
+    let server = RedisServer::start();
+    let ledger = replica(&server, RedisOptions::new()).await.ledger();
+    ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    let fp = Fingerprint::of(&[b"POST", b"/v1/chat/completions"]);
+    let request = || ReserveRequest::new("acct_1", 10).idempotency(Some(("retry-1".into(), fp)));
+    let hold = ledger
+        .reserve(request())
+        .await
+        .unwrap()
+        .into_hold()
+        .unwrap();
+    assert!(matches!(
+        ledger.reserve(request()).await,
+        Err(ReserveError::KeyInUse)
+    ));
+    ledger.settle(&hold, 7).await.unwrap();
+    assert!(
+        ledger
+            .reserve(request())
+            .await
+            .unwrap()
+            .into_hold()
+            .is_none(),
+        "replayed"
+    );
+    let other = ReserveRequest::new("acct_1", 10)
+        .idempotency(Some(("retry-1".into(), Fingerprint::of(&[b"other"]))));
+    assert!(matches!(
+        ledger.reserve(other).await,
+        Err(ReserveError::KeyReused)
+    ));
+    assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 93);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_across_replicas_lets_exactly_n_through() {
+    let server = RedisServer::start();
+    let replicas = [
+        replica(&server, RedisOptions::new()).await,
+        replica(&server, RedisOptions::new()).await,
+    ];
+    let n = 50;
+    let tasks: Vec<_> = (0..600)
+        .map(|i| {
+            let limiter = replicas[i % 2].limiter();
+            tokio::spawn(async move {
+                limiter
+                    .check(&[charge("acct_1", n)])
+                    .await
+                    .unwrap()
+                    .is_allowed()
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += u32::from(task.await.unwrap());
+    }
+    assert_eq!(allowed, n);
+}
+
+#[tokio::test]
+async fn revocation_on_one_replica_refuses_on_the_other_within_a_second() {
+    let server = RedisServer::start();
+    // A long cache TTL: only the invalidation message can make the second replica see it.
+    let options = || RedisOptions::new().key_cache_ttl(Duration::from_secs(60));
+    let a = replica(&server, options()).await.key_store();
+    let b = replica(&server, options()).await.key_store();
+    a.put_account(AccountRecord::new("acct_1", "free"))
+        .await
+        .unwrap();
+    a.set_plan_models("free", Some(vec!["small".into()]))
+        .await
+        .unwrap();
+    let key = a
+        .create_key(
+            "sk-test-",
+            KeyRecord::new("key_1", "acct_1")
+                .scopes(["chat"])
+                .metadata("team", "search"),
+        )
+        .await
+        .unwrap();
+    let digest = key.digest();
+    tokio::time::sleep(Duration::from_millis(100)).await; // let both listeners subscribe
+
+    let found = b.lookup(&digest).await.unwrap().expect("found");
+    assert_eq!(found.status, KeyStatus::Active);
+    assert_eq!(found.caller.models(), Some(&["small".to_owned()][..]));
+    assert_eq!(found.caller.metadata()["team"], "search");
+    assert_eq!(b.cached(), 1, "cached on the second replica");
+    assert!(b
+        .lookup(&keys::digest("sk-test-unknown"))
+        .await
+        .unwrap()
+        .is_none());
+
+    a.revoke_key("key_1").await.unwrap();
+    let revoked_at = Instant::now();
+    loop {
+        let lookup = b.lookup(&digest).await.unwrap().unwrap();
+        if lookup.status == KeyStatus::Revoked {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still active after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Re-planning reaches the other replica too.
+    a.set_account_plan("acct_1", "pro").await.unwrap();
+    let moved_at = Instant::now();
+    while b.lookup(&digest).await.unwrap().unwrap().caller.plan() != "pro" {
+        assert!(moved_at.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Rotation: the old digest stops working, the new one works.
+    let new = keys::generate("sk-test-");
+    a.rotate_key("key_1", new.digest()).await.unwrap();
+    let rotated_at = Instant::now();
+    while b.lookup(&digest).await.unwrap().is_some() {
+        assert!(rotated_at.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        b.lookup(&new.digest())
+            .await
+            .unwrap()
+            .unwrap()
+            .caller
+            .key_id(),
+        "key_1"
+    );
+    assert_eq!(a.key("key_1").await.unwrap().unwrap().scopes, ["chat"]);
+}
+
+#[tokio::test]
+async fn a_hold_left_by_a_killed_replica_is_charged_after_its_expiry() {
+    let server = RedisServer::start();
+    let options = || RedisOptions::new().hold_ttl(Duration::from_millis(300));
+    let survivor = replica(&server, options()).await.ledger();
+    survivor.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    survivor.top_up("acct_2", 100, "invoice-1").await.unwrap();
+    {
+        let doomed = replica(&server, options()).await.ledger();
+        let a = doomed
+            .reserve(ReserveRequest::new("acct_1", 30))
+            .await
+            .unwrap();
+        let b = doomed
+            .reserve(ReserveRequest::new("acct_2", 20))
+            .await
+            .unwrap();
+        drop((a, b, doomed)); // the process dies: no settle, no release
+    }
+    assert_eq!(
+        survivor.balance("acct_1").await.unwrap().available,
+        70,
+        "locked while open"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Whichever replica touches the account next settles it at the held amount...
+    let balance = survivor.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (70, 0, 0));
+    // ...and the sweep finds the others.
+    let expired = survivor.expire_holds(SystemTime::now()).await.unwrap();
+    assert_eq!((expired.holds, expired.charged), (1, 20));
+    assert_eq!(survivor.balance("acct_2").await.unwrap().balance, 80);
+    assert_journal_matches(&survivor, "acct_1").await;
+    let journal = survivor
+        .journal("acct_1", JournalQuery::new())
+        .await
+        .unwrap();
+    assert_eq!(journal.last().unwrap().kind, EntryKind::Expire);
+}
+
+#[tokio::test]
+async fn scripts_run_again_after_script_flush() {
+    let server = RedisServer::start();
+    let backend = replica(&server, RedisOptions::new()).await;
+    let (ledger, limiter, keys_store) = (backend.ledger(), backend.limiter(), backend.key_store());
+    ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    assert!(limiter
+        .check(&[charge("acct_1", 10)])
+        .await
+        .unwrap()
+        .is_allowed());
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let hold = ledger
+        .reserve(ReserveRequest::new("acct_1", 4))
+        .await
+        .unwrap()
+        .into_hold()
+        .unwrap();
+    assert_eq!(ledger.settle(&hold, 4).await.unwrap().balance, 6);
+    assert!(limiter
+        .check(&[charge("acct_1", 10)])
+        .await
+        .unwrap()
+        .is_allowed());
+    assert!(keys_store
+        .lookup(&keys::digest("sk-none"))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_recovers() {
+    let mut server = RedisServer::start();
+    let backend = replica(&server, fast()).await;
+    let ledger = backend.ledger();
+    let open = backend.limiter().fail_mode(FailMode::Open);
+    let closed = backend.limiter().fail_mode(FailMode::Closed);
+    let price = 5u64;
+    ledger.top_up("acct_1", 10_000, "invoice-1").await.unwrap();
+
+    // Load, with the server frozen mid-way (nothing answers, data kept).
+    let load = |n: usize| {
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut failed = 0u64;
+            for _ in 0..n {
+                match ledger.reserve(ReserveRequest::new("acct_1", price)).await {
+                    Ok(reservation) => {
+                        let hold = reservation.into_hold().unwrap();
+                        // Settling is safe to retry: a closed hold is not closed again.
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        loop {
+                            match ledger.settle(&hold, price).await {
+                                // An answer lost after the settle applied: the retry finds it
+                                // closed (`was_open: false`) and charges nothing more.
+                                Ok(_) => {
+                                    held.push(hold.id());
+                                    break;
+                                }
+                                Err(_) if Instant::now() < deadline => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    }
+                    Err(ReserveError::Backend(e)) => {
+                        assert!(e.retry_after() > Duration::ZERO);
+                        failed += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(other) => panic!("{other}"),
+                }
+            }
+            (held, failed)
+        })
+    };
+    let workers: Vec<_> = (0..8).map(|_| load(150)).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.pause();
+    let started = Instant::now();
+    match ledger.reserve(ReserveRequest::new("acct_1", price)).await {
+        Err(ReserveError::Backend(_)) => {}
+        other => panic!("credits must fail closed, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no stuck request"
+    );
+    assert!(
+        open.check(&[charge("acct_2", 1)])
+            .await
+            .unwrap()
+            .is_allowed(),
+        "fail open"
+    );
+    assert!(
+        closed.check(&[charge("acct_2", 1)]).await.is_err(),
+        "fail closed"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
+
+    let (mut held, mut failed) = (Vec::new(), 0);
+    for worker in workers {
+        let (h, f) = worker.await.unwrap();
+        held.extend(h);
+        failed += f;
+    }
+    let charged = price * held.len() as u64;
+    assert!(failed > 0, "some requests met the frozen server");
+    // Reserves whose answers were lost are released in the background: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let balance = ledger.balance("acct_1").await.unwrap();
+        if balance.held == 0 {
+            // Every credit is accounted for: charged exactly what clients saw charged.
+            assert_eq!(balance.balance, 10_000 - charged);
+            break;
+        }
+        assert!(Instant::now() < deadline, "holds left: {balance:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (journal_charged, _) = assert_journal_matches(&ledger, "acct_1").await;
+    assert_eq!(journal_charged, charged);
+    // Each hold a client got is settled once at its price; every other hold placed (a reserve
+    // whose answer was lost) is released, never charged.
+    let journal = ledger.journal("acct_1", JournalQuery::new()).await.unwrap();
+    let ids = |kind: EntryKind| -> Vec<u64> {
+        let mut ids: Vec<u64> = journal
+            .iter()
+            .filter(|e| e.kind == kind)
+            .filter_map(|e| e.hold_id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    held.sort_unstable();
+    assert_eq!(ids(EntryKind::Settle), held);
+    assert!(journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .all(|e| e.amount == price));
+    assert!(ids(EntryKind::Expire).is_empty());
+    let mut placed = ids(EntryKind::Reserve);
+    placed.retain(|id| held.binary_search(id).is_err());
+    assert_eq!(ids(EntryKind::Release), placed);
+
+    // Killed: refused connections, the breaker opens, no call waits.
+    server.stop();
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert!(ledger.balance("acct_1").await.is_err());
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+    assert!(backend.is_degraded(), "the breaker is open");
+    assert!(open
+        .check(&[charge("acct_2", 1)])
+        .await
+        .unwrap()
+        .is_allowed());
+
+    // Back (empty: nothing was persisted): the backend recovers by itself.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ledger.top_up("acct_3", 7, "invoice-1").await.is_err() {
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ledger.balance("acct_3").await.unwrap().balance, 7);
+    assert!(!backend.is_degraded());
+}
