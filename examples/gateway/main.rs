@@ -1,3 +1,118 @@
-//! The gateway example (being assembled).
+//! The tollgate gateway: the whole chain (normalize, request id, authenticate, IP allowlist,
+//! rate limit, credits) in front of an OpenAI-compatible upstream.
+//!
+//! ```sh
+//! cargo run --release --example gateway -- --config examples/gateway.toml [--listen 127.0.0.1:9000]
+//! ```
+//!
+//! The upstream is a built-in mock model server (`upstream = "mock"`) or a real one
+//! (`upstream = "http://host:port"`). Admin routes live under `/admin` (Bearer `[admin] key`),
+//! Prometheus metrics under `/metrics`. Ctrl-C or SIGTERM stops accepting connections and lets
+//! in-flight requests finish and settle.
+
+mod app;
 mod upstream;
-fn main() {}
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use clap::{Arg, Command};
+use tollgate::config::GatewayConfig;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let matches = Command::new("gateway")
+        .about(
+            "tollgate's gateway example: the whole chain in front of an OpenAI-compatible upstream",
+        )
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .default_value("examples/gateway.toml")
+                .help("The TOML config file (see the README for every field)"),
+        )
+        .arg(
+            Arg::new("listen")
+                .long("listen")
+                .value_name("ADDR")
+                .help("The listen address, overriding [server] listen (e.g. 127.0.0.1:9000)"),
+        )
+        .get_matches();
+
+    app::init_logging();
+
+    let path = matches.get_one::<String>("config").expect("has a default");
+    let mut config = match GatewayConfig::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {path}: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(listen) = matches.get_one::<String>("listen") {
+        match listen.parse::<SocketAddr>() {
+            Ok(addr) => config.server.listen = addr,
+            Err(_) => {
+                eprintln!("error: --listen `{listen}` is not an address such as 127.0.0.1:8080");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let listen = config.server.listen;
+    let gateway = match app::Gateway::build(config).await {
+        Ok(gateway) => gateway,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("error: cannot listen on {listen}: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(listen);
+    println!("tollgate gateway listening on http://{addr}");
+    if let Some(key) = gateway.demo_key() {
+        println!("demo key: {key}");
+        println!(
+            "try: curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+            gateway.demo_model()
+        );
+    }
+    match gateway.serve(listener, shutdown_signal()).await {
+        Ok(()) => {
+            println!("tollgate gateway stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,7 +1,7 @@
 //! The gateway's upstream: a built-in mock OpenAI-compatible model server, or a real one proxied
 //! with hyper-util's client.
 
-use std::{convert::Infallible, time::Instant};
+use std::convert::Infallible;
 
 use axum::{
     body::Body,
@@ -163,7 +163,6 @@ impl Proxy {
 
     /// Forward one request.
     pub async fn forward(&self, mut request: Request) -> Response {
-        let started = Instant::now();
         let path = request
             .uri()
             .path_and_query()
@@ -190,7 +189,6 @@ impl Proxy {
             headers.insert(header::AUTHORIZATION, key.clone());
         }
         let result = self.client.request(request).await;
-        metrics::histogram!("tollgate_upstream_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
