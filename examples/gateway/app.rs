@@ -47,7 +47,7 @@ use tollgate::{
 };
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
-use crate::upstream;
+use super::upstream;
 
 /// A built gateway: the app and what the startup banner shows.
 pub struct Gateway {
