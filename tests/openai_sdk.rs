@@ -86,7 +86,15 @@ account = "acct_slow"
 key = "sk-test-slow-000000000000000000"
 "#;
 
-fn assert_raised(out: &Value, case: &str, class: &str, status: u64, code: &str, ty: &str, param: Value) {
+fn assert_raised(
+    out: &Value,
+    case: &str,
+    class: &str,
+    status: u64,
+    code: &str,
+    ty: &str,
+    param: Value,
+) {
     let r = &out[case];
     assert_eq!(r["raised"], class, "{case}: {r}");
     assert_eq!(r["status"], status, "{case}: {r}");
@@ -122,21 +130,91 @@ async fn the_openai_sdk_sees_every_refusal_as_its_exception() {
     assert_eq!(out["stream"]["total_tokens"], 11);
 
     let null = Value::Null;
-    assert_raised(&out, "bad_key", "AuthenticationError", 401, "invalid_api_key", "authentication_error", null.clone());
-    assert_raised(&out, "revoked", "PermissionDeniedError", 403, "api_key_revoked", "permission_error", null.clone());
-    assert_raised(&out, "unknown_model", "NotFoundError", 404, "model_not_found", "not_found_error", "model".into());
-    assert_raised(&out, "plan_model", "PermissionDeniedError", 403, "model_not_allowed", "permission_error", "model".into());
-    assert_raised(&out, "broke", "APIStatusError", 402, "insufficient_quota", "insufficient_quota", null.clone());
-    assert_raised(&out, "bad_request", "BadRequestError", 400, "bad_request", "invalid_request_error", "max_tokens".into());
-    assert_raised(&out, "not_found", "NotFoundError", 404, "not_found", "not_found_error", null.clone());
-    assert_raised(&out, "rate_limited", "RateLimitError", 429, "rate_limit_exceeded", "rate_limit_error", null);
+    assert_raised(
+        &out,
+        "bad_key",
+        "AuthenticationError",
+        401,
+        "invalid_api_key",
+        "authentication_error",
+        null.clone(),
+    );
+    assert_raised(
+        &out,
+        "revoked",
+        "PermissionDeniedError",
+        403,
+        "api_key_revoked",
+        "permission_error",
+        null.clone(),
+    );
+    assert_raised(
+        &out,
+        "unknown_model",
+        "NotFoundError",
+        404,
+        "model_not_found",
+        "not_found_error",
+        "model".into(),
+    );
+    assert_raised(
+        &out,
+        "plan_model",
+        "PermissionDeniedError",
+        403,
+        "model_not_allowed",
+        "permission_error",
+        "model".into(),
+    );
+    assert_raised(
+        &out,
+        "broke",
+        "APIStatusError",
+        402,
+        "insufficient_quota",
+        "insufficient_quota",
+        null.clone(),
+    );
+    assert_raised(
+        &out,
+        "bad_request",
+        "BadRequestError",
+        400,
+        "bad_request",
+        "invalid_request_error",
+        "max_tokens".into(),
+    );
+    assert_raised(
+        &out,
+        "not_found",
+        "NotFoundError",
+        404,
+        "not_found",
+        "not_found_error",
+        null.clone(),
+    );
+    assert_raised(
+        &out,
+        "rate_limited",
+        "RateLimitError",
+        429,
+        "rate_limit_exceeded",
+        "rate_limit_error",
+        null,
+    );
     assert!(
-        out["rate_limited"]["message"].as_str().unwrap().contains("Rate limit exceeded for requests"),
+        out["rate_limited"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Rate limit exceeded for requests"),
         "{}",
         out["rate_limited"]
     );
 
     // One request per second, burst 1: the SDK waited about the second the headers gave it.
     let waited = out["retried_after"].as_f64().unwrap();
-    assert!((0.5..5.0).contains(&waited), "the SDK retried after {waited} s");
+    assert!(
+        (0.5..5.0).contains(&waited),
+        "the SDK retried after {waited} s"
+    );
 }

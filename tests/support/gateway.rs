@@ -18,6 +18,15 @@ pub struct Running {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+impl Running {
+    /// Stop accepting connections; in-flight requests finish.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
