@@ -184,16 +184,25 @@ where
         } else {
             AccountStatus::Active
         };
-        store
-            .put_account(
-                AccountRecord::new(
-                    account.id.get_ref().as_str(),
-                    account.plan.get_ref().as_str(),
-                )
-                .status(status),
-            )
+        // Config seeds a shared backend: an account an operator already changed (plan, freeze)
+        // through the admin API is left as it is.
+        let exists = store
+            .account(account.id.get_ref())
             .await
-            .map_err(|e| format!("accounts: {e}"))?;
+            .map_err(|e| format!("accounts: {e}"))?
+            .is_some();
+        if !exists {
+            store
+                .put_account(
+                    AccountRecord::new(
+                        account.id.get_ref().as_str(),
+                        account.plan.get_ref().as_str(),
+                    )
+                    .status(status),
+                )
+                .await
+                .map_err(|e| format!("accounts: {e}"))?;
+        }
         if account.balance > 0 {
             // Idempotent: a restart (or another replica) does not add the starting balance twice.
             ledger
@@ -232,11 +241,19 @@ where
         if let Some(plan) = &key.plan {
             record = record.plan(plan.get_ref().as_str());
         }
-        // Re-inserting the same key (a restart on Redis) replaces its record.
-        store
-            .insert_key(digest, record)
+        // Seed only: a key that exists (another replica, a restart on Redis) keeps what the admin
+        // API made of it (revoked, rotated, ...).
+        let exists = store
+            .key(key.id.get_ref())
             .await
-            .map_err(|e| format!("keys: {e}"))?;
+            .map_err(|e| format!("keys: {e}"))?
+            .is_some();
+        if !exists {
+            store
+                .insert_key(digest, record)
+                .await
+                .map_err(|e| format!("keys: {e}"))?;
+        }
     }
 
     let model_ids: Vec<String> = config
