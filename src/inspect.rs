@@ -173,6 +173,45 @@ pub fn wants_inspection<B>(request: &Request<B>) -> bool {
         )
 }
 
+/// Whether a request carries a body tollgate cannot read: a POST, PUT or PATCH whose content
+/// type is not JSON (or is missing) and whose body is not known to be empty.
+///
+/// A layer that must read the body to decide (a model restriction, a price per model or per
+/// token) refuses such a request with 415 `unsupported_media_type` rather than let it through
+/// unchecked: an upstream that parses the body whatever its content type would otherwise serve a
+/// model the plan does not include, or serve it unpriced.
+///
+/// # Example
+///
+/// ```
+/// use http::Request;
+/// use tollgate::inspect::has_unreadable_body;
+///
+/// let json = Request::post("/v1/chat/completions")
+///     .header("content-type", "application/json")
+///     .body(http_body_util::Full::new(bytes::Bytes::from("{}")))
+///     .unwrap();
+/// assert!(!has_unreadable_body(&json));
+/// let text = Request::post("/v1/chat/completions")
+///     .header("content-type", "text/plain")
+///     .body(http_body_util::Full::new(bytes::Bytes::from("{}")))
+///     .unwrap();
+/// assert!(has_unreadable_body(&text));
+/// ```
+pub fn has_unreadable_body<B: Body>(request: &Request<B>) -> bool {
+    matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH
+    ) && request.extensions().get::<LlmRequest>().is_none()
+        && request.body().size_hint().exact() != Some(0)
+        && !crate::format::is_json(
+            request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        )
+}
+
 /// Read and describe a JSON request body, bounded by `limit` bytes. See the [module docs](self).
 ///
 /// Requests that [`wants_inspection`] refuses pass through unread. A body over the limit is a

@@ -15,8 +15,8 @@ use tower_service::Service;
 use super::service::AuthConfig;
 use crate::{
     body::ResponseBody,
-    inspect::{inspect, wants_inspection, InspectedBody, LlmRequest},
-    BackendError, BoxError, Rejection,
+    inspect::{has_unreadable_body, inspect, wants_inspection, InspectedBody, LlmRequest},
+    BackendError, BoxError, Reason, Rejection,
 };
 
 use super::KeyLookup;
@@ -155,6 +155,10 @@ where
                                     inner: Some(inner),
                                     grpc,
                                 }
+                            } else if has_unreadable_body(&request) {
+                                // The model cannot be read, so it cannot be checked: refuse
+                                // rather than let a model outside the plan through.
+                                refused(Rejection::new(Reason::UnsupportedMediaType), grpc)
                             } else if let Err(rejection) = config
                                 .check_model(&caller, request.extensions().get::<LlmRequest>())
                             {

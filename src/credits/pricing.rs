@@ -201,6 +201,12 @@ impl Pricing {
             .unwrap_or(self.default)
     }
 
+    /// Whether requests to exactly this path have a route price (so their price does not
+    /// depend on their body).
+    pub(crate) fn prices_route(&self, path: &str) -> bool {
+        self.routes.contains_key(path)
+    }
+
     /// The hold for a request priced `price` that asks for `llm` (`None`: not a JSON request).
     pub fn hold_for(&self, price: &Price, llm: Option<&LlmRequest>) -> u64 {
         let hold = if price.is_metered() {

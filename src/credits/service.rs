@@ -24,7 +24,10 @@ use super::{
 use crate::{
     body::ResponseBody,
     format::{Format, RenderContext},
-    inspect::{inspect, wants_inspection, InspectedBody, LlmRequest, DEFAULT_BODY_LIMIT},
+    inspect::{
+        has_unreadable_body, inspect, wants_inspection, InspectedBody, LlmRequest,
+        DEFAULT_BODY_LIMIT,
+    },
     normalize::REQUEST_ID,
     BoxError, Caller, Reason, Rejection,
 };
@@ -280,6 +283,14 @@ where
             idempotency_key,
             grpc,
         };
+        if shared.pricing.reads_body()
+            && has_unreadable_body(&request)
+            && !shared.pricing.prices_route(request.uri().path())
+        {
+            // Its model and size cannot be read, so it cannot be priced: refuse rather than
+            // charge the default price for what may be an expensive model.
+            return refused(Rejection::new(Reason::UnsupportedMediaType));
+        }
         if shared.pricing.reads_body() && wants_inspection(&request) {
             let limit = shared.body_limit;
             return ResponseFuture {
