@@ -751,3 +751,71 @@ async fn credits_refuse_an_unreadable_body_they_would_have_to_price() {
     response.into_body().collect().await.unwrap();
     assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 47);
 }
+
+/// A `MakeWriter` that keeps every log line in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// No log line, at any level, contains a key's text: valid, unknown, malformed or duplicated.
+#[tokio::test(flavor = "current_thread")]
+async fn no_key_text_in_any_log_line() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let config = tollgate::config::GatewayConfig::from_toml(&config("openai")).unwrap();
+    let gateway = gateway::app::Gateway::build(config).await.unwrap();
+    let app = gateway.router();
+    let unknown = "sk-unknown-zyxwvutsrqponmlkjihgf";
+    let presentations = [
+        format!("Bearer {KEY}"),
+        format!("Bearer {unknown}"),
+        format!("Bearer  {unknown}"),
+        format!("Basic {unknown}"),
+        format!("Bearer {KEY_IP}"),
+    ];
+    for (i, value) in presentations.iter().enumerate() {
+        for path in ["/v1/models", "/v1/chat/completions", "/v2/unknown"] {
+            let request = Request::post(path)
+                .header("authorization", value)
+                .header("content-type", "application/json")
+                .body(Body::from(valid_chat().to_string()))
+                .unwrap();
+            let request = with_peer(request, format!("203.0.113.{}", i + 1).parse().unwrap());
+            let response = app.clone().oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+    }
+    let duplicated = Request::get("/v1/models")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("authorization", format!("Bearer {unknown}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = app
+        .clone()
+        .oneshot(with_peer(duplicated, "203.0.113.9".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(!text.is_empty(), "the gateway logs its requests");
+    for secret in [&KEY[3..], &KEY_IP[3..], &unknown[3..]] {
+        assert!(!text.contains(secret), "a key is in the logs:\n{text}");
+    }
+}
