@@ -552,11 +552,10 @@ async fn tonic_grpc_maps_the_peer_address_for_key_allowlists() {
     assert_eq!(balance(&grpc.ledger, "acct_remote").await, 10);
 }
 
-/// A call the service itself fails (here `NOT_FOUND` for an unknown health service) should
-/// release its hold, as an HTTP error status does. It does not yet: gRPC errors travel with HTTP
-/// 200 and a `grpc-status` header or trailer, and `Credits` only looks at the HTTP status.
+/// A call the service itself fails (here `NOT_FOUND` for an unknown health service) releases its
+/// hold, as an HTTP error status does, although gRPC errors travel with HTTP 200 and a
+/// `grpc-status` header or trailer.
 #[tokio::test]
-#[ignore = "bug: Credits charges failed gRPC calls (src/credits/service.rs, `status >= 400` check)"]
 async fn tonic_grpc_failed_calls_are_not_charged() {
     let grpc = Grpc::start().await;
     let key = grpc.account("acct_1", "free", 100).await;

@@ -209,6 +209,12 @@ where
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
+                // A gRPC call that failed reports it in the trailers: not charged.
+                if frame.trailers_ref().is_some_and(grpc_failed) {
+                    if let Some(mut meter) = this.meter.take() {
+                        meter.release();
+                    }
+                }
                 if let Some(meter) = this.meter.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         meter.feed(data);
@@ -237,6 +243,13 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Whether headers or trailers carry a gRPC status other than OK.
+pub(super) fn grpc_failed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() != b"0")
 }
 
 impl<B, L: Ledger> fmt::Debug for MeteredBody<B, L> {

@@ -543,8 +543,11 @@ where
                             return Poll::Ready(Err(error));
                         }
                     };
-                    // An upstream error (or a refusal further in) is not charged.
-                    if response.status().as_u16() >= 400 {
+                    // An upstream error (or a refusal further in) is not charged; nor is a gRPC
+                    // error, which travels as HTTP 200 with a `grpc-status` header.
+                    if response.status().as_u16() >= 400
+                        || super::body::grpc_failed(response.headers())
+                    {
                         meter.release();
                         return Poll::Ready(Ok(
                             response.map(|b| MeteredBody::new(ResponseBody::new(b), None))
