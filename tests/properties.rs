@@ -505,7 +505,7 @@ proptest! {
     /// Mostly printable bytes with the known key spliced in, to reach the accepting paths.
     #[test]
     fn key_bytes_near_the_known_key(layout in any::<u8>(), noise in "[ -~\t]{0,12}", at in 0..3usize) {
-        let mut values = vec![format!("Bearer {}", targets::KNOWN_KEY), targets::KNOWN_KEY.to_owned(), targets::KNOWN_KEY.to_owned()];
+        let mut values = [format!("Bearer {}", targets::KNOWN_KEY), targets::KNOWN_KEY.to_owned(), targets::KNOWN_KEY.to_owned()];
         let middle = values[at].len() / 2;
         values[at].insert_str(middle, &noise);
         let data = [&[layout][..], values.join("\n").as_bytes()].concat();
@@ -774,7 +774,8 @@ fn example_config_parses() {
 /// from, checked on stable in CI.
 #[test]
 fn fuzz_seeds_pass() {
-    let targets: [(&str, fn(&[u8])); 5] = [
+    type Target = (&'static str, fn(&[u8]));
+    let targets: [Target; 5] = [
         ("auth_header", targets::auth_header),
         ("client_ip", targets::client_ip),
         ("sse_usage", targets::sse_usage),
