@@ -1,7 +1,7 @@
 //! The in-memory ledger.
 
 use std::{
-    collections::{hash_map::RandomState, HashMap},
+    collections::{hash_map::RandomState, HashMap, VecDeque},
     fmt,
     future::{ready, Ready},
     hash::BuildHasher,
@@ -34,8 +34,10 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 /// [`std::future::Ready`]. Cloning shares the ledger (keep a clone for top-ups and the admin
 /// router).
 ///
-/// The journal is kept in full for the process's lifetime (it is append-only); an operator who
-/// needs durable accounting uses a remote ledger.
+/// The journal is kept in full for the process's lifetime (it is append-only) unless
+/// [`MemoryLedgerBuilder::journal_limit`] bounds it: a long-running process under load adds two
+/// entries per request, so bound it there. An operator who needs durable accounting uses a remote
+/// ledger.
 ///
 /// # Example
 ///
@@ -75,6 +77,7 @@ struct Inner {
     hold_ttl: Duration,
     idempotency_window: Duration,
     clock: Arc<dyn Clock>,
+    journal_limit: usize,
 }
 
 #[derive(Default)]
@@ -89,7 +92,11 @@ struct Account {
     holds: HashMap<u64, OpenHold>,
     keys: HashMap<Arc<str>, KeyRecord>,
     top_ups: HashMap<Arc<str>, u64>,
-    journal: Vec<JournalEntry>,
+    journal: VecDeque<JournalEntry>,
+    /// Entries dropped from the front by the journal limit: `journal[0].seq == dropped + 1`.
+    dropped: u64,
+    /// The most entries kept (0: all).
+    journal_limit: usize,
 }
 
 struct OpenHold {
@@ -126,7 +133,7 @@ impl Account {
         amount: u64,
         hold: Option<(u64, &OpenHold)>,
     ) {
-        let seq = self.journal.len() as u64 + 1;
+        let seq = self.dropped + self.journal.len() as u64 + 1;
         let mut entry = JournalEntry::new(
             seq,
             at,
@@ -142,7 +149,11 @@ impl Account {
             entry.key_id = h.key_id.clone();
             entry.idempotency_key = h.idempotency_key.clone();
         }
-        self.journal.push(entry);
+        self.journal.push_back(entry);
+        if self.journal_limit > 0 && self.journal.len() > self.journal_limit {
+            self.journal.pop_front();
+            self.dropped += 1;
+        }
     }
 
     /// Close an open hold; `None` when it is not open.
@@ -192,6 +203,7 @@ impl MemoryLedger {
             idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             clock: Arc::new(SystemClock),
             shards: 32,
+            journal_limit: 0,
         }
     }
 
@@ -234,7 +246,9 @@ impl MemoryLedger {
         let account = match shard.accounts.get_mut(&request.account) {
             Some(account) => account,
             None if request.amount == 0 => {
-                shard.accounts.entry(request.account.clone()).or_default()
+                let account = shard.accounts.entry(request.account.clone()).or_default();
+                account.journal_limit = self.inner.journal_limit;
+                account
             }
             None => {
                 return Err(ReserveError::Insufficient {
@@ -309,7 +323,11 @@ impl MemoryLedger {
         let mut shard = self.shard(account);
         let account = match shard.accounts.get_mut(account) {
             Some(a) => a,
-            None => shard.accounts.entry(Arc::from(account)).or_default(),
+            None => {
+                let account = shard.accounts.entry(Arc::from(account)).or_default();
+                account.journal_limit = self.inner.journal_limit;
+                account
+            }
         };
         if let Some(&previous) = account.top_ups.get(key) {
             return if previous == amount {
@@ -325,7 +343,7 @@ impl MemoryLedger {
         let key: Arc<str> = Arc::from(key);
         account.top_ups.insert(key.clone(), amount);
         account.push(now, EntryKind::TopUp, amount, None);
-        if let Some(entry) = account.journal.last_mut() {
+        if let Some(entry) = account.journal.back_mut() {
             entry.idempotency_key = Some(key);
         }
         Ok(TopUp::new(true, account.balance()))
@@ -409,10 +427,12 @@ impl Ledger for MemoryLedger {
         let entries = shard.accounts.get(account).map_or(Vec::new(), |a| {
             let start = query
                 .after
-                .map_or(0, |after| usize::try_from(after).unwrap_or(usize::MAX))
+                .map_or(0, |after| {
+                    usize::try_from(after.saturating_sub(a.dropped)).unwrap_or(usize::MAX)
+                })
                 .min(a.journal.len());
-            a.journal[start..]
-                .iter()
+            a.journal
+                .range(start..)
                 .take(query.limit)
                 .cloned()
                 .collect()
@@ -432,6 +452,7 @@ pub struct MemoryLedgerBuilder {
     idempotency_window: Duration,
     clock: Arc<dyn Clock>,
     shards: usize,
+    journal_limit: usize,
 }
 
 impl MemoryLedgerBuilder {
@@ -462,6 +483,15 @@ impl MemoryLedgerBuilder {
         self
     }
 
+    /// Keep at most the last `entries` journal entries of each account (default: all). The
+    /// balances are unaffected, and so are sequence numbers (they go on from where they were);
+    /// every entry carries the balance and holds after it, so the books still check from the
+    /// first entry kept. At least 1.
+    pub fn journal_limit(mut self, entries: usize) -> Self {
+        self.journal_limit = entries.max(1);
+        self
+    }
+
     /// The ledger.
     pub fn build(self) -> MemoryLedger {
         MemoryLedger {
@@ -472,6 +502,7 @@ impl MemoryLedgerBuilder {
                 hold_ttl: self.hold_ttl,
                 idempotency_window: self.idempotency_window,
                 clock: self.clock,
+                journal_limit: self.journal_limit,
             }),
         }
     }
@@ -483,6 +514,7 @@ impl fmt::Debug for MemoryLedgerBuilder {
             .field("hold_ttl", &self.hold_ttl)
             .field("idempotency_window", &self.idempotency_window)
             .field("shards", &self.shards)
+            .field("journal_limit", &self.journal_limit)
             .finish_non_exhaustive()
     }
 }
