@@ -341,6 +341,7 @@ pub struct Rejection {
     param: Option<Cow<'static, str>>,
     details: Option<Box<Map<String, Value>>>,
     retry_after: Option<Duration>,
+    should_retry: Option<bool>,
 }
 
 impl Rejection {
@@ -353,6 +354,7 @@ impl Rejection {
             param: None,
             details: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -455,6 +457,15 @@ impl Rejection {
         self
     }
 
+    /// Say whether a retry of the same request can succeed (the `x-should-retry` header),
+    /// overriding what the status implies: a 429 for a request larger than the whole bucket can
+    /// never pass, however long the client waits.
+    #[must_use]
+    pub fn with_should_retry(mut self, retry: bool) -> Self {
+        self.should_retry = Some(retry);
+        self
+    }
+
     /// Override the HTTP status (for example 401 rather than 403 for a revoked key).
     #[must_use]
     pub fn with_status(mut self, status: StatusCode) -> Self {
@@ -504,7 +515,8 @@ impl Rejection {
 
     /// Whether a client should retry this request unchanged (the `x-should-retry` header).
     pub fn should_retry(&self) -> bool {
-        should_retry(self.status())
+        self.should_retry
+            .unwrap_or_else(|| should_retry(self.status()))
     }
 }
 

@@ -375,6 +375,8 @@ async fn a_request_larger_than_the_bucket_can_never_pass() {
         "Request too large for the tokens limit: it needs 5000 and the limit is 1000. Reduce the prompt or max_tokens."
     );
     assert!(headers.get("retry-after").is_none());
+    // Waiting cannot help: the OpenAI SDK must not retry it.
+    assert_eq!(header(&headers, "x-should-retry"), "false");
     assert_eq!(header(&headers, "x-ratelimit-remaining-tokens"), "1000");
 }
 

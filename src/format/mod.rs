@@ -230,7 +230,7 @@ impl Format {
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, content_type);
-            let retry = crate::rejection::should_retry(status);
+            let retry = rejection.should_retry();
             response.headers_mut().insert(
                 "x-should-retry",
                 HeaderValue::from_static(if retry { "true" } else { "false" }),

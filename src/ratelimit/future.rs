@@ -143,7 +143,9 @@ fn rejection(outcome: Outcome) -> Rejection {
             ))
             .with_detail("limit", limit.as_str())
             .with_detail("requested", requested)
-            .with_detail("capacity", capacity),
+            .with_detail("capacity", capacity)
+            // No wait makes it fit: the request itself must change.
+            .with_should_retry(false),
         Outcome::Allowed => Rejection::new(Reason::Internal),
     }
 }

@@ -1,6 +1,6 @@
 //! The rate-limit response headers: OpenAI's `x-ratelimit-*` and the IETF `RateLimit` fields.
 
-use std::{fmt::Write, time::Duration};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -25,51 +25,158 @@ const NAMES: [[HeaderName; 3]; 2] = [
     ],
 ];
 
+/// A small stack buffer for header values: no `fmt` machinery, no heap until the value is made.
+struct Buf {
+    bytes: [u8; 160],
+    len: usize,
+}
+
+impl Buf {
+    fn new() -> Self {
+        Buf {
+            bytes: [0; 160],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: &[u8]) {
+        let end = (self.len + s.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&s[..end - self.len]);
+        self.len = end;
+    }
+
+    fn push_u64(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).expect("ascii")
+    }
+}
+
+/// Values that depend only on a plan's quotas (the limits and the `RateLimit-Policy` field),
+/// made once per thread and quota and then shared: cloning a `HeaderValue` is a reference count.
+#[derive(Default)]
+struct Constants {
+    limits: Vec<((u64, u64), HeaderValue)>,
+    policies: Vec<([(u64, u64); 2], HeaderValue)>,
+}
+
+thread_local! {
+    static CONSTANTS: std::cell::RefCell<Constants> = std::cell::RefCell::new(Constants::default());
+}
+
+/// The most entries kept per thread (plans × kinds); past it, values are made per request.
+const MAX_CONSTANTS: usize = 64;
+
+fn cached<K: PartialEq + Copy>(
+    list: &mut Vec<(K, HeaderValue)>,
+    key: K,
+    make: impl FnOnce() -> HeaderValue,
+) -> HeaderValue {
+    if let Some((_, value)) = list.iter().find(|(k, _)| *k == key) {
+        return value.clone();
+    }
+    let value = make();
+    if list.len() < MAX_CONSTANTS {
+        list.push((key, value.clone()));
+    }
+    value
+}
+
 /// Add the headers of a decision.
 pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
-    let mut policy = String::new();
-    let mut state = String::new();
-    for (i, kind) in [LimitKind::Requests, LimitKind::Tokens]
-        .into_iter()
-        .enumerate()
-    {
-        let Some(LimitStatus {
-            limit,
-            window,
-            remaining,
-            reset,
-        }) = decision.status(kind)
-        else {
-            continue;
-        };
-        let [limit_name, remaining_name, reset_name] = &NAMES[i];
-        headers.insert(limit_name, HeaderValue::from(limit));
-        headers.insert(remaining_name, HeaderValue::from(remaining));
-        headers.insert(
-            reset_name,
-            HeaderValue::try_from(go_duration(reset)).expect("ascii"),
-        );
-        let sep = if policy.is_empty() { "" } else { ", " };
-        let _ = write!(
-            policy,
-            "{sep}\"{}\";q={limit};w={}",
-            kind.as_str(),
-            ceil_secs(window).max(1)
-        );
-        let _ = write!(
-            state,
-            "{sep}\"{}\";r={remaining};t={}",
-            kind.as_str(),
-            ceil_secs(reset)
-        );
+    let statuses = [
+        decision.status(LimitKind::Requests),
+        decision.status(LimitKind::Tokens),
+    ];
+    let kinds = statuses.iter().filter(|s| s.is_some()).count();
+    if kinds == 0 {
+        return;
     }
-    if !policy.is_empty() {
-        headers.insert(
-            RATELIMIT_POLICY,
-            HeaderValue::try_from(policy).expect("ascii"),
-        );
-        headers.insert(RATELIMIT, HeaderValue::try_from(state).expect("ascii"));
-    }
+    headers.reserve(3 * kinds + 2);
+    let mut state = Buf::new();
+    let mut policy_key = [(0u64, 0u64); 2];
+    CONSTANTS.with(|constants| {
+        let mut constants = constants.borrow_mut();
+        for (i, (status, kind)) in statuses
+            .iter()
+            .zip([LimitKind::Requests, LimitKind::Tokens])
+            .enumerate()
+        {
+            let Some(LimitStatus {
+                limit,
+                window,
+                remaining,
+                reset,
+            }) = *status
+            else {
+                continue;
+            };
+            let window = ceil_secs(window).max(1);
+            policy_key[i] = (limit, window);
+            let [limit_name, remaining_name, reset_name] = &NAMES[i];
+            let limit_value = cached(&mut constants.limits, (limit, 0), || {
+                let mut b = Buf::new();
+                b.push_u64(limit);
+                b.value()
+            });
+            headers.insert(limit_name, limit_value);
+            let mut b = Buf::new();
+            b.push_u64(remaining);
+            headers.insert(remaining_name, b.value());
+            let mut b = Buf::new();
+            write_go_duration(&mut b, reset);
+            headers.insert(reset_name, b.value());
+            if state.len > 0 {
+                state.push(b", ");
+            }
+            state.push(b"\"");
+            state.push(kind.as_str().as_bytes());
+            state.push(b"\";r=");
+            state.push_u64(remaining);
+            state.push(b";t=");
+            state.push_u64(ceil_secs(reset));
+        }
+        let policy = cached(&mut constants.policies, policy_key, || {
+            let mut b = Buf::new();
+            for (i, kind) in [LimitKind::Requests, LimitKind::Tokens]
+                .into_iter()
+                .enumerate()
+            {
+                let (limit, window) = policy_key[i];
+                if limit == 0 && window == 0 {
+                    continue;
+                }
+                if b.len > 0 {
+                    b.push(b", ");
+                }
+                b.push(b"\"");
+                b.push(kind.as_str().as_bytes());
+                b.push(b"\";q=");
+                b.push_u64(limit);
+                b.push(b";w=");
+                b.push_u64(window);
+            }
+            b.value()
+        });
+        headers.insert(RATELIMIT_POLICY, policy);
+    });
+    headers.insert(RATELIMIT, state.value());
 }
 
 /// A duration as OpenAI's `x-ratelimit-reset-*` show it (Go's `time.Duration` format), rounded
@@ -84,28 +191,50 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
 /// assert_eq!(go_duration(Duration::from_millis(61_250)), "1m1.25s");
 /// ```
 pub fn go_duration(d: Duration) -> String {
-    let ms = d.as_millis() + u128::from(d.as_nanos() % 1_000_000 != 0);
+    let mut b = Buf::new();
+    write_go_duration(&mut b, d);
+    String::from_utf8(b.as_bytes().to_vec()).expect("ascii")
+}
+
+fn write_go_duration(b: &mut Buf, d: Duration) {
+    let ms = (d.as_millis() + u128::from(d.as_nanos() % 1_000_000 != 0)).min(u128::from(u64::MAX))
+        as u64;
     if ms == 0 {
-        return "0s".to_owned();
+        b.push(b"0s");
+        return;
     }
     if ms < 1000 {
-        return format!("{ms}ms");
+        b.push_u64(ms);
+        b.push(b"ms");
+        return;
     }
     let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, frac) = (rest / 1000, rest % 1000);
-    let mut out = String::new();
     if h > 0 {
-        let _ = write!(out, "{h}h");
+        b.push_u64(h);
+        b.push(b"h");
     }
     if h > 0 || m > 0 {
-        let _ = write!(out, "{m}m");
+        b.push_u64(m);
+        b.push(b"m");
     }
-    let _ = write!(out, "{s}");
+    b.push_u64(s);
     if frac > 0 {
-        let frac = format!("{frac:03}");
-        let _ = write!(out, ".{}", frac.trim_end_matches('0'));
+        let digits = [
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        let keep = if digits[2] != b'0' {
+            3
+        } else if digits[1] != b'0' {
+            2
+        } else {
+            1
+        };
+        b.push(b".");
+        b.push(&digits[..keep]);
     }
-    out.push('s');
-    out
+    b.push(b"s");
 }
