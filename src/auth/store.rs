@@ -2,6 +2,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     future::{ready, Future, Ready},
+    hash::BuildHasherDefault,
     sync::{Arc, PoisonError, RwLock},
     time::SystemTime,
 };
@@ -531,7 +532,7 @@ pub struct MemoryKeyStore {
 
 #[derive(Default)]
 struct State {
-    lookups: HashMap<KeyDigest, KeyLookup>,
+    lookups: HashMap<KeyDigest, KeyLookup, BuildHasherDefault<DigestHasher>>,
     keys: HashMap<Arc<str>, (KeyDigest, KeyRecord)>,
     accounts: HashMap<Arc<str>, AccountRecord>,
     plans: HashMap<Arc<str>, Arc<[String]>>,
@@ -760,5 +761,28 @@ impl KeyAdmin for MemoryKeyStore {
         }
         state.keys.insert(record.id.clone(), (new_digest, record));
         ready(Ok(()))
+    }
+}
+
+/// Hashes a [`KeyDigest`] by its first eight bytes: SHA-256 output is already uniform, and a
+/// client cannot choose a digest (that would take a preimage), so no keyed hash is needed.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Digests are written whole; anything else is folded in, so the hash stays correct.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+            if bytes.len() == 32 {
+                break;
+            }
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
