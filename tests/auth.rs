@@ -654,10 +654,12 @@ async fn no_request_passes_after_the_revocation_returns() {
     let app = app(AuthLayer::new(store.clone()).no_shield());
     let revoked = Arc::new(AtomicBool::new(false));
     let started = Arc::new(tokio::sync::Barrier::new(1001));
+    let passes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
             let (app, revoked, started) = (app.clone(), revoked.clone(), started.clone());
+            let passes = passes.clone();
             tokio::spawn(async move {
                 started.wait().await;
                 let (mut passed_before, mut refused_after) = (0, 0);
@@ -671,6 +673,7 @@ async fn no_request_passes_after_the_revocation_returns() {
                     }
                     if status == StatusCode::OK {
                         passed_before += 1;
+                        passes.fetch_add(1, Ordering::SeqCst);
                     }
                     tokio::task::yield_now().await;
                 }
@@ -680,7 +683,8 @@ async fn no_request_passes_after_the_revocation_returns() {
         .collect();
 
     started.wait().await;
-    for _ in 0..50 {
+    // Revoke while requests are in full flight: once many have passed.
+    while passes.load(Ordering::SeqCst) < 200 {
         tokio::task::yield_now().await;
     }
     store.revoke_key("key_1").await.unwrap();

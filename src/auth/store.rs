@@ -536,6 +536,8 @@ struct State {
     keys: HashMap<Arc<str>, (KeyDigest, KeyRecord)>,
     accounts: HashMap<Arc<str>, AccountRecord>,
     plans: HashMap<Arc<str>, Arc<[String]>>,
+    /// The key ids of each account, so an account change rebuilds only its own keys.
+    by_account: HashMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 impl State {
@@ -567,7 +569,30 @@ impl State {
     fn put_account(&mut self, account: AccountRecord) {
         let id = account.id.clone();
         self.accounts.insert(id.clone(), account);
-        self.rebuild(|key, _| key.account_id == id);
+        let Some(ids) = self.by_account.get(&id) else {
+            return;
+        };
+        let rebuilt: Vec<_> = ids
+            .iter()
+            .filter_map(|key_id| self.keys.get(key_id))
+            .filter_map(|(digest, record)| Some((*digest, self.build(record)?)))
+            .collect();
+        self.lookups.extend(rebuilt);
+    }
+
+    fn index_key(&mut self, record: &KeyRecord, previous_account: Option<&Arc<str>>) {
+        if previous_account == Some(&record.account_id) {
+            return;
+        }
+        if let Some(previous) = previous_account {
+            if let Some(ids) = self.by_account.get_mut(previous) {
+                ids.retain(|id| *id != record.id);
+            }
+        }
+        self.by_account
+            .entry(record.account_id.clone())
+            .or_default()
+            .push(record.id.clone());
     }
 
     fn insert_key(&mut self, digest: KeyDigest, record: KeyRecord) -> Result<(), KeyAdminError> {
@@ -578,6 +603,7 @@ impl State {
             .build(&record)
             .ok_or_else(|| KeyAdminError::UnknownAccount(record.account_id.clone()))?;
         self.lookups.insert(digest, lookup);
+        self.index_key(&record, None);
         self.keys.insert(record.id.clone(), (digest, record));
         Ok(())
     }
@@ -592,11 +618,13 @@ impl State {
             .get(id)
             .ok_or_else(|| KeyAdminError::UnknownKey(id.into()))?;
         let (digest, mut record) = (*digest, record.clone());
+        let previous_account = record.account_id.clone();
         f(&mut record);
         let lookup = self
             .build(&record)
             .ok_or_else(|| KeyAdminError::UnknownAccount(record.account_id.clone()))?;
         self.lookups.insert(digest, lookup);
+        self.index_key(&record, Some(&previous_account));
         self.keys.insert(record.id.clone(), (digest, record));
         Ok(())
     }
