@@ -52,7 +52,13 @@ struct Inner {
     /// Client IPs refused until an instant; `blocked_len` lets the hot path skip the lock.
     blocked: Mutex<HashMap<IpAddr, Nanos>>,
     blocked_len: AtomicUsize,
+    /// The number of tracked client IPs at which idle ones are swept next: failures spread over
+    /// many IPs (each under the limit, so never blocked) must not grow the state forever.
+    next_sweep: AtomicUsize,
 }
+
+/// The least number of tracked client IPs before a sweep.
+const MIN_SWEEP: usize = 4096;
 
 /// Real time, or a fake clock for tests.
 #[derive(Clone, Debug)]
@@ -104,6 +110,7 @@ impl AuthShield {
                 clock,
                 blocked: Mutex::default(),
                 blocked_len: AtomicUsize::new(0),
+                next_sweep: AtomicUsize::new(MIN_SWEEP),
             }),
         }
     }
@@ -132,7 +139,16 @@ impl AuthShield {
     /// Count a failure; `Some(wait)` when it was one too many.
     pub(crate) fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
         let key = bucket(ip);
-        let not_until = self.inner.limiter.check_key(&key).err()?;
+        let limiter = &self.inner.limiter;
+        if limiter.len() >= self.inner.next_sweep.load(Ordering::Relaxed) {
+            // Forget IPs whose failures have all replenished; sweep again when the state has
+            // doubled, so sweeping costs O(1) per failure.
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            let next = (limiter.len() * 2).max(MIN_SWEEP);
+            self.inner.next_sweep.store(next, Ordering::Relaxed);
+        }
+        let not_until = limiter.check_key(&key).err()?;
         let now = self.inner.clock.now();
         let until = not_until.earliest_possible();
         let mut blocked = self.lock();
@@ -170,5 +186,27 @@ impl fmt::Debug for AuthShield {
             .field("replenish_interval", &self.inner.quota.replenish_interval())
             .field("blocked", &self.inner.blocked_len.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failures from many client IPs, none of them blocked, keep a bounded state.
+    #[test]
+    fn failures_spread_over_many_ips_keep_bounded_state() {
+        let clock = FakeRelativeClock::default();
+        let shield = AuthShield::new(100, Duration::from_secs(300)).with_clock(clock.clone());
+        for i in 0..200_000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(shield.record_failure(ip).is_none());
+            // 1000 new IPs per second: each one's single failure replenishes in 3 s.
+            if i % 100 == 0 {
+                clock.advance(Duration::from_millis(100));
+            }
+        }
+        let tracked = shield.inner.limiter.len();
+        assert!(tracked <= 2 * MIN_SWEEP, "{tracked} client IPs tracked");
     }
 }
