@@ -14,7 +14,8 @@ KEY="sk-soak-0123456789abcdefghijklmnop"
 SMALL_KEY="sk-soak-small-0123456789abcdefgh"
 ADMIN="admin-soak-0123456789"
 
-cargo build --release --example gateway --quiet
+# SOAK_NO_BUILD=1: use the binary already built.
+[ -n "${SOAK_NO_BUILD:-}" ] || cargo build --release --example gateway --quiet
 CONFIG="$(mktemp --suffix .toml)"
 LOG="$(mktemp --suffix .log)"
 cat > "$CONFIG" <<TOML
