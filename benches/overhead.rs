@@ -209,6 +209,10 @@ where
         return;
     }
     assert_eq!(rt.block_on(call(&mut svc, request(key))), expect, "{name}");
+    if std::env::var_os("TOLLGATE_SIZES").is_some() {
+        let future = rt.block_on(async { svc.ready().await.map(|s| s.call(request(key))).ok() });
+        println!("overhead/{name}: the response future is {} bytes", std::mem::size_of_val(&future));
+    }
     println!("overhead/{name}: {:.2} allocations per request", allocations(&rt, &mut svc, key));
     group.bench_function(name, |b| {
         b.iter(|| rt.block_on(call(&mut svc, request(key))));

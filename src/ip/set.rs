@@ -81,13 +81,41 @@ impl FromStr for IpSet {
     }
 }
 
+impl IpSet {
+    /// The networks, IPv4 first.
+    pub fn networks(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        self.table.iter().map(|(network, _)| network)
+    }
+}
+
 impl fmt::Debug for IpSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
-        for (network, _) in self.table.iter() {
+        for network in self.networks() {
             list.entry(&format_args!("{network}"));
         }
         list.finish()
+    }
+}
+
+/// The networks, comma-separated: what [`FromStr`] parses back.
+///
+/// ```
+/// use tollgate::ip::IpSet;
+///
+/// let set: IpSet = "10.0.0.0/8, 2001:db8::/32".parse().unwrap();
+/// assert_eq!(set.to_string(), "10.0.0.0/8, 2001:db8::/32");
+/// assert_eq!(set.to_string().parse::<IpSet>().unwrap().len(), 2);
+/// ```
+impl fmt::Display for IpSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, network) in self.networks().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{network}")?;
+        }
+        Ok(())
     }
 }
 

@@ -543,9 +543,8 @@ fn encode_key(record: &KeyRecord) -> Vec<String> {
         fields.push(("models", json(&models[..])));
     }
     if let Some(ips) = &record.ip_allowlist {
-        // `IpSet`'s debug form lists its networks: `[10.0.0.0/8, 2001:db8::/32]`.
-        let list = format!("{ips:?}");
-        fields.push(("ips", list.trim_matches(['[', ']']).to_owned()));
+        // `10.0.0.0/8, 2001:db8::/32`: what `IpSet`'s `FromStr` parses back.
+        fields.push(("ips", ips.to_string()));
     }
     fields
         .into_iter()
