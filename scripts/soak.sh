@@ -4,6 +4,7 @@
 # flat after warm-up, no hold left open, the balance exact to the credit. See README "Soak test".
 #
 #   scripts/soak.sh [SECONDS=300] [CONNECTIONS=32]
+#   SOAK_SCRAPE=15 scripts/soak.sh ...   # also scrape /metrics every 15 s, as Prometheus would
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-300}"
@@ -76,4 +77,4 @@ grep -q "listening" "$LOG" || { cat "$LOG"; exit 1; }
 
 python3 scripts/soak_load.py --port "$PORT" --pid "$GATEWAY" --duration "$DURATION" \
   --connections "$CONNECTIONS" --key "$KEY" --small-key "$SMALL_KEY" --admin "$ADMIN" \
-  --account acct_soak --initial "$INITIAL"
+  --account acct_soak --initial "$INITIAL" ${SOAK_SCRAPE:+--scrape "$SOAK_SCRAPE"}

@@ -148,6 +148,8 @@ async def main():
     p.add_argument("--admin", required=True)
     p.add_argument("--account", default="acct_soak")
     p.add_argument("--initial", type=int, required=True)
+    p.add_argument("--scrape", type=float, default=0,
+                   help="GET /metrics every SECS seconds, as Prometheus would (0: never)")
     args = p.parse_args()
     assert args.host in ("127.0.0.1", "localhost", "::1"), "loopback only"
 
@@ -156,6 +158,14 @@ async def main():
     deadline = start + args.duration
     tasks = [asyncio.create_task(worker(args, stats, deadline, i)) for i in range(args.connections)]
     samples = []
+    if args.scrape:
+        async def scrape():
+            while time.monotonic() < deadline:
+                reader, writer = await asyncio.open_connection(args.host, args.port)
+                await request(reader, writer, "GET", "/metrics", {"connection": "close"})
+                writer.close()
+                await asyncio.sleep(args.scrape)
+        tasks.append(asyncio.create_task(scrape()))
     while time.monotonic() < deadline:
         await asyncio.sleep(min(5, max(0.1, deadline - time.monotonic())))
         samples.append((round(time.monotonic() - start), rss_kib(args.pid), stats.count))
