@@ -776,7 +776,10 @@ async fn no_key_text_in_any_log_line() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Global, not thread-local: callsites first hit by the other tests of this binary (on other
+    // threads, without a subscriber) would otherwise stay disabled for this one.
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the only subscriber of this binary");
 
     let config = tollgate::config::GatewayConfig::from_toml(&config("openai")).unwrap();
     let gateway = gateway::app::Gateway::build(config).await.unwrap();
