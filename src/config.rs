@@ -107,6 +107,10 @@ pub struct ServerConfig {
     /// The largest request body read to price a call, in bytes. Default 1 MiB.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
+    /// With the in-memory backend, the journal entries kept per account (the latest). Default
+    /// 10000; balances never depend on it.
+    #[serde(default = "default_journal_limit")]
+    pub journal_limit: usize,
 }
 
 impl Default for ServerConfig {
@@ -122,6 +126,7 @@ impl Default for ServerConfig {
             upstream_timeout_secs: default_timeout(),
             hold_ttl_secs: default_hold_ttl(),
             max_body_bytes: default_body_limit(),
+            journal_limit: default_journal_limit(),
         }
     }
 }
@@ -134,6 +139,9 @@ fn default_timeout() -> u64 {
 }
 fn default_hold_ttl() -> u64 {
     600
+}
+fn default_journal_limit() -> usize {
+    10_000
 }
 fn default_body_limit() -> usize {
     crate::inspect::DEFAULT_BODY_LIMIT

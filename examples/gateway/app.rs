@@ -74,6 +74,8 @@ impl Gateway {
                 let store = MemoryKeyStore::new();
                 let ledger = MemoryLedger::builder()
                     .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
+                    // Bounded memory: the last entries of each account's journal.
+                    .journal_limit(config.server.journal_limit)
                     .build();
                 let limiter = MemoryLimiter::new();
                 limiter.spawn_evictor(Duration::from_secs(60));
@@ -366,10 +368,24 @@ fn per_minute(n: u32, burst: u32) -> Quota {
 }
 
 /// The process-wide Prometheus recorder (installed once; tests build several gateways).
+///
+/// Histogram samples accumulate until the exporter's upkeep drains them: a task runs it every
+/// five seconds, so memory stays flat even when nobody scrapes `/metrics`.
 fn install_metrics() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().ok()?;
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        })
         .clone()
 }
 
@@ -503,13 +519,12 @@ struct MeteredLedger<L> {
     holds_open: Arc<AtomicI64>,
 }
 
-type Observed<F, T> = futures_util::future::Map<F, Box<dyn FnOnce(T) -> T + Send>>;
+/// Observes a ledger answer on its way out.
+type Observer<T> = Box<dyn FnOnce(T) -> T + Send>;
+type Observed<F, T> = futures_util::future::Map<F, Observer<T>>;
 
 impl<L: Ledger> MeteredLedger<L> {
-    fn closed(
-        &self,
-    ) -> Box<dyn FnOnce(Result<Settlement, BackendError>) -> Result<Settlement, BackendError> + Send>
-    {
+    fn closed(&self) -> Observer<Result<Settlement, BackendError>> {
         let holds = self.holds_open.clone();
         Box::new(move |result| {
             if let Ok(settlement) = &result {
