@@ -19,6 +19,12 @@ fn example_binary() -> std::path::PathBuf {
     path.pop();
     path.push("examples");
     path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    // `cargo test` builds the examples; `cargo test --test gateway` alone does not.
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole `cargo test` (or `cargo build --example gateway`) first",
+        path.display()
+    );
     path
 }
 
