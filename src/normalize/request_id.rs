@@ -42,7 +42,11 @@ impl tower_http::request_id::MakeRequestId for MakeRequestId {
         buf[..4].copy_from_slice(b"req_");
         hex::encode_to_slice(self.prefix.to_be_bytes(), &mut buf[4..20]).ok()?;
         hex::encode_to_slice(n.to_be_bytes(), &mut buf[20..]).ok()?;
-        HeaderValue::from_bytes(&buf).ok().map(RequestId::new)
+        // One allocation holds the id, and copying the header onto the response is a reference
+        // count (bytes made from a slice would be copied again on their first clone).
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+            .ok()
+            .map(RequestId::new)
     }
 }
 

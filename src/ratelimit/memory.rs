@@ -1,5 +1,6 @@
 //! The in-memory backend: governor's GCRA on a sharded map of bucket states.
 
+use smallvec::SmallVec;
 use std::{
     collections::HashMap,
     fmt,
@@ -190,8 +191,9 @@ impl<C: Clock> MemoryLimiter<C> {
     fn lock_shards<'a>(
         &self,
         subjects: impl Iterator<Item = &'a Subject>,
-    ) -> Vec<(usize, MutexGuard<'_, Buckets>)> {
-        let mut indices: Vec<usize> = subjects.map(|s| self.shard_of(s)).collect();
+    ) -> SmallVec<[(usize, MutexGuard<'_, Buckets>); 2]> {
+        // A plan's limits share one subject, plus the global one: two shards at most, inline.
+        let mut indices: SmallVec<[usize; 4]> = subjects.map(|s| self.shard_of(s)).collect();
         indices.sort_unstable();
         indices.dedup();
         indices
@@ -208,7 +210,7 @@ impl<C: Clock> MemoryLimiter<C> {
             let i = self.shard_of(key.subject());
             guards.iter().position(|(j, _)| *j == i).expect("locked")
         };
-        let mut next = Vec::with_capacity(charges.len());
+        let mut next: SmallVec<[u64; 4]> = SmallVec::with_capacity(charges.len());
         let mut refusal: Option<(Duration, crate::LimitKind)> = None;
         let mut too_large = None;
         for charge in charges {
