@@ -97,7 +97,9 @@ fn stores() -> Stores {
             );
     }
     let ledger = MemoryLedger::new();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         use tollgate::credits::Ledger;
         ledger.top_up("acct_bench", 1 << 50, "bench").await.unwrap();
@@ -186,19 +188,29 @@ where
     status
 }
 
-fn case<S, B>(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, mut svc: S, key: &str, expect: u16)
-where
+fn case<S, B>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut svc: S,
+    key: &str,
+    expect: u16,
+) where
     S: Service<Request<Body>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     // `TOLLGATE_PROFILE=full_stack:100000` runs that one case that many times and nothing else:
     // run it under `valgrind --tool=callgrind` twice with different counts to get the exact
     // instructions per request.
     if let Ok(profile) = std::env::var("TOLLGATE_PROFILE") {
-        let (case, iters) = profile.split_once(':').unwrap_or((profile.as_str(), "100000"));
+        let (case, iters) = profile
+            .split_once(':')
+            .unwrap_or((profile.as_str(), "100000"));
         if case == name {
             let iters: u64 = iters.parse().expect("TOLLGATE_PROFILE=case:iterations");
             for _ in 0..iters {
@@ -211,9 +223,15 @@ where
     assert_eq!(rt.block_on(call(&mut svc, request(key))), expect, "{name}");
     if std::env::var_os("TOLLGATE_SIZES").is_some() {
         let future = rt.block_on(async { svc.ready().await.map(|s| s.call(request(key))).ok() });
-        println!("overhead/{name}: the response future is {} bytes", std::mem::size_of_val(&future));
+        println!(
+            "overhead/{name}: the response future is {} bytes",
+            std::mem::size_of_val(&future)
+        );
     }
-    println!("overhead/{name}: {:.2} allocations per request", allocations(&rt, &mut svc, key));
+    println!(
+        "overhead/{name}: {:.2} allocations per request",
+        allocations(&rt, &mut svc, key)
+    );
     group.bench_function(name, |b| {
         b.iter(|| rt.block_on(call(&mut svc, request(key))));
     });
@@ -256,26 +274,67 @@ fn overhead(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("overhead");
     case(&mut group, "bare", bare(), KEY, 200);
-    case(&mut group, "normalize", NormalizeLayer::new().layer(bare()), KEY, 200);
+    case(
+        &mut group,
+        "normalize",
+        NormalizeLayer::new().layer(bare()),
+        KEY,
+        200,
+    );
     case(&mut group, "auth", auth(&stores).layer(bare()), KEY, 200);
     case(&mut group, "ip_allow", ip_allow().layer(bare()), KEY, 200);
-    case(&mut group, "rate_limit", rate_limit().layer(bare()), KEY, 200);
+    case(
+        &mut group,
+        "rate_limit",
+        rate_limit().layer(bare()),
+        KEY,
+        200,
+    );
     // Credits alone needs a caller: the auth layer of `full_stack` gives one; here a layer
     // in front inserts the same prebuilt caller.
-    let caller = tollgate::Caller::builder("key_bench", "acct_bench").plan("bench").build();
+    let caller = tollgate::Caller::builder("key_bench", "acct_bench")
+        .plan("bench")
+        .build();
     let with_caller = tower::util::MapRequestLayer::new(move |mut req: Request<Body>| {
         req.extensions_mut().insert(caller.clone());
         req
     });
-    case(&mut group, "credits", with_caller.layer(credits(&stores).layer(bare())), KEY, 200);
+    case(
+        &mut group,
+        "credits",
+        with_caller.layer(credits(&stores).layer(bare())),
+        KEY,
+        200,
+    );
     case(&mut group, "full_stack", full_stack!(&stores), KEY, 200);
-    case(&mut group, "full_stack_rejected", full_stack!(&stores), "sk-bench-wrong-key-000000000000000", 401);
-    case(&mut group, "tower_governor", tower_governor_layer().layer(bare()), KEY, 200);
-    case(&mut group, "tower_http_bearer", bearer_layer().layer(bare()), KEY, 200);
+    case(
+        &mut group,
+        "full_stack_rejected",
+        full_stack!(&stores),
+        "sk-bench-wrong-key-000000000000000",
+        401,
+    );
+    case(
+        &mut group,
+        "tower_governor",
+        tower_governor_layer().layer(bare()),
+        KEY,
+        200,
+    );
+    case(
+        &mut group,
+        "tower_http_bearer",
+        bearer_layer().layer(bare()),
+        KEY,
+        200,
+    );
     case(
         &mut group,
         "peers_combined",
-        ServiceBuilder::new().layer(bearer_layer()).layer(tower_governor_layer()).service(bare()),
+        ServiceBuilder::new()
+            .layer(bearer_layer())
+            .layer(tower_governor_layer())
+            .service(bare()),
         KEY,
         200,
     );
@@ -297,9 +356,16 @@ fn overhead(c: &mut Criterion) {
                     for t in 0..2 {
                         let mut svc = svc.clone();
                         scope.spawn(move || {
-                            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .unwrap();
                             for i in 0..per_thread as usize {
-                                let key = if spread { many[(i * 2 + t) % ACCOUNTS].as_str() } else { KEY };
+                                let key = if spread {
+                                    many[(i * 2 + t) % ACCOUNTS].as_str()
+                                } else {
+                                    KEY
+                                };
                                 black_box(rt.block_on(call(&mut svc, request(key))));
                             }
                         });
