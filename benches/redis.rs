@@ -65,5 +65,144 @@ fn chain(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, chain);
+/// The whole chain (normalize → auth → rate limit → credits → an axum handler) through the layers,
+/// with in-memory backends and with Redis ones; prints the Redis commands per request.
+fn layered(c: &mut Criterion) {
+    use axum::{body::Body, extract::ConnectInfo, routing::get, Router};
+    use http::Request;
+    use http_body_util::BodyExt;
+    use tollgate::{
+        auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, KeyStore, MemoryKeyStore},
+        credits::{CreditsLayer, Pricing},
+        keys,
+        normalize::NormalizeLayer,
+        ratelimit::{Plan, Plans, RateLimitLayer},
+    };
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    const KEY: &str = "sk-bench-redis-0123456789abcdef";
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    async fn seed<K: KeyAdmin, L: Ledger>(keys: &K, ledger: &L) {
+        keys.put_account(AccountRecord::new("acct_1", "bench"))
+            .await
+            .unwrap();
+        if keys.key("key_1").await.unwrap().is_none() {
+            keys.insert_key(keys::digest(KEY), KeyRecord::new("key_1", "acct_1"))
+                .await
+                .unwrap();
+        }
+        ledger
+            .top_up("acct_1", 1 << 40, "bench-chain")
+            .await
+            .unwrap();
+    }
+
+    fn stack<K, L, Lim>(
+        keys: K,
+        ledger: L,
+        limiter: Lim,
+    ) -> impl Service<
+        Request<Body>,
+        Response = http::Response<
+            impl http_body::Body<Data = bytes::Bytes, Error = impl std::fmt::Debug>,
+        >,
+        Error = std::convert::Infallible,
+    > + Clone
+    where
+        K: KeyStore + Clone,
+        L: Ledger + Clone,
+        Lim: Limiter,
+    {
+        let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));
+        ServiceBuilder::new()
+            .layer(NormalizeLayer::new())
+            .layer(AuthLayer::new(keys))
+            .layer(RateLimitLayer::new(limiter, plans))
+            .layer(CreditsLayer::new(ledger, Pricing::flat(1)))
+            .service(Router::new().route("/v1/models", get(|| async { "{}" })))
+    }
+
+    async fn call<S, B>(svc: &mut S)
+    where
+        S: Service<Request<Body>, Response = http::Response<B>, Error = std::convert::Infallible>,
+        B: http_body::Body<Data = bytes::Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let mut req = Request::get("/v1/models")
+            .header("authorization", format!("Bearer {KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                4000,
+            ))));
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.unwrap();
+    }
+
+    let mut group = c.benchmark_group("chain");
+    let (keys, ledger) = (MemoryKeyStore::new(), MemoryLedger::new());
+    runtime.block_on(seed(&keys, &ledger));
+    let mut memory = stack(keys, ledger, MemoryLimiter::new());
+    group.bench_function("memory", |b| b.iter(|| runtime.block_on(call(&mut memory))));
+
+    let server = redis_server::RedisServer::start();
+    let backend = runtime
+        .block_on(tollgate::redis::RedisBackend::connect(&server.url()))
+        .unwrap();
+    // The key store's invalidation listener is a task on this runtime.
+    let _entered = runtime.enter();
+    let (keys, ledger) = (backend.key_store(), backend.ledger());
+    runtime.block_on(seed(&keys, &ledger));
+    let mut redis = stack(keys, ledger, backend.limiter());
+    // Per request (cache warm): the scripts called, each one round trip (`EVALSHA` and its
+    // read-only variant), and every command Redis ran, inside the scripts included.
+    let stats = |runtime: &tokio::runtime::Runtime| -> (u64, u64) {
+        runtime.block_on(async {
+            let client = redis::Client::open(server.url()).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("everything")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            let mut scripts = 0;
+            let mut total = 0;
+            for line in info.lines() {
+                if let Some(v) = line.strip_prefix("total_commands_processed:") {
+                    total = v.trim().parse().unwrap();
+                }
+                for name in ["cmdstat_evalsha:", "cmdstat_evalsha_ro:"] {
+                    if let Some(rest) = line.strip_prefix(name) {
+                        let calls = rest.split(',').next().unwrap().trim_start_matches("calls=");
+                        scripts += calls.parse::<u64>().unwrap();
+                    }
+                }
+            }
+            (scripts, total)
+        })
+    };
+    runtime.block_on(call(&mut redis));
+    let (scripts_before, total_before) = stats(&runtime);
+    const N: u64 = 200;
+    for _ in 0..N {
+        runtime.block_on(call(&mut redis));
+    }
+    let (scripts_after, total_after) = stats(&runtime);
+    println!(
+        "chain/redis: {:.2} round trips (scripts) and {:.1} Redis commands per request",
+        (scripts_after - scripts_before) as f64 / N as f64,
+        (total_after - total_before) as f64 / N as f64,
+    );
+    group.bench_function("redis", |b| b.iter(|| runtime.block_on(call(&mut redis))));
+    group.finish();
+}
+
+criterion_group!(benches, chain, layered);
 criterion_main!(benches);
