@@ -43,9 +43,28 @@ fn charge(subject: &str, per_minute: u32) -> Charge {
     }
 }
 
+/// A verification read: the stores use 200 ms deadlines (to inject faults quickly), so on a
+/// loaded machine a read after a fault may time out once; it is retried for up to 5 s.
+async fn patiently<T, F, Fut>(read: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tollgate::BackendError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match read().await {
+            Ok(value) => return value,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("Redis did not answer a verification read: {error}"),
+        }
+    }
+}
+
 /// Journal invariants: balance = Σ top-ups − Σ charges; every reserve closed at most once.
 async fn assert_journal_matches(ledger: &impl Ledger, account: &str) -> (u64, u64) {
-    let journal = ledger.journal(account, JournalQuery::new()).await.unwrap();
+    let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
     let sum = |kind: EntryKind| -> u64 {
         journal
             .iter()
@@ -53,7 +72,7 @@ async fn assert_journal_matches(ledger: &impl Ledger, account: &str) -> (u64, u6
             .map(|e| e.amount)
             .sum()
     };
-    let balance = ledger.balance(account).await.unwrap();
+    let balance = patiently(|| ledger.balance(account)).await;
     let charged = sum(EntryKind::Settle) + sum(EntryKind::Expire);
     assert_eq!(
         balance.balance,
@@ -503,7 +522,7 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     // Reserves whose answers were lost are released in the background: wait for them.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let balance = ledger.balance("acct_1").await.unwrap();
+        let balance = patiently(|| ledger.balance("acct_1")).await;
         if balance.held == 0 {
             // Every credit is accounted for: charged exactly what clients saw charged.
             assert_eq!(balance.balance, 10_000 - charged);
@@ -516,7 +535,7 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     assert_eq!(journal_charged, charged);
     // Each hold a client got is settled once at its price; every other hold placed (a reserve
     // whose answer was lost) is released, never charged.
-    let journal = ledger.journal("acct_1", JournalQuery::new()).await.unwrap();
+    let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
     let ids = |kind: EntryKind| -> Vec<u64> {
         let mut ids: Vec<u64> = journal
             .iter()
