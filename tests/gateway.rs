@@ -396,3 +396,99 @@ async fn in_flight_streams_finish_and_settle_on_shutdown() {
     assert_eq!(account["balance"], 1000 - 12);
     assert_eq!(account["holds"], 0);
 }
+
+/// A `MakeWriter` that keeps every log line.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_log_line_per_request_and_the_real_cost_without_the_key() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let config = tollgate::config::GatewayConfig::from_toml(CONFIG).unwrap();
+    let gateway = gateway::app::Gateway::build(config).await.unwrap();
+    let send = |key: &str| {
+        http::Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .header("x-request-id", format!("req-log-{}", &key[8..12]))
+            .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                9,
+            ))))
+            .body(axum::body::Body::from(chat(false).to_string()))
+            .unwrap()
+    };
+    let res = gateway.router().oneshot(send(KEY)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let res = gateway
+        .router()
+        .oneshot(send("sk-test-unknown-000000000000"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("request_id=req-log-"))
+        .collect();
+    // The allowed call: its request line, then what it finally cost (3 + 8 tokens + 1 per call).
+    let allowed: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("req-log-gate"))
+        .collect();
+    assert_eq!(allowed.len(), 2, "{text}");
+    assert!(
+        allowed.iter().any(|l| l.contains(" request ")
+            && l.contains("status=200")
+            && l.contains("key_id=\"key_1\"")
+            && l.contains("code=\"-\"")),
+        "{text}"
+    );
+    assert!(
+        allowed
+            .iter()
+            .any(|l| l.contains(" settled ") && l.contains("cost=12")),
+        "{text}"
+    );
+    // The refusal: one line, with its code.
+    let refused: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("req-log-unkn"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    assert!(
+        refused[0].contains("status=401") && refused[0].contains("code=\"invalid_api_key\""),
+        "{text}"
+    );
+    // Never the key.
+    assert!(!text.contains("sk-test-"), "{text}");
+}

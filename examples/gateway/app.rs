@@ -524,12 +524,23 @@ type Observer<T> = Box<dyn FnOnce(T) -> T + Send>;
 type Observed<F, T> = futures_util::future::Map<F, Observer<T>>;
 
 impl<L: Ledger> MeteredLedger<L> {
-    fn closed(&self) -> Observer<Result<Settlement, BackendError>> {
+    /// Counts a closed hold and logs what the request finally cost.
+    fn closed(&self, hold: &Hold) -> Observer<Result<Settlement, BackendError>> {
         let holds = self.holds_open.clone();
+        let request_id: Option<Arc<str>> = hold.request_id().map(Arc::from);
+        let (account, held) = (hold.account_arc().clone(), hold.amount());
         Box::new(move |result| {
             if let Ok(settlement) = &result {
                 if settlement.was_open {
                     holds.fetch_sub(1, Ordering::Relaxed);
+                    tracing::info!(
+                        request_id = %request_id.as_deref().unwrap_or("-"),
+                        account = %account,
+                        credits_held = held,
+                        cost = settlement.charged,
+                        balance = settlement.balance,
+                        "settled"
+                    );
                 }
                 metrics::counter!("tollgate_credits_charged_total").increment(settlement.charged);
             }
@@ -557,10 +568,10 @@ impl<L: Ledger> Ledger for MeteredLedger<L> {
         }))
     }
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
-        self.inner.settle(hold, actual).map(self.closed())
+        self.inner.settle(hold, actual).map(self.closed(hold))
     }
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
-        self.inner.release(hold).map(self.closed())
+        self.inner.release(hold).map(self.closed(hold))
     }
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         self.inner.top_up(account, amount, idempotency_key)

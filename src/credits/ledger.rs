@@ -228,6 +228,7 @@ pub struct Hold {
     account: Arc<str>,
     amount: u64,
     available_after: u64,
+    request_id: Option<Arc<str>>,
 }
 
 impl Hold {
@@ -238,7 +239,21 @@ impl Hold {
             account,
             amount,
             available_after,
+            request_id: None,
         }
+    }
+
+    /// The request the hold was placed for (its `x-request-id`), as the ledger got it in the
+    /// [`ReserveRequest`]: lets a settlement be logged against its request.
+    #[must_use]
+    pub fn with_request_id(mut self, request_id: Option<Arc<str>>) -> Self {
+        self.request_id = request_id;
+        self
+    }
+
+    /// The request the hold was placed for, if known.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
     }
 
     /// The ledger's id of the hold.

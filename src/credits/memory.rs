@@ -288,6 +288,7 @@ impl MemoryLedger {
                 },
             );
         }
+        let request_id = request.request_id.clone();
         let open = OpenHold {
             amount: request.amount,
             expires_at: now + self.inner.hold_ttl,
@@ -298,12 +299,15 @@ impl MemoryLedger {
         account.held += request.amount;
         account.push(now, EntryKind::Reserve, request.amount, Some((id, &open)));
         account.holds.insert(id, open);
-        Ok(Reservation::Held(Hold::new(
-            id,
-            request.account,
-            request.amount,
-            available - request.amount,
-        )))
+        Ok(Reservation::Held(
+            Hold::new(
+                id,
+                request.account,
+                request.amount,
+                available - request.amount,
+            )
+            .with_request_id(request_id),
+        ))
     }
 
     fn close_now(&self, hold: &Hold, how: Close) -> Settlement {

@@ -170,6 +170,7 @@ impl Ledger for RedisLedger {
         let amount = request.amount;
         let ttl = self.hold_ttl_ms();
         let window = millis(self.shared.options.idempotency_window);
+        let request_arc = request.request_id.clone();
         let request_id = request.request_id.as_deref().unwrap_or("").to_owned();
         let key_id = request.key_id.as_deref().unwrap_or("").to_owned();
         let call = self.conn().call("reserve", move |mut conn| async move {
@@ -205,7 +206,9 @@ impl Ledger for RedisLedger {
             };
             let number = |i: usize| reply.get(i).map_or(0, value_u64);
             match reply.first().map(value_str).as_deref() {
-                Some("held") => Ok(Reservation::Held(Hold::new(id, account, amount, number(1)))),
+                Some("held") => Ok(Reservation::Held(
+                    Hold::new(id, account, amount, number(1)).with_request_id(request_arc),
+                )),
                 Some("insufficient") => Err(ReserveError::Insufficient {
                     required: amount,
                     available: number(1),
