@@ -14,6 +14,71 @@
 //! A layer that refuses never calls the inner service: it answers with a response carrying a
 //! [`Rejection`], the one error model, rendered by [`normalize`] in the chosen
 //! [`Format`](format::Format) (OpenAI-compatible by default).
+//!
+//! # Example: the whole chain in front of an axum app
+//!
+//! ```
+//! use axum::{extract::ConnectInfo, routing::post, Router};
+//! use http::{Request, StatusCode};
+//! use std::net::SocketAddr;
+//! use tollgate::{
+//!     auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, MemoryKeyStore},
+//!     credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+//!     format::Format,
+//!     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
+//!     normalize::NormalizeLayer,
+//!     ratelimit::{MemoryLimiter, Plan, Plans, RateLimitLayer},
+//!     Caller,
+//! };
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // Who may call: an account on the "free" plan, and its key (shown once, stored as a digest).
+//! let keys = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
+//! let key = keys.create_key("sk-live-", KeyRecord::new("key_1", "acct_1")).await.unwrap();
+//! // How often: 60 requests a minute on the free plan.
+//! let plans = Plans::new(Plan::new()).with_plan("free", Plan::new().requests_per_minute(60));
+//! // What it costs: 2 credits a call, from a prepaid balance of 5.
+//! let ledger = MemoryLedger::new();
+//! ledger.top_up("acct_1", 5, "invoice-1").await.unwrap();
+//!
+//! let resolver = ClientIpResolver::new(); // no trusted proxies: the peer address
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|caller: Caller| async move { caller.account_id().to_owned() }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(NormalizeLayer::new().format(Format::OpenAi)) // outermost
+//!             .layer(ClientIpLayer::new(resolver.clone()))
+//!             .layer(AuthLayer::new(keys.clone()))
+//!             .layer(IpAllowLayer::new().resolver(resolver))
+//!             .layer(RateLimitLayer::new(MemoryLimiter::new(), plans))
+//!             .layer(CreditsLayer::new(ledger.clone(), Pricing::flat(2))),
+//!     );
+//!
+//! let call = |bearer: &str| {
+//!     Request::post("/v1/chat/completions")
+//!         .header("authorization", format!("Bearer {bearer}"))
+//!         .extension(ConnectInfo(SocketAddr::from(([203, 0, 113, 7], 50000))))
+//!         .body(axum::body::Body::empty())
+//!         .unwrap()
+//! };
+//! // Allowed twice (2 + 2 credits), then the balance of 1 does not cover a call: 402.
+//! for expected in [StatusCode::OK, StatusCode::OK, StatusCode::PAYMENT_REQUIRED] {
+//!     let response = app.clone().oneshot(call(key.as_str())).await.unwrap();
+//!     assert_eq!(response.status(), expected);
+//!     assert!(response.headers().contains_key("x-request-id"));
+//! }
+//! assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 1);
+//!
+//! // A wrong key: 401 in the OpenAI format, the key never echoed.
+//! let response = app.oneshot(call("sk-live-wrong")).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+//! let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(body["error"]["code"], "invalid_api_key");
+//! # }
+//! ```
 #![deny(unreachable_pub, unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
