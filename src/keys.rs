@@ -201,6 +201,14 @@ impl fmt::Debug for KeyDigest {
 }
 
 /// A string that is not 64 hex digits.
+///
+/// ```
+/// use tollgate::keys::{InvalidDigest, KeyDigest};
+///
+/// assert_eq!("abc".parse::<KeyDigest>(), Err(InvalidDigest));
+/// let digest = tollgate::keys::digest("sk-test-1");
+/// assert_eq!(digest.to_hex().parse::<KeyDigest>(), Ok(digest));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidDigest;
 

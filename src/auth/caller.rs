@@ -128,6 +128,14 @@ impl fmt::Debug for Caller {
 }
 
 /// Builds a [`Caller`]; see [`Caller::builder`].
+///
+/// ```
+/// use tollgate::Caller;
+///
+/// let caller = Caller::builder("key_1", "acct_1").plan("pro").scopes(["chat"]).build();
+/// assert_eq!(caller.plan(), "pro");
+/// assert!(caller.has_scope("chat"));
+/// ```
 #[must_use]
 pub struct CallerBuilder {
     inner: Inner,

@@ -31,6 +31,35 @@ use crate::{
 /// The inner service receives the request with the key removed (the `Authorization` or
 /// `x-api-key` header, or the query parameter), its body wrapped in an [`InspectedBody`]: the
 /// original body untouched, or, when a plan's models had to be checked, the bytes read.
+///
+/// # Example
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use http::{Request, StatusCode};
+/// use tollgate::{auth::{AccountRecord, AuthLayer, KeyRecord, MemoryKeyStore}, keys};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MemoryKeyStore::new()
+///     .with_account(AccountRecord::new("acct_1", "free"))
+///     .with_key(keys::digest("sk-test-0123456789abcdef"), KeyRecord::new("key_1", "acct_1"));
+/// let app = Router::new()
+///     .route("/v1/models", get(|| async { "[]" }))
+///     // Also accept `x-api-key`; answer 401 rather than 403 for disabled or revoked keys.
+///     .layer(AuthLayer::new(store).allow_x_api_key().inactive_key_status(StatusCode::UNAUTHORIZED));
+///
+/// let request = Request::get("/v1/models")
+///     .header("x-api-key", "sk-test-0123456789abcdef")
+///     .body(axum::body::Body::empty())
+///     .unwrap();
+/// assert_eq!(app.clone().oneshot(request).await.unwrap().status(), StatusCode::OK);
+///
+/// let request = Request::get("/v1/models").body(axum::body::Body::empty()).unwrap();
+/// assert_eq!(app.oneshot(request).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+/// # }
+/// ```
 #[must_use]
 pub struct AuthLayer<K> {
     store: Arc<K>,
@@ -174,6 +203,19 @@ impl<S, K> Layer<S> for AuthLayer<K> {
 }
 
 /// The service of [`AuthLayer`].
+///
+/// Made by [`AuthLayer`]; its example shows both in use.
+///
+/// ```
+/// use tollgate::auth::{Auth, AuthLayer, MemoryKeyStore};
+/// use tower::{service_fn, Layer};
+///
+/// let service: Auth<_, MemoryKeyStore> = AuthLayer::new(MemoryKeyStore::new())
+///     .layer(service_fn(|_req: http::Request<String>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+///     }));
+/// # let _ = service;
+/// ```
 pub struct Auth<S, K> {
     inner: S,
     store: Arc<K>,

@@ -16,6 +16,13 @@ use crate::{
 };
 
 /// Whether a key may be used.
+///
+/// ```
+/// use tollgate::auth::{KeyRecord, KeyStatus};
+///
+/// let record = KeyRecord::new("key_1", "acct_1").status(KeyStatus::Disabled);
+/// assert_eq!(record.status, KeyStatus::Disabled);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeyStatus {
@@ -28,6 +35,13 @@ pub enum KeyStatus {
 }
 
 /// Whether an account's keys may be used.
+///
+/// ```
+/// use tollgate::auth::{AccountRecord, AccountStatus};
+///
+/// let account = AccountRecord::new("acct_1", "free").status(AccountStatus::Blocked("chargeback".into()));
+/// assert_eq!(account.status, AccountStatus::Blocked("chargeback".into()));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum AccountStatus {
@@ -328,6 +342,20 @@ impl<T: KeyStore> KeyStore for Arc<T> {
 }
 
 /// Why an operator's change to keys, accounts or plans failed.
+///
+/// Each converts to the [`Rejection`] an admin API answers with:
+///
+/// ```
+/// use tollgate::auth::{KeyAdmin, KeyAdminError, MemoryKeyStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let error = MemoryKeyStore::new().revoke_key("key_9").await.unwrap_err();
+/// assert!(matches!(error, KeyAdminError::UnknownKey(_)));
+/// let rejection: tollgate::Rejection = error.into();
+/// assert_eq!(rejection.status(), 404);
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum KeyAdminError {

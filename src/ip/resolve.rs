@@ -30,6 +30,16 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// The peer address of the request's connection, found in its extensions (see [`PeerAddr`]),
 /// IPv4-mapped IPv6 addresses normalized to IPv4.
+///
+/// ```
+/// use http::Request;
+/// use tollgate::ip::peer_addr;
+///
+/// let mut request = Request::new(());
+/// assert_eq!(peer_addr(&request), None);
+/// request.extensions_mut().insert("[::ffff:198.51.100.7]:443".parse::<std::net::SocketAddr>().unwrap());
+/// assert_eq!(peer_addr(&request), Some("198.51.100.7".parse().unwrap()));
+/// ```
 pub fn peer_addr<B>(request: &Request<B>) -> Option<IpAddr> {
     let extensions = request.extensions();
     let addr = extensions.get::<PeerAddr>().map(|p| p.0);
@@ -47,6 +57,20 @@ pub fn peer_addr<B>(request: &Request<B>) -> Option<IpAddr> {
 ///
 /// Only one is believed: a proxy that sets `X-Forwarded-For` usually passes a client's own
 /// `Forwarded` header through untouched, so believing both would let a client choose its IP.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tollgate::ip::{ClientIpResolver, ForwardedHeader};
+///
+/// let resolver = ClientIpResolver::new()
+///     .trust_proxies("10.0.0.0/8".parse().unwrap())
+///     .header(ForwardedHeader::Forwarded);
+/// let mut headers = HeaderMap::new();
+/// headers.insert("forwarded", "for=198.51.100.7;proto=https".parse().unwrap());
+/// // A client-sent X-Forwarded-For is not the header this proxy sets: ignored.
+/// headers.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+/// assert_eq!(resolver.resolve_from("10.0.0.2".parse().unwrap(), &headers), "198.51.100.7".parse::<std::net::IpAddr>().unwrap());
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ForwardedHeader {

@@ -88,6 +88,25 @@ impl<S> Layer<S> for ClientIpLayer {
 }
 
 /// The service of [`ClientIpLayer`].
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tollgate::ip::{ClientIp, ClientIpLayer, ClientIpResolver, PeerAddr};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let service = ClientIpLayer::new(ClientIpResolver::new()).layer(service_fn(|req: Request<()>| async move {
+///     let ip = req.extensions().get::<ClientIp>().unwrap().0;
+///     Ok::<_, Infallible>(Response::new(ip.to_string()))
+/// }));
+/// let mut request = Request::new(());
+/// request.extensions_mut().insert(PeerAddr("192.0.2.9:5000".parse().unwrap()));
+/// let response = service.oneshot(request).await.unwrap();
+/// assert_eq!(response.into_body(), "192.0.2.9");
+/// # }
+/// ```
 pub struct ClientIpService<S> {
     inner: S,
     resolver: Arc<ClientIpResolver>,
@@ -241,6 +260,23 @@ impl<S> Layer<S> for IpAllowLayer {
 }
 
 /// The service of [`IpAllowLayer`].
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use tollgate::ip::{IpAllowLayer, PeerAddr};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let service = IpAllowLayer::new()
+///     .deny("192.0.2.0/24".parse().unwrap())
+///     .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) }));
+/// let mut request = Request::new(());
+/// request.extensions_mut().insert(PeerAddr("192.0.2.9:5000".parse().unwrap()));
+/// assert_eq!(service.oneshot(request).await.unwrap().status(), StatusCode::FORBIDDEN);
+/// # }
+/// ```
 pub struct IpAllow<S> {
     inner: S,
     config: Arc<AllowConfig>,

@@ -120,6 +120,13 @@ impl fmt::Display for IpSet {
 }
 
 /// A string that is not a CIDR or an IP address.
+///
+/// ```
+/// use tollgate::ip::IpSet;
+///
+/// let error = "10.0.0.0/33".parse::<IpSet>().unwrap_err();
+/// assert_eq!(error.to_string(), "`10.0.0.0/33` is not a CIDR network or an IP address");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InvalidCidr(pub String);
 
@@ -132,6 +139,14 @@ impl fmt::Display for InvalidCidr {
 impl std::error::Error for InvalidCidr {}
 
 /// Parse one CIDR or bare address.
+///
+/// ```
+/// use tollgate::ip::parse_network;
+///
+/// assert_eq!(parse_network("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+/// assert_eq!(parse_network("::ffff:192.0.2.0/120").unwrap().to_string(), "192.0.2.0/24");
+/// assert_eq!(parse_network("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+/// ```
 pub fn parse_network(s: &str) -> Result<IpNetwork, InvalidCidr> {
     let s = s.trim();
     let invalid = || InvalidCidr(s.chars().take(64).collect());
