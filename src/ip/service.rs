@@ -104,7 +104,9 @@ impl<S> Layer<S> for ClientIpLayer {
 /// let mut request = Request::new(());
 /// request.extensions_mut().insert(PeerAddr("192.0.2.9:5000".parse().unwrap()));
 /// let response = service.oneshot(request).await.unwrap();
-/// assert_eq!(response.into_body(), "192.0.2.9");
+/// use http_body_util::BodyExt;
+/// let body = response.into_body().collect().await.unwrap().to_bytes();
+/// assert_eq!(body, "192.0.2.9");
 /// # }
 /// ```
 pub struct ClientIpService<S> {
