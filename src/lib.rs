@@ -120,8 +120,11 @@ pub(crate) fn refuse<ReqB, B>(
     request: &http::Request<ReqB>,
     rejection: &Rejection,
 ) -> http::Response<body::ResponseBody<B>> {
-    let cx = format::RenderContext::new().grpc(normalize::is_grpc(request));
-    format::Format::OpenAi
-        .response(rejection, &cx)
-        .map(body::ResponseBody::full)
+    refusal(rejection, normalize::is_grpc(request)).map(body::ResponseBody::full)
+}
+
+/// [`refuse`] once the request is gone (read by an inspection): the layer kept whether it was
+/// a gRPC call. Each layer wraps the bytes in its own body type.
+pub(crate) fn refusal(rejection: &Rejection, grpc: bool) -> http::Response<bytes::Bytes> {
+    format::Format::OpenAi.response(rejection, &format::RenderContext::new().grpc(grpc))
 }

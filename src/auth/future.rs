@@ -7,7 +7,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -92,14 +92,7 @@ where
 
 /// A refusal response for a request that is gone (read by the inspection).
 fn refusal<RB>(grpc: bool, rejection: &Rejection) -> Response<ResponseBody<RB>> {
-    let mut probe = Request::new(());
-    if grpc {
-        probe.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-    }
-    crate::refuse(&probe, rejection)
+    crate::refusal(rejection, grpc).map(ResponseBody::full)
 }
 
 impl<S, B, L, RB> Future for ResponseFuture<S, B, L>

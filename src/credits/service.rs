@@ -23,7 +23,6 @@ use super::{
 };
 use crate::{
     body::ResponseBody,
-    format::{Format, RenderContext},
     inspect::{
         has_unreadable_body, inspect, wants_inspection, InspectedBody, LlmRequest,
         DEFAULT_BODY_LIMIT,
@@ -578,10 +577,7 @@ where
 }
 
 fn render<B, L: Ledger>(rejection: &Rejection, grpc: bool) -> Response<MeteredBody<B, L>> {
-    let cx = RenderContext::new().grpc(grpc);
-    Format::OpenAi
-        .response(rejection, &cx)
-        .map(|bytes| MeteredBody::new(ResponseBody::full(bytes), None))
+    crate::refusal(rejection, grpc).map(|bytes| MeteredBody::new(ResponseBody::full(bytes), None))
 }
 
 impl<S, B, L> fmt::Debug for ResponseFuture<S, B, L>

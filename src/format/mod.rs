@@ -41,7 +41,7 @@ pub use grpc::grpc_code;
 pub use openai::OpenAi;
 pub use problem::{Problem, PROBLEM_TYPE_PREFIX};
 
-use crate::rejection::{ceil_secs, Rejection};
+use crate::rejection::{ceil_millis, ceil_secs, Rejection};
 
 /// What a format needs to know about the request being refused.
 #[derive(Clone, Copy, Debug)]
@@ -240,10 +240,9 @@ impl Format {
                     response
                         .headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
-                    let ms = wait.as_millis() + u128::from(wait.as_nanos() % 1_000_000 != 0);
                     response
                         .headers_mut()
-                        .insert("retry-after-ms", HeaderValue::from(ms as u64));
+                        .insert("retry-after-ms", HeaderValue::from(ceil_millis(wait)));
                 }
             }
             response

@@ -20,7 +20,6 @@ use super::{
     Charge, Decision, Limiter, Outcome, RateLimitBody, Subject,
 };
 use crate::{
-    format::{Format, RenderContext},
     inspect::{InspectedBody, LlmRequest},
     LimitKind, Reason, Rejection,
 };
@@ -156,9 +155,7 @@ fn refusal<ResB>(
     decision: Option<&Decision>,
     headers: bool,
 ) -> Response<RateLimitBody<ResB>> {
-    let mut response = Format::OpenAi
-        .response(rejection, &RenderContext::new().grpc(grpc))
-        .map(RateLimitBody::full);
+    let mut response = crate::refusal(rejection, grpc).map(RateLimitBody::full);
     if let (Some(decision), true) = (decision, headers) {
         headers::insert(response.headers_mut(), decision);
     }

@@ -5,7 +5,10 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Decision, LimitStatus};
-use crate::{rejection::ceil_secs, LimitKind};
+use crate::{
+    rejection::{ceil_millis, ceil_secs},
+    LimitKind,
+};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -197,8 +200,7 @@ pub fn go_duration(d: Duration) -> String {
 }
 
 fn write_go_duration(b: &mut Buf, d: Duration) {
-    let ms = (d.as_millis() + u128::from(d.as_nanos() % 1_000_000 != 0)).min(u128::from(u64::MAX))
-        as u64;
+    let ms = ceil_millis(d);
     if ms == 0 {
         b.push(b"0s");
         return;
