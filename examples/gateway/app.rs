@@ -34,7 +34,7 @@ use tollgate::{
         MemoryKeyStore,
     },
     config::{BackendKind, GatewayConfig, KeyStatusConfig, Upstream},
-    credits::{Balance, Hold},
+    credits::{Admission, AdmissionFuture, Balance, Hold},
     credits::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
         Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
@@ -42,7 +42,7 @@ use tollgate::{
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
     normalize::{classify, NormalizeLayer},
-    ratelimit::{Limiter, MemoryLimiter, Plan, Plans, RateLimitLayer},
+    ratelimit::{Charge, Correction, Limiter, MemoryLimiter, Plan, Plans, RateLimitLayer},
     BackendError, Caller, Rejection,
 };
 use tower::{BoxError, Layer, Service, ServiceBuilder};
@@ -313,7 +313,8 @@ where
     }
     .layer(middleware::from_fn(time_upstream));
 
-    // Auth → (tag the caller for the log) → IP allowlist → rate limit → credits → timeout → upstream.
+    // Auth → (tag the caller for the log) → IP allowlist → rate limit and credits (one step: with
+    // Redis one script reserves both) → timeout → upstream.
     let api = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(|error: BoxError| async move {
             classify(error)
@@ -321,8 +322,13 @@ where
         .layer(auth)
         .layer(TagCallerLayer)
         .layer(ip_allow)
-        .layer(RateLimitLayer::new(limiter, plans.clone()).body_limit(server.max_body_bytes))
-        .layer(CreditsLayer::new(ledger.clone(), pricing).body_limit(server.max_body_bytes))
+        .layer(
+            CreditsLayer::new(ledger.clone(), pricing)
+                .body_limit(server.max_body_bytes)
+                .rate_limit(
+                    RateLimitLayer::new(limiter, plans.clone()).body_limit(server.max_body_bytes),
+                ),
+        )
         // Inside Credits: a timeout releases the hold (outside it would count as a disconnect).
         .timeout(Duration::from_secs(server.upstream_timeout_secs))
         .service(upstream_app);
@@ -549,7 +555,7 @@ impl<L: Ledger> MeteredLedger<L> {
     }
 }
 
-impl<L: Ledger> Ledger for MeteredLedger<L> {
+impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     type ReserveFuture = Observed<L::ReserveFuture, Result<Reservation, ReserveError>>;
     type SettleFuture = Observed<L::SettleFuture, Result<Settlement, BackendError>>;
     type ReleaseFuture = Observed<L::ReleaseFuture, Result<Settlement, BackendError>>;
@@ -569,6 +575,43 @@ impl<L: Ledger> Ledger for MeteredLedger<L> {
     }
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.inner.settle(hold, actual).map(self.closed(hold))
+    }
+    // The two `_limited` calls go to the inner ledger, so that Redis keeps them one script each.
+    fn reserve_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        charges: Vec<Charge>,
+        request: ReserveRequest,
+    ) -> AdmissionFuture
+    where
+        Self: Clone,
+    {
+        let holds = self.holds_open.clone();
+        Box::pin(
+            self.inner
+                .reserve_limited(limiter, charges, request)
+                .map(move |admission| {
+                    if let Admission::Admitted {
+                        reservation: Reservation::Held(_),
+                        ..
+                    } = &admission
+                    {
+                        holds.fetch_add(1, Ordering::Relaxed);
+                    }
+                    admission
+                }),
+        )
+    }
+    fn settle_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> Self::SettleFuture {
+        self.inner
+            .settle_limited(limiter, hold, actual, corrections)
+            .map(self.closed(hold))
     }
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.inner.release(hold).map(self.closed(hold))

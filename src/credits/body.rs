@@ -18,7 +18,19 @@ use super::{
     service::Shared,
     MemoryLedger, OnDisconnect,
 };
-use crate::{body::ResponseBody, usage::UsageScanner, BackendError};
+use crate::{
+    body::ResponseBody,
+    ratelimit::{corrections, Charge, TokenMeter},
+    usage::{Usage, UsageScanner},
+    BackendError,
+};
+
+/// The tokens charged to rate limits before the call, corrected from the reported usage when
+/// the hold is settled ([`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit)).
+pub(super) struct TokenCharges {
+    pub(super) charges: Vec<Charge>,
+    pub(super) estimate: u64,
+}
 
 /// What is needed to close one hold, exactly once: on the body's end, on an upstream failure, or
 /// (by `Drop`) when the response or its body is abandoned.
@@ -30,6 +42,7 @@ pub(super) struct Meter<L: Ledger> {
     scanner: UsageScanner,
     sse: bool,
     events: EventCounter,
+    tokens: Option<TokenCharges>,
 }
 
 impl<L: Ledger> Meter<L> {
@@ -47,7 +60,31 @@ impl<L: Ledger> Meter<L> {
             scanner: UsageScanner::new(),
             sse: false,
             events: EventCounter::default(),
+            tokens: None,
         }
+    }
+
+    /// Correct these tokens limits from the reported usage when settling.
+    pub(super) fn with_tokens(mut self, tokens: Option<TokenCharges>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// Settle `hold` at `charge`, with the tokens limits corrected from `usage` in the same
+    /// step when there are any.
+    fn settle(&mut self, hold: &Hold, charge: u64, usage: Option<Usage>) {
+        let tokens = self.tokens.take();
+        let limited = self.shared.limits.as_ref().zip(tokens).zip(usage);
+        let future = match limited {
+            Some(((limits, tokens), usage)) => {
+                let corrections = corrections(&tokens.charges, tokens.estimate, &usage);
+                limits
+                    .limiter
+                    .settle(&self.shared.ledger, hold, charge, &corrections)
+            }
+            None => self.shared.ledger.settle(hold, charge),
+        };
+        drive(future, hold, "settle");
     }
 
     pub(super) fn hold(&self) -> Option<&Hold> {
@@ -68,11 +105,12 @@ impl<L: Ledger> Meter<L> {
     /// The body ended: charge the usage it reported, or the hold when it reported none.
     fn finish(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let charge = match self.scanner.usage() {
-            Some(usage) => self.price.cost(&usage),
+        let usage = self.scanner.usage();
+        let charge = match &usage {
+            Some(usage) => self.price.cost(usage),
             None => hold.amount(),
         };
-        drive(self.shared.ledger.settle(&hold, charge), &hold, "settle");
+        self.settle(&hold, charge, usage);
     }
 
     /// The upstream failed: charge nothing.
@@ -84,9 +122,10 @@ impl<L: Ledger> Meter<L> {
     /// The response was abandoned (client gone, body error): charge per [`OnDisconnect`].
     fn abandon(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let charge = match (self.shared.on_disconnect, self.scanner.usage()) {
+        let usage = self.scanner.usage();
+        let charge = match (self.shared.on_disconnect, &usage) {
             (OnDisconnect::ChargeHold, _) => hold.amount(),
-            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(&usage),
+            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(usage),
             (OnDisconnect::UsageSoFar, None) => {
                 let estimate = self
                     .price
@@ -97,7 +136,7 @@ impl<L: Ledger> Meter<L> {
                 }
             }
         };
-        drive(self.shared.ledger.settle(&hold, charge), &hold, "settle");
+        self.settle(&hold, charge, usage);
     }
 }
 
@@ -169,12 +208,23 @@ pin_project! {
         #[pin]
         inner: ResponseBody<B>,
         meter: Option<Meter<L>>,
+        // Rate-limit tokens to correct without a hold (a replay, an anonymous request).
+        tokens: Option<TokenMeter>,
     }
 }
 
 impl<B, L: Ledger> MeteredBody<B, L> {
     pub(super) fn new(inner: ResponseBody<B>, meter: Option<Meter<L>>) -> Self {
-        MeteredBody { inner, meter }
+        MeteredBody {
+            inner,
+            meter,
+            tokens: None,
+        }
+    }
+
+    pub(super) fn with_tokens(mut self, tokens: Option<TokenMeter>) -> Self {
+        self.tokens = tokens;
+        self
     }
 }
 
@@ -207,6 +257,17 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(tokens) = this.tokens.as_mut() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        tokens.feed(data);
+                    }
+                }
+                None => tokens.finish(),
+                Some(Err(_)) => {}
+            }
+        }
         match &frame {
             Some(Ok(frame)) => {
                 // A gRPC call that failed reports it in the trailers: not charged.

@@ -1,8 +1,11 @@
 //! The `Ledger` trait: prepaid balances, holds and an append-only journal.
 
-use std::{fmt, future::Future, sync::Arc, time::SystemTime};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
 
-use crate::BackendError;
+use crate::{
+    ratelimit::{Charge, Correction, Decision, Limiter},
+    BackendError,
+};
 
 /// Prepaid balances in credits: holds placed before a call, settled on real usage after it, and
 /// an append-only journal of every movement.
@@ -102,6 +105,153 @@ pub trait Ledger: Send + Sync + 'static {
     /// Settle, at their held amount, every hold that expired at or before `now` (a crashed
     /// handler, a leaked future), so that nothing is lost and nothing is locked forever.
     fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture;
+
+    /// Charge the rate limits `charges` on `limiter` and place the hold of `request`, both or
+    /// neither: the one step of [`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit).
+    ///
+    /// The limits are checked first. When they refuse, nothing is held and the answer is
+    /// [`Admission::Limited`]. When the ledger then refuses (insufficient credits, an
+    /// idempotency key in use or reused, a backend error), the limits are not charged either
+    /// and the answer is [`Admission::Refused`]. An idempotent [`Reservation::Replayed`] charges
+    /// the limits: the inner service is called again.
+    ///
+    /// The default makes two calls (`limiter.check`, then [`reserve`](Ledger::reserve)) and
+    /// gives the limits back with a refund ([`Limiter::settle`] with negative deltas) when the
+    /// reserve is refused; between the two another request may see the limits charged. A
+    /// ledger that keeps its state beside the limiter's overrides it to do both in one atomic
+    /// step: [`RedisLedger`](crate::redis::RedisLedger) with a
+    /// [`RedisLimiter`](crate::redis::RedisLimiter) of the same backend runs one script, one
+    /// round trip.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use governor::Quota;
+    /// use tollgate::credits::{Admission, Ledger, MemoryLedger, ReserveRequest};
+    /// use tollgate::ratelimit::{BucketKey, Charge, MemoryLimiter, Subject};
+    /// use tollgate::LimitKind;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (ledger, limiter) = (MemoryLedger::new(), MemoryLimiter::new());
+    /// ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    /// let charges = vec![Charge {
+    ///     key: BucketKey::new(Subject::Account("acct_1".into()), "plan:free", 0),
+    ///     kind: LimitKind::Requests,
+    ///     quota: Quota::per_minute(NonZeroU32::new(1).unwrap()),
+    ///     cost: 1,
+    /// }];
+    /// let admitted = ledger
+    ///     .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+    ///     .await;
+    /// assert!(matches!(admitted, Admission::Admitted { .. }));
+    ///
+    /// // The bucket is empty now: refused, and nothing more is held.
+    /// let refused = ledger
+    ///     .reserve_limited(&limiter, charges, ReserveRequest::new("acct_1", 4))
+    ///     .await;
+    /// assert!(matches!(refused, Admission::Limited(_)));
+    /// assert_eq!(ledger.balance("acct_1").await.unwrap().available, 6);
+    /// # }
+    /// ```
+    fn reserve_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        charges: Vec<Charge>,
+        request: ReserveRequest,
+    ) -> AdmissionFuture
+    where
+        Self: Clone,
+    {
+        reserve_then_limit(self.clone(), limiter.clone(), charges, request)
+    }
+
+    /// Close `hold` charging `actual` (as [`settle`](Ledger::settle)) and apply `corrections`
+    /// to `limiter` (as [`Limiter::settle`]): the tokens a response reported against the
+    /// estimate charged before the call.
+    ///
+    /// The default starts the limiter's correction on its own (polled once, then spawned on
+    /// the current Tokio runtime) and returns the ledger's settlement. A ledger that keeps its
+    /// state beside the limiter's overrides it to do both in one step (Redis: one script).
+    fn settle_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> Self::SettleFuture {
+        if !corrections.is_empty() {
+            crate::ratelimit::drive_settlement(limiter.settle(corrections));
+        }
+        self.settle(hold, actual)
+    }
+}
+
+/// The future of [`Ledger::reserve_limited`].
+pub type AdmissionFuture = Pin<Box<dyn Future<Output = Admission> + Send + 'static>>;
+
+/// What [`Ledger::reserve_limited`] decided.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Admission {
+    /// Every limit was charged and the ledger answered with `reservation` (a hold, or an
+    /// idempotent replay).
+    Admitted {
+        /// The limits after the charge, for the rate-limit headers.
+        decision: Decision,
+        /// The hold, or [`Reservation::Replayed`].
+        reservation: Reservation,
+    },
+    /// A limit refused: nothing was charged and nothing is held.
+    Limited(Decision),
+    /// The ledger refused or could not answer: nothing is held and no limit stays charged.
+    Refused(ReserveError),
+}
+
+/// [`Ledger::reserve_limited`] in two calls: check the limits, reserve, refund the limits when
+/// the reserve is refused. What the default method does; for ledgers that override it only for
+/// some limiters.
+pub fn reserve_then_limit<L, R>(
+    ledger: L,
+    limiter: R,
+    charges: Vec<Charge>,
+    request: ReserveRequest,
+) -> AdmissionFuture
+where
+    L: Ledger,
+    R: Limiter,
+{
+    Box::pin(async move {
+        let decision = match limiter.check(&charges).await {
+            Ok(decision) => decision,
+            Err(error) => return Admission::Refused(ReserveError::Backend(error)),
+        };
+        if !decision.is_allowed() {
+            return Admission::Limited(decision);
+        }
+        match ledger.reserve(request).await {
+            Ok(reservation) => Admission::Admitted {
+                decision,
+                reservation,
+            },
+            Err(error) => {
+                let refunds: Vec<Correction> = charges
+                    .into_iter()
+                    .filter(|c| c.cost > 0)
+                    .map(|c| Correction {
+                        key: c.key,
+                        quota: c.quota,
+                        delta: -i64::try_from(c.cost).unwrap_or(i64::MAX),
+                    })
+                    .collect();
+                if let Err(refund) = limiter.settle(&refunds).await {
+                    tracing::warn!(error = %refund, "rate-limit refund after a refused reserve failed");
+                }
+                Admission::Refused(error)
+            }
+        }
+    })
 }
 
 /// What [`Ledger::reserve`] is asked for.

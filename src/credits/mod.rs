@@ -92,8 +92,9 @@ mod service;
 pub use body::MeteredBody;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ledger::{
-    Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
-    Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+    reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,
+    JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
+    TopUp, TopUpError,
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
 pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS};

@@ -16,8 +16,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
-    body::{Meter, MeteredBody},
-    ledger::{Fingerprint, Ledger, Reservation, ReserveRequest},
+    body::{Meter, MeteredBody, TokenCharges},
+    ledger::{Admission, AdmissionFuture, Fingerprint, Hold, Ledger, Reservation, ReserveRequest},
     pricing::{Price, Pricing},
     MemoryLedger,
 };
@@ -28,7 +28,10 @@ use crate::{
         DEFAULT_BODY_LIMIT,
     },
     normalize::REQUEST_ID,
-    BoxError, Caller, Reason, Rejection,
+    ratelimit::{
+        self, Charge, Correction, Decision, Limiter, Policies, RateLimitLayer, TokenMeter,
+    },
+    BackendError, BoxError, Caller, LimitKind, Reason, Rejection,
 };
 
 /// `x-credits-held`: the credits held for this request (its price or its estimate, see
@@ -77,12 +80,66 @@ pub enum OnDisconnect {
     UsageSoFar,
 }
 
-pub(super) struct Shared<L> {
+pub(super) struct Shared<L: Ledger> {
     pub(super) ledger: L,
     pub(super) pricing: Pricing,
     pub(super) on_disconnect: OnDisconnect,
     pub(super) allow_anonymous: bool,
     pub(super) body_limit: usize,
+    pub(super) limits: Option<Arc<Limits<L>>>,
+}
+
+/// The rate limits charged in the same step as the hold ([`CreditsLayer::rate_limit`]).
+pub(super) struct Limits<L: Ledger> {
+    config: Arc<ratelimit::Config>,
+    pub(super) limiter: Box<dyn LimitsBackend<L>>,
+}
+
+type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
+
+/// A [`Limiter`] with its type erased, so that neither [`Credits`] nor its body carry it.
+pub(super) trait LimitsBackend<L: Ledger>: Send + Sync {
+    /// The limits and the hold, both or neither.
+    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture;
+    /// The limits alone (a request without a [`Caller`], let through uncharged).
+    fn check(&self, charges: &[Charge]) -> CheckFuture;
+    /// Settle a hold and correct the tokens limits.
+    fn settle(
+        &self,
+        ledger: &L,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> L::SettleFuture;
+    /// Corrects the tokens limits from a response without a hold (a replay, a request without
+    /// a `Caller`).
+    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter;
+}
+
+struct Erased<R>(R);
+
+impl<L: Ledger + Clone, R: Limiter> LimitsBackend<L> for Erased<R> {
+    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture {
+        ledger.reserve_limited(&self.0, charges, request)
+    }
+
+    fn check(&self, charges: &[Charge]) -> CheckFuture {
+        Box::pin(self.0.check(charges))
+    }
+
+    fn settle(
+        &self,
+        ledger: &L,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> L::SettleFuture {
+        ledger.settle_limited(&self.0, hold, actual, corrections)
+    }
+
+    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter {
+        TokenMeter::new(self.0.clone(), charges, estimate)
+    }
 }
 
 /// Charges every request to its caller's prepaid balance; see the [module docs](super).
@@ -125,12 +182,13 @@ pub(super) struct Shared<L> {
 /// # }
 /// ```
 #[must_use]
-pub struct CreditsLayer<L = MemoryLedger> {
+pub struct CreditsLayer<L: Ledger = MemoryLedger> {
     ledger: L,
     pricing: Pricing,
     on_disconnect: OnDisconnect,
     allow_anonymous: bool,
     body_limit: usize,
+    limits: Option<Arc<Limits<L>>>,
 }
 
 impl<L: Ledger + Clone> CreditsLayer<L> {
@@ -142,6 +200,7 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
             on_disconnect: OnDisconnect::default(),
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
+            limits: None,
         }
     }
 
@@ -164,6 +223,47 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
         self.body_limit = limit;
         self
     }
+
+    /// Also rate-limit, charging the limits of `layer` in the same step as the hold, both or
+    /// neither, in place of a [`RateLimit`](crate::ratelimit::RateLimit) layer in front.
+    ///
+    /// Everything `layer` was configured with applies (plans changeable at runtime, key by key
+    /// or account, global limit, route overrides, headers, `default_max_tokens`, its body
+    /// limit), and the answers are a `RateLimit`'s: 429 with the limit named and
+    /// `retry-after`, the rate-limit headers on every response of a limited route, tokens
+    /// corrected from the reported usage. The differences are in the order of the two
+    /// charges:
+    ///
+    /// - **One step.** [`Ledger::reserve_limited`] charges the limits and places the hold
+    ///   together, and [`Ledger::settle_limited`] settles the hold and corrects the tokens
+    ///   together. A [`RedisLedger`](crate::redis::RedisLedger) with a
+    ///   [`RedisLimiter`](crate::redis::RedisLimiter) of the same backend makes each of them
+    ///   one script, one round trip (two layers make two before the call, and two after it
+    ///   when tokens are corrected).
+    /// - **Both or neither.** A request refused for its credits (402, 409, 422, 503) does not
+    ///   use up its rate limit, and a rate-limited one places no hold. The limits are checked
+    ///   first: a caller out of both gets the 429. Only the 429 carries rate-limit headers
+    ///   among the refusals.
+    /// - Requests without a [`Caller`] let through by [`allow_anonymous`](Self::allow_anonymous)
+    ///   are rate-limited alone, as the `RateLimit` layer would (by client IP).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tollgate::credits::{CreditsLayer, MemoryLedger, Pricing};
+    /// use tollgate::ratelimit::{Plan, Plans, RateLimitLayer};
+    ///
+    /// let limits = RateLimitLayer::memory(Plans::new(Plan::new().requests_per_minute(60)));
+    /// let layer = CreditsLayer::new(MemoryLedger::new(), Pricing::flat(1)).rate_limit(limits);
+    /// # let _ = layer;
+    /// ```
+    pub fn rate_limit<R: Limiter>(mut self, layer: RateLimitLayer<R>) -> Self {
+        self.limits = Some(Arc::new(Limits {
+            config: layer.config,
+            limiter: Box::new(Erased(layer.limiter)),
+        }));
+        self
+    }
 }
 
 impl<S, L: Ledger + Clone> Layer<S> for CreditsLayer<L> {
@@ -178,12 +278,13 @@ impl<S, L: Ledger + Clone> Layer<S> for CreditsLayer<L> {
                 on_disconnect: self.on_disconnect,
                 allow_anonymous: self.allow_anonymous,
                 body_limit: self.body_limit,
+                limits: self.limits.clone(),
             }),
         }
     }
 }
 
-impl<L: Clone> Clone for CreditsLayer<L> {
+impl<L: Ledger + Clone> Clone for CreditsLayer<L> {
     fn clone(&self) -> Self {
         CreditsLayer {
             ledger: self.ledger.clone(),
@@ -191,11 +292,12 @@ impl<L: Clone> Clone for CreditsLayer<L> {
             on_disconnect: self.on_disconnect,
             allow_anonymous: self.allow_anonymous,
             body_limit: self.body_limit,
+            limits: self.limits.clone(),
         }
     }
 }
 
-impl<L: fmt::Debug> fmt::Debug for CreditsLayer<L> {
+impl<L: Ledger + fmt::Debug> fmt::Debug for CreditsLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CreditsLayer")
             .field("ledger", &self.ledger)
@@ -203,17 +305,18 @@ impl<L: fmt::Debug> fmt::Debug for CreditsLayer<L> {
             .field("on_disconnect", &self.on_disconnect)
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
+            .field("rate_limit", &self.limits.as_ref().map(|l| &l.config.plans))
             .finish()
     }
 }
 
 /// The service of [`CreditsLayer`].
-pub struct Credits<S, L = MemoryLedger> {
+pub struct Credits<S, L: Ledger = MemoryLedger> {
     inner: S,
     shared: Arc<Shared<L>>,
 }
 
-impl<S: Clone, L> Clone for Credits<S, L> {
+impl<S: Clone, L: Ledger> Clone for Credits<S, L> {
     fn clone(&self) -> Self {
         Credits {
             inner: self.inner.clone(),
@@ -222,7 +325,7 @@ impl<S: Clone, L> Clone for Credits<S, L> {
     }
 }
 
-impl<S: fmt::Debug, L: fmt::Debug> fmt::Debug for Credits<S, L> {
+impl<S: fmt::Debug, L: Ledger + fmt::Debug> fmt::Debug for Credits<S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credits")
             .field("inner", &self.inner)
@@ -261,28 +364,31 @@ where
             },
             shared: shared.clone(),
         };
-        let Some(caller) = request.extensions().get::<Caller>().cloned() else {
-            if shared.allow_anonymous {
-                return ResponseFuture {
-                    kind: Kind::Passthrough {
-                        future: service.call(request.map(InspectedBody::new)),
-                        replayed: false,
-                    },
-                    shared,
-                };
-            }
+        let limits = shared
+            .limits
+            .as_ref()
+            .and_then(|limits| limits.config.policies(&request));
+        let caller = request.extensions().get::<Caller>().cloned();
+        if caller.is_none() && !shared.allow_anonymous {
             return refused(Rejection::new(Reason::MissingApiKey));
+        }
+        if caller.is_none() && limits.is_none() {
+            return ResponseFuture {
+                kind: Kind::Passthrough {
+                    future: service.call(request.map(InspectedBody::new)),
+                    replayed: false,
+                    decision: None,
+                },
+                shared,
+            };
+        }
+        let idempotency_key = match caller.as_ref().map(|_| idempotency_key(&request)) {
+            Some(Err(rejection)) => return refused(rejection),
+            Some(Ok(key)) => key,
+            None => None,
         };
-        let idempotency_key = match idempotency_key(&request) {
-            Ok(key) => key,
-            Err(rejection) => return refused(rejection),
-        };
-        let pending = Pending {
-            caller,
-            idempotency_key,
-            grpc,
-        };
-        if shared.pricing.reads_body()
+        let priced = caller.is_some() && shared.pricing.reads_body();
+        if priced
             && has_unreadable_body(&request)
             && !shared.pricing.prices_route(request.uri().path())
         {
@@ -290,8 +396,22 @@ where
             // charge the default price for what may be an expensive model.
             return refused(Rejection::new(Reason::UnsupportedMediaType));
         }
-        if shared.pricing.reads_body() && wants_inspection(&request) {
-            let limit = shared.body_limit;
+        let tokens = limits
+            .as_ref()
+            .is_some_and(|p| ratelimit::has_tokens(&p.policy, p.global.as_deref()));
+        let pending = Pending {
+            caller,
+            idempotency_key,
+            grpc,
+            limits,
+        };
+        if (priced || tokens) && wants_inspection(&request) {
+            // Both bounds apply: the rate limit's (when it reads the body) and ours.
+            let limit = match (&shared.limits, tokens) {
+                (Some(limits), true) if priced => shared.body_limit.min(limits.config.body_limit),
+                (Some(limits), true) => limits.config.body_limit,
+                _ => shared.body_limit,
+            };
             return ResponseFuture {
                 kind: Kind::Inspecting {
                     future: Box::pin(inspect(request, limit)),
@@ -301,16 +421,19 @@ where
                 shared,
             };
         }
-        let kind = reserve(&shared, request.map(InspectedBody::new), service, pending);
+        let kind = admit(&shared, request.map(InspectedBody::new), service, pending);
         ResponseFuture { kind, shared }
     }
 }
 
 /// What is known about a request before its hold.
 struct Pending {
-    caller: Caller,
+    /// `None`: an anonymous request let through, only rate-limited.
+    caller: Option<Caller>,
     idempotency_key: Option<Arc<str>>,
     grpc: bool,
+    /// The rate limits to charge with the hold ([`CreditsLayer::rate_limit`]).
+    limits: Option<Policies>,
 }
 
 /// What settlement needs to know about a request.
@@ -338,7 +461,35 @@ fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejectio
     Ok(value.to_str().ok().map(Arc::from))
 }
 
-fn reserve<S, B, L>(
+/// The rate-limit charges of a request: all of them, and the tokens ones to correct from the
+/// reported usage (`None` when no tokens were charged).
+fn limit_charges<L: Ledger>(
+    limits: &Limits<L>,
+    policies: &Policies,
+    llm: Option<&LlmRequest>,
+) -> (Vec<Charge>, Option<TokenCharges>) {
+    let estimate = ratelimit::estimate(llm, limits.config.default_max_tokens);
+    let charges = ratelimit::charges(
+        &policies.subject,
+        &policies.policy,
+        policies.global.as_deref(),
+        estimate,
+    );
+    let tokens = charges
+        .iter()
+        .any(|c| c.kind == LimitKind::Tokens && c.cost > 0)
+        .then(|| TokenCharges {
+            charges: charges
+                .iter()
+                .filter(|c| c.kind == LimitKind::Tokens)
+                .cloned()
+                .collect(),
+            estimate,
+        });
+    (charges, tokens)
+}
+
+fn admit<S, B, L>(
     shared: &Shared<L>,
     request: Request<InspectedBody<B>>,
     service: S,
@@ -349,6 +500,28 @@ where
     L: Ledger,
 {
     let llm = request.extensions().get::<LlmRequest>();
+    let limited = shared.limits.as_ref().zip(pending.limits.as_ref());
+    let (charges, tokens) = match limited {
+        Some((limits, policies)) => {
+            let (charges, tokens) = limit_charges(limits, policies, llm);
+            (Some((limits, charges)), tokens)
+        }
+        None => (None, None),
+    };
+    let Some(caller) = pending.caller else {
+        // Anonymous, let through uncharged: the rate limits alone (`call` checked there are
+        // some).
+        let Some((limits, charges)) = charges else {
+            unreachable!("an anonymous request reaches `admit` only when it is rate-limited")
+        };
+        return Kind::Checking {
+            future: limits.limiter.check(&charges),
+            request: Some(request),
+            service: Some(service),
+            tokens,
+            grpc: pending.grpc,
+        };
+    };
     let model = llm.and_then(|l| l.model.as_deref());
     let price = shared.pricing.price_for(request.uri().path(), model);
     let amount = shared.pricing.hold_for(&price, llm);
@@ -384,17 +557,24 @@ where
         prompt_estimate: llm.map_or(0, LlmRequest::estimated_prompt_tokens),
         grpc: pending.grpc,
     };
-    let future = shared.ledger.reserve(
-        ReserveRequest::new(pending.caller.account_id_arc().clone(), amount)
-            .request_id(request_id)
-            .key_id(Some(pending.caller.key_id_arc().clone()))
-            .idempotency(idempotency),
-    );
-    Kind::Reserving {
-        future,
-        request: Some(request),
-        service: Some(service),
-        plan,
+    let reserve = ReserveRequest::new(caller.account_id_arc().clone(), amount)
+        .request_id(request_id)
+        .key_id(Some(caller.key_id_arc().clone()))
+        .idempotency(idempotency);
+    match charges {
+        Some((limits, charges)) => Kind::Admitting {
+            future: limits.limiter.admit(&shared.ledger, charges, reserve),
+            request: Some(request),
+            service: Some(service),
+            plan,
+            tokens,
+        },
+        None => Kind::Reserving {
+            future: shared.ledger.reserve(reserve),
+            request: Some(request),
+            service: Some(service),
+            plan,
+        },
     }
 }
 
@@ -429,11 +609,21 @@ pin_project! {
             #[pin]
             future: S::Future,
             replayed: bool,
+            // The rate limits charged (for the headers) and the tokens to correct.
+            decision: Option<(Decision, Option<TokenMeter>)>,
         },
         Inspecting {
             future: InspectFuture<B>,
             service: Option<S>,
             pending: Option<Pending>,
+        },
+        // An anonymous request: the rate limits alone.
+        Checking {
+            future: CheckFuture,
+            request: Option<Request<InspectedBody<B>>>,
+            service: Option<S>,
+            tokens: Option<TokenCharges>,
+            grpc: bool,
         },
         Reserving {
             #[pin]
@@ -442,11 +632,21 @@ pin_project! {
             service: Option<S>,
             plan: Plan,
         },
+        // The rate limits and the hold in one step.
+        Admitting {
+            future: AdmissionFuture,
+            request: Option<Request<InspectedBody<B>>>,
+            service: Option<S>,
+            plan: Plan,
+            tokens: Option<TokenCharges>,
+        },
         Calling {
             #[pin]
             future: S::Future,
             // Dropped with the future before a response: closed per `OnDisconnect`.
             meter: Option<Meter<L>>,
+            // The rate limits charged, for the headers.
+            decision: Option<Decision>,
         },
     }
 }
@@ -469,16 +669,22 @@ where
                     let rejection = rejection.take().expect(POLLED_AFTER_COMPLETION);
                     return Poll::Ready(Ok(render(&rejection, *grpc)));
                 }
-                KindProj::Passthrough { future, replayed } => {
+                KindProj::Passthrough {
+                    future,
+                    replayed,
+                    decision,
+                } => {
                     let mut response = ready!(future.poll(cx))?;
                     if *replayed {
                         response
                             .headers_mut()
                             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
                     }
-                    return Poll::Ready(Ok(
-                        response.map(|b| MeteredBody::new(ResponseBody::new(b), None))
-                    ));
+                    let (decision, tokens) = decision.take().unzip();
+                    limit_headers(this.shared, response.headers_mut(), decision.as_ref());
+                    return Poll::Ready(Ok(response.map(|b| {
+                        MeteredBody::new(ResponseBody::new(b), None).with_tokens(tokens.flatten())
+                    })));
                 }
                 KindProj::Inspecting {
                     future,
@@ -488,7 +694,7 @@ where
                     let inspected = ready!(future.as_mut().poll(cx));
                     let pending = pending.take().expect(POLLED_AFTER_COMPLETION);
                     match inspected {
-                        Ok(request) => reserve(
+                        Ok(request) => admit(
                             this.shared,
                             request,
                             service.take().expect(POLLED_AFTER_COMPLETION),
@@ -500,6 +706,37 @@ where
                         },
                     }
                 }
+                KindProj::Checking {
+                    future,
+                    request,
+                    service,
+                    tokens,
+                    grpc,
+                } => {
+                    let checked = ready!(future.as_mut().poll(cx));
+                    let mut service = service.take().expect(POLLED_AFTER_COMPLETION);
+                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    match checked {
+                        Ok(decision) if decision.is_allowed() => {
+                            let limits = this.shared.limits.as_ref();
+                            let meter = tokens.take().zip(limits).map(|(tokens, limits)| {
+                                limits.limiter.meter(tokens.charges, tokens.estimate)
+                            });
+                            Kind::Passthrough {
+                                future: service.call(request),
+                                replayed: false,
+                                decision: Some((decision, meter)),
+                            }
+                        }
+                        Ok(decision) => {
+                            return Poll::Ready(Ok(limited(this.shared, &decision, *grpc)))
+                        }
+                        Err(error) => Kind::Refused {
+                            rejection: Some(error.into()),
+                            grpc: *grpc,
+                        },
+                    }
+                }
                 KindProj::Reserving {
                     future,
                     request,
@@ -507,41 +744,71 @@ where
                     plan,
                 } => {
                     let reserved = ready!(future.poll(cx));
-                    let mut service = service.take().expect(POLLED_AFTER_COMPLETION);
+                    let service = service.take().expect(POLLED_AFTER_COMPLETION);
                     let request = request.take().expect(POLLED_AFTER_COMPLETION);
                     match reserved {
-                        Ok(Reservation::Held(hold)) => {
-                            let meter = Meter::new(
-                                this.shared.clone(),
-                                hold,
-                                plan.price,
-                                plan.prompt_estimate,
-                            );
-                            Kind::Calling {
-                                future: service.call(request),
-                                meter: Some(meter),
-                            }
-                        }
-                        Ok(Reservation::Replayed) => Kind::Passthrough {
-                            future: service.call(request),
-                            replayed: true,
-                        },
+                        Ok(reservation) => call(
+                            this.shared,
+                            service,
+                            request,
+                            reservation,
+                            *plan,
+                            None,
+                            None,
+                        ),
                         Err(error) => Kind::Refused {
                             rejection: Some(error.into()),
                             grpc: plan.grpc,
                         },
                     }
                 }
-                KindProj::Calling { future, meter } => {
+                KindProj::Admitting {
+                    future,
+                    request,
+                    service,
+                    plan,
+                    tokens,
+                } => {
+                    let admitted = ready!(future.as_mut().poll(cx));
+                    let service = service.take().expect(POLLED_AFTER_COMPLETION);
+                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    match admitted {
+                        Admission::Admitted {
+                            decision,
+                            reservation,
+                        } => call(
+                            this.shared,
+                            service,
+                            request,
+                            reservation,
+                            *plan,
+                            Some(decision),
+                            tokens.take(),
+                        ),
+                        Admission::Limited(decision) => {
+                            return Poll::Ready(Ok(limited(this.shared, &decision, plan.grpc)))
+                        }
+                        Admission::Refused(error) => Kind::Refused {
+                            rejection: Some(error.into()),
+                            grpc: plan.grpc,
+                        },
+                    }
+                }
+                KindProj::Calling {
+                    future,
+                    meter,
+                    decision,
+                } => {
                     let result = ready!(future.poll(cx));
                     let mut meter = meter.take().expect(POLLED_AFTER_COMPLETION);
-                    let response = match result {
+                    let mut response = match result {
                         Ok(response) => response,
                         Err(error) => {
                             meter.release();
                             return Poll::Ready(Err(error));
                         }
                     };
+                    limit_headers(this.shared, response.headers_mut(), decision.as_ref());
                     // An upstream error (or a refusal further in) is not charged; nor is a gRPC
                     // error, which travels as HTTP 200 with a `grpc-status` header.
                     if response.status().as_u16() >= 400
@@ -574,6 +841,67 @@ where
             this.kind.set(next);
         }
     }
+}
+
+/// Call the inner service once the hold is placed (or the request is a replay).
+fn call<S, B, L>(
+    shared: &Arc<Shared<L>>,
+    mut service: S,
+    request: Request<InspectedBody<B>>,
+    reservation: Reservation,
+    plan: Plan,
+    decision: Option<Decision>,
+    tokens: Option<TokenCharges>,
+) -> Kind<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+    L: Ledger,
+{
+    match reservation {
+        Reservation::Held(hold) => {
+            let meter = Meter::new(shared.clone(), hold, plan.price, plan.prompt_estimate)
+                .with_tokens(tokens);
+            Kind::Calling {
+                future: service.call(request),
+                meter: Some(meter),
+                decision,
+            }
+        }
+        Reservation::Replayed => {
+            let meter = tokens
+                .zip(shared.limits.as_ref())
+                .map(|(tokens, limits)| limits.limiter.meter(tokens.charges, tokens.estimate));
+            Kind::Passthrough {
+                future: service.call(request),
+                replayed: true,
+                decision: decision.map(|decision| (decision, meter)),
+            }
+        }
+    }
+}
+
+/// The rate-limit headers of a response, unless they are turned off.
+fn limit_headers<L: Ledger>(
+    shared: &Shared<L>,
+    headers: &mut http::HeaderMap,
+    decision: Option<&Decision>,
+) {
+    if let (Some(decision), Some(limits)) = (decision, &shared.limits) {
+        if limits.config.headers {
+            ratelimit::insert_headers(headers, decision);
+        }
+    }
+}
+
+/// The 429 of a refused rate limit, with its headers.
+fn limited<B, L: Ledger>(
+    shared: &Shared<L>,
+    decision: &Decision,
+    grpc: bool,
+) -> Response<MeteredBody<B, L>> {
+    let mut response = render(&ratelimit::rejection(decision.outcome()), grpc);
+    limit_headers(shared, response.headers_mut(), Some(decision));
+    response
 }
 
 fn render<B, L: Ledger>(rejection: &Rejection, grpc: bool) -> Response<MeteredBody<B, L>> {

@@ -59,22 +59,10 @@ impl Meter {
     pub(crate) fn new<L: Limiter>(limiter: L, charges: Vec<Charge>, estimate: u64) -> Meter {
         let settle = move |usage: Option<Usage>| {
             let Some(usage) = usage else { return };
-            let delta = i64::try_from(usage.total_tokens)
-                .unwrap_or(i64::MAX)
-                .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX));
-            if delta == 0 {
-                return;
+            let corrections = corrections(&charges, estimate, &usage);
+            if !corrections.is_empty() {
+                drive_settlement(limiter.settle(&corrections));
             }
-            let corrections: Vec<Correction> = charges
-                .into_iter()
-                .filter(|c| c.kind == LimitKind::Tokens)
-                .map(|c| Correction {
-                    key: c.key,
-                    quota: c.quota,
-                    delta,
-                })
-                .collect();
-            drive(limiter.settle(&corrections));
         };
         Meter {
             scanner: UsageScanner::new(),
@@ -82,15 +70,39 @@ impl Meter {
         }
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
+        self.scanner.feed(data);
+    }
+
+    pub(crate) fn finish(&mut self) {
         if let Some(settle) = self.settle.take() {
             settle(self.scanner.usage());
         }
     }
 }
 
+/// The corrections of the tokens limits among `charges` once `usage` is known: the reported
+/// `total_tokens` minus the `estimate` charged (none when they are equal).
+pub(crate) fn corrections(charges: &[Charge], estimate: u64, usage: &Usage) -> Vec<Correction> {
+    let delta = i64::try_from(usage.total_tokens)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX));
+    if delta == 0 {
+        return Vec::new();
+    }
+    charges
+        .iter()
+        .filter(|c| c.kind == LimitKind::Tokens)
+        .map(|c| Correction {
+            key: c.key.clone(),
+            quota: c.quota,
+            delta,
+        })
+        .collect()
+}
+
 /// Poll a settlement once; spawn the rest on the current runtime if it is not done.
-fn drive<F>(mut fut: F)
+pub(crate) fn drive_settlement<F>(mut fut: F)
 where
     F: Future<Output = Result<(), crate::BackendError>> + Send + Unpin + 'static,
 {

@@ -128,7 +128,7 @@ where
 }
 
 /// The rejection of a refused decision.
-fn rejection(outcome: Outcome) -> Rejection {
+pub(crate) fn rejection(outcome: Outcome) -> Rejection {
     match outcome {
         Outcome::Refused { limit, retry_after } => Rejection::rate_limited(limit, retry_after),
         Outcome::TooLarge {

@@ -87,8 +87,12 @@ mod plan;
 mod service;
 
 pub use body::RateLimitBody;
+pub(crate) use body::{corrections, drive_settlement, Meter as TokenMeter};
+pub(crate) use future::rejection;
 pub use future::ResponseFuture;
+pub(crate) use headers::insert as insert_headers;
 pub use headers::{go_duration, RATELIMIT, RATELIMIT_POLICY};
+pub(crate) use layer::Config;
 pub use layer::{KeyBy, RateLimitLayer};
 pub use limiter::{
     BucketKey, Charge, Correction, Decision, LimitStatus, Limiter, Outcome, Subject,
@@ -96,3 +100,4 @@ pub use limiter::{
 pub use memory::MemoryLimiter;
 pub use plan::{Limit, Plan, Plans};
 pub use service::RateLimit;
+pub(crate) use service::{charges, estimate, has_tokens, Policies};

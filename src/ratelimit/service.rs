@@ -50,24 +50,18 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let config = &self.config;
-        let route = config.route(request.uri().path());
-        if route.is_some_and(|p| p.plan.is_unlimited()) {
+        let Some(Policies {
+            subject,
+            policy,
+            global,
+        }) = config.policies(&request)
+        else {
             return ResponseFuture::passthrough(self.inner.call(request.map(InspectedBody::new)));
-        }
-        let (subject, plan) = subject(&request, config.key_by);
-        let policy = match route {
-            Some(policy) => Arc::clone(policy),
-            None => config.plans.policy(plan.unwrap_or("anonymous")),
         };
-        let global = config.global.clone();
-        if policy.plan.is_unlimited() && global.is_none() {
-            return ResponseFuture::passthrough(self.inner.call(request.map(InspectedBody::new)));
-        }
         // The inner service was made ready; the clone takes its place until the next poll_ready.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let tokens =
-            policy.plan.has_tokens() || global.as_ref().is_some_and(|g| g.plan.has_tokens());
+        let tokens = has_tokens(&policy, global.as_deref());
         let pending = Pending {
             inner,
             limiter: self.limiter.clone(),
@@ -88,6 +82,42 @@ where
         }
         ResponseFuture::check(pending, request.map(InspectedBody::new))
     }
+}
+
+/// The limits a request is charged to: its subject's policy and the global one.
+pub(crate) struct Policies {
+    pub(crate) subject: Subject,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) global: Option<Arc<Policy>>,
+}
+
+impl Config {
+    /// The limits of `request`, or `None` when it is not limited at all (an exempt route, or an
+    /// unlimited plan without a global limit).
+    pub(crate) fn policies<B>(&self, request: &Request<B>) -> Option<Policies> {
+        let route = self.route(request.uri().path());
+        if route.is_some_and(|p| p.plan.is_unlimited()) {
+            return None;
+        }
+        let (subject, plan) = subject(request, self.key_by);
+        let policy = match route {
+            Some(policy) => Arc::clone(policy),
+            None => self.plans.policy(plan.unwrap_or("anonymous")),
+        };
+        if policy.plan.is_unlimited() && self.global.is_none() {
+            return None;
+        }
+        Some(Policies {
+            subject,
+            policy,
+            global: self.global.clone(),
+        })
+    }
+}
+
+/// Whether a tokens limit applies (the request body is then read to estimate them).
+pub(crate) fn has_tokens(policy: &Policy, global: Option<&Policy>) -> bool {
+    policy.plan.has_tokens() || global.is_some_and(|g| g.plan.has_tokens())
 }
 
 /// Who the request's buckets count for, and the caller's plan.

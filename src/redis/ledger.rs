@@ -1,6 +1,7 @@
 //! The Redis [`Ledger`]: one Lua script per operation, on keys hash-tagged per account.
 
 use std::{
+    any::Any,
     fmt,
     sync::{Arc, LazyLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -8,12 +9,18 @@ use std::{
 
 use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
 
-use super::{conn::Conn, BoxFuture, Shared};
+use super::{
+    conn::Conn,
+    limiter::{decision, Bucket},
+    BoxFuture, RedisLimiter, Shared,
+};
 use crate::{
     credits::{
-        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, Reservation,
-        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
+        JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
+        TopUp, TopUpError,
     },
+    ratelimit::{Charge, Correction, Decision, Limiter, Outcome, Subject},
     BackendError,
 };
 
@@ -26,8 +33,13 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}\n{body}"))
 }
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/reserve.lua")));
-static CLOSE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/close.lua")));
+/// A ledger script that also charges or corrects the account's rate-limit buckets.
+fn limits_script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{}\n{body}", super::limiter::GCRA_LIB))
+}
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| limits_script(include_str!("lua/reserve.lua")));
+static CLOSE: LazyLock<Script> = LazyLock::new(|| limits_script(include_str!("lua/close.lua")));
 static TOP_UP: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/top_up.lua")));
 static BALANCE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/balance.lua")));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/expire.lua")));
@@ -119,48 +131,12 @@ impl RedisLedger {
         });
     }
 
-    fn close(
+    /// The reserve script, charging `buckets` (in the account's slot) with the hold.
+    fn reserve_charging(
         &self,
-        account: &str,
-        id: u64,
-        how: &'static str,
-        actual: u64,
-        fence: bool,
-    ) -> BoxFuture<Result<Settlement, BackendError>> {
-        let key = self.account_key(account);
-        let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
-        let call = self.conn().call("settle", move |mut conn| async move {
-            let mut invocation = CLOSE.prepare_invoke();
-            invocation
-                .key(key)
-                .arg(id)
-                .arg(how)
-                .arg(actual.min(MAX_BALANCE))
-                .arg(fence);
-            invocation.invoke_async::<Vec<i64>>(&mut conn).await
-        });
-        Box::pin(async move {
-            let reply = call.await?;
-            match reply[..] {
-                [charged, balance, open] => {
-                    Ok(Settlement::new(to_u64(charged), to_u64(balance), open == 1))
-                }
-                _ => Err(BackendError::new("redis settle: unexpected reply")),
-            }
-        })
-    }
-}
-
-impl Ledger for RedisLedger {
-    type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
-    type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
-
-    fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
+        request: ReserveRequest,
+        buckets: Vec<Bucket>,
+    ) -> BoxFuture<Result<Reserved, ReserveError>> {
         let id = hold_id();
         let key = self.account_key(&request.account);
         let (idempotency_key, fingerprint) = match &request.idempotency {
@@ -185,6 +161,13 @@ impl Ledger for RedisLedger {
                 .arg(fingerprint)
                 .arg(request_id)
                 .arg(key_id);
+            for (bucket, params, cost) in buckets {
+                invocation
+                    .key(bucket)
+                    .arg(params.t)
+                    .arg(params.burst)
+                    .arg(cost);
+            }
             invocation.invoke_async::<Vec<Value>>(&mut conn).await
         });
         let ledger = self.clone();
@@ -205,20 +188,186 @@ impl Ledger for RedisLedger {
                 }
             };
             let number = |i: usize| reply.get(i).map_or(0, value_u64);
+            // The limits' GCRA answer, after the status and a number.
+            let limits = || reply.iter().skip(2).map(value_i64).collect::<Vec<i64>>();
             match reply.first().map(value_str).as_deref() {
-                Some("held") => Ok(Reservation::Held(
+                Some("held") => Ok(Reserved::Held(
                     Hold::new(id, account, amount, number(1)).with_request_id(request_arc),
+                    limits(),
                 )),
                 Some("insufficient") => Err(ReserveError::Insufficient {
                     required: amount,
                     available: number(1),
                 }),
-                Some("replayed") => Ok(Reservation::Replayed),
+                Some("replayed") => Ok(Reserved::Replayed(limits())),
+                Some("limited") => Ok(Reserved::Limited(limits())),
                 Some("reused") => Err(ReserveError::KeyReused),
                 Some("in_use") => Err(ReserveError::KeyInUse),
                 _ => Err(BackendError::new("redis reserve: unexpected reply").into()),
             }
         })
+    }
+
+    fn close(
+        &self,
+        account: &str,
+        id: u64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        self.close_correcting(account, id, how, actual, fence, Vec::new())
+    }
+
+    /// Close a hold and apply rate-limit corrections to `buckets` (in the account's slot), in
+    /// one script.
+    fn close_correcting(
+        &self,
+        account: &str,
+        id: u64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        buckets: Vec<Bucket>,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        let key = self.account_key(account);
+        let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
+        let call = self.conn().call("settle", move |mut conn| async move {
+            let mut invocation = CLOSE.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(id)
+                .arg(how)
+                .arg(actual.min(MAX_BALANCE))
+                .arg(fence);
+            for (bucket, params, delta) in buckets {
+                invocation
+                    .key(bucket)
+                    .arg(params.t)
+                    .arg(params.burst)
+                    .arg(delta);
+            }
+            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+        });
+        Box::pin(async move {
+            let reply = call.await?;
+            match reply[..] {
+                [charged, balance, open] => {
+                    Ok(Settlement::new(to_u64(charged), to_u64(balance), open == 1))
+                }
+                _ => Err(BackendError::new("redis settle: unexpected reply")),
+            }
+        })
+    }
+}
+
+impl Ledger for RedisLedger {
+    type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
+    type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
+
+    fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
+        let call = self.reserve_charging(request, Vec::new());
+        Box::pin(async move {
+            match call.await? {
+                Reserved::Held(hold, _) => Ok(Reservation::Held(hold)),
+                Reserved::Replayed(_) => Ok(Reservation::Replayed),
+                Reserved::Limited(_) => {
+                    Err(BackendError::new("redis reserve: unexpected reply").into())
+                }
+            }
+        })
+    }
+
+    /// One script, one round trip, when `limiter` is a [`RedisLimiter`] of the same backend and
+    /// every bucket is the account's own (keyed by account, in its `{acct:ID}` slot); else the
+    /// two calls of [`reserve_then_limit`] (a per-key or global bucket lives in another slot,
+    /// and a script must stay in one on Redis Cluster).
+    fn reserve_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        charges: Vec<Charge>,
+        request: ReserveRequest,
+    ) -> AdmissionFuture {
+        let fused = (limiter as &dyn Any)
+            .downcast_ref::<RedisLimiter>()
+            .filter(|redis| {
+                redis.shares(&self.shared)
+                    && charges
+                        .iter()
+                        .all(|c| in_account_slot(c.key.subject(), &request.account))
+            });
+        let Some(redis) = fused else {
+            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
+        };
+        let (buckets, meta) = redis.buckets(&charges);
+        let call = self.reserve_charging(request, buckets);
+        Box::pin(async move {
+            let decision = |limits: &[i64]| {
+                if meta.is_empty() || limits.is_empty() {
+                    // Nothing to charge, or the hold was already placed (a repeated id).
+                    return Ok(Decision::new(Outcome::Allowed));
+                }
+                decision(limits, &meta)
+            };
+            match call.await {
+                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
+                    decision: decision(&limits).unwrap_or_else(|error| {
+                        tracing::warn!(%error, "rate-limit status unreadable");
+                        Decision::new(Outcome::Allowed)
+                    }),
+                    reservation: Reservation::Held(hold),
+                },
+                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
+                    decision: decision(&limits).unwrap_or(Decision::new(Outcome::Allowed)),
+                    reservation: Reservation::Replayed,
+                },
+                Ok(Reserved::Limited(limits)) => match decision(&limits) {
+                    Ok(decision) => Admission::Limited(decision),
+                    Err(error) => Admission::Refused(error.into()),
+                },
+                Err(error) => Admission::Refused(error),
+            }
+        })
+    }
+
+    /// One script when the corrections are on the account's own buckets of a [`RedisLimiter`]
+    /// of the same backend, as [`reserve_limited`](Ledger::reserve_limited).
+    fn settle_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> Self::SettleFuture {
+        let fused = (limiter as &dyn Any)
+            .downcast_ref::<RedisLimiter>()
+            .filter(|redis| {
+                redis.shares(&self.shared)
+                    && corrections
+                        .iter()
+                        .all(|c| in_account_slot(c.key.subject(), hold.account()))
+            });
+        match fused {
+            Some(redis) => self.close_correcting(
+                hold.account(),
+                hold.id(),
+                "settle",
+                actual,
+                false,
+                redis.corrections(corrections),
+            ),
+            None => {
+                if !corrections.is_empty() {
+                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
+                }
+                self.settle(hold, actual)
+            }
+        }
     }
 
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
@@ -361,6 +510,26 @@ fn hold_id() -> u64 {
                 .rotate_left(40)
     });
     (random & MAX_BALANCE).max(1)
+}
+
+/// What the reserve script did: the hold placed or the replay, with the limits charged, or the
+/// limits refused; each with the limits' GCRA answer (empty without limits).
+enum Reserved {
+    Held(Hold, Vec<i64>),
+    Replayed(Vec<i64>),
+    Limited(Vec<i64>),
+}
+
+/// Whether a bucket of `subject` lives in the `{acct:ID}` slot of `account`.
+fn in_account_slot(subject: &Subject, account: &str) -> bool {
+    matches!(subject, Subject::Account(id) if **id == *account)
+}
+
+fn value_i64(value: &Value) -> i64 {
+    match value {
+        Value::Int(n) => *n,
+        other => value_str(other).parse().unwrap_or(0),
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

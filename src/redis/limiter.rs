@@ -14,7 +14,11 @@ use crate::{
     BackendError, LimitKind,
 };
 
-static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/gcra.lua")));
+/// GCRA's Lua functions, shared with the ledger's reserve and close scripts.
+pub(super) const GCRA_LIB: &str = include_str!("lua/gcra_lib.lua");
+
+static GCRA: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{GCRA_LIB}\n{}", include_str!("lua/gcra.lua"))));
 
 /// A [`Limiter`] in Redis: every replica draws from the same buckets.
 ///
@@ -81,7 +85,7 @@ impl RedisLimiter {
 
     /// `{prefix}:rl:{subject}:{policy}|{index}`, hash-tagged by subject (an account's buckets
     /// share the `{acct:ID}` slot of its ledger keys).
-    fn key(&self, key: &BucketKey) -> String {
+    pub(super) fn key(&self, key: &BucketKey) -> String {
         let prefix = &self.shared.options.prefix;
         let (policy, index) = (key.policy(), key.index());
         match key.subject() {
@@ -99,10 +103,39 @@ impl RedisLimiter {
         (String::new(), String::new())
     }
 
+    /// Whether this limiter keeps its buckets on `shared` (the same backend as a ledger).
+    pub(super) fn shares(&self, shared: &Arc<Shared>) -> bool {
+        Arc::ptr_eq(&self.shared, shared)
+    }
+
+    /// The script's buckets for `charges`, and what is needed to read its answer.
+    pub(super) fn buckets(&self, charges: &[Charge]) -> (Vec<Bucket>, Vec<Meta>) {
+        let buckets = charges
+            .iter()
+            .map(|c| {
+                let cost = i64::try_from(c.cost).unwrap_or(i64::MAX);
+                (self.key(&c.key), Params::new(c.quota), cost)
+            })
+            .collect();
+        let meta = charges
+            .iter()
+            .map(|c| (c.kind, Params::new(c.quota), c.cost))
+            .collect();
+        (buckets, meta)
+    }
+
+    /// The script's buckets for `corrections`.
+    pub(super) fn corrections(&self, corrections: &[Correction]) -> Vec<Bucket> {
+        corrections
+            .iter()
+            .map(|c| (self.key(&c.key), Params::new(c.quota), c.delta))
+            .collect()
+    }
+
     fn invoke(
         &self,
         mode: &'static str,
-        buckets: Vec<(String, Params, i64)>,
+        buckets: Vec<Bucket>,
     ) -> BoxFuture<Result<Vec<i64>, BackendError>> {
         let (seconds, nanos) = self.frozen_time();
         Box::pin(
@@ -124,11 +157,17 @@ impl RedisLimiter {
     }
 }
 
+/// One bucket of a script call: its key, its parameters, the cost or delta.
+pub(super) type Bucket = (String, Params, i64);
+
+/// What a check's answer is read with: per bucket, its kind, parameters and cost.
+pub(super) type Meta = (LimitKind, Params, u64);
+
 /// A quota as the script's GCRA parameters.
 #[derive(Clone, Copy)]
-struct Params {
-    t: u64,
-    burst: u64,
+pub(super) struct Params {
+    pub(super) t: u64,
+    pub(super) burst: u64,
 }
 
 impl Params {
@@ -163,17 +202,7 @@ impl Limiter for RedisLimiter {
         if charges.is_empty() {
             return Box::pin(std::future::ready(Ok(Decision::new(Outcome::Allowed))));
         }
-        let buckets: Vec<_> = charges
-            .iter()
-            .map(|c| {
-                let cost = i64::try_from(c.cost).unwrap_or(i64::MAX);
-                (self.key(&c.key), Params::new(c.quota), cost)
-            })
-            .collect();
-        let meta: Vec<(LimitKind, Params, u64)> = charges
-            .iter()
-            .map(|c| (c.kind, Params::new(c.quota), c.cost))
-            .collect();
+        let (buckets, meta) = self.buckets(charges);
         let call = self.invoke("check", buckets);
         let fail = self.fail;
         Box::pin(async move {
@@ -185,29 +214,7 @@ impl Limiter for RedisLimiter {
                 }
                 Err(error) => return Err(error),
             };
-            if reply.len() != 3 + meta.len() {
-                return Err(BackendError::new("redis rate limit: unexpected reply"));
-            }
-            let index = usize::try_from(reply[1] - 1)
-                .unwrap_or(0)
-                .min(meta.len() - 1);
-            let outcome = match reply[0] {
-                0 => Outcome::Allowed,
-                1 => Outcome::Refused {
-                    limit: meta[index].0,
-                    retry_after: Duration::from_nanos(u64::try_from(reply[2]).unwrap_or(0)),
-                },
-                _ => Outcome::TooLarge {
-                    limit: meta[index].0,
-                    requested: meta[index].2,
-                    capacity: meta[index].1.burst,
-                },
-            };
-            let mut decision = Decision::new(outcome);
-            for ((kind, params, _), rel) in meta.iter().zip(&reply[3..]) {
-                decision.observe(*kind, params.status(u64::try_from(*rel).unwrap_or(0)));
-            }
-            Ok(decision)
+            decision(&reply, &meta)
         })
     }
 
@@ -215,11 +222,7 @@ impl Limiter for RedisLimiter {
         if corrections.is_empty() {
             return Box::pin(std::future::ready(Ok(())));
         }
-        let buckets = corrections
-            .iter()
-            .map(|c| (self.key(&c.key), Params::new(c.quota), c.delta))
-            .collect();
-        let call = self.invoke("settle", buckets);
+        let call = self.invoke("settle", self.corrections(corrections));
         let fail = self.fail;
         Box::pin(async move {
             match call.await {
@@ -232,6 +235,33 @@ impl Limiter for RedisLimiter {
             }
         })
     }
+}
+
+/// The decision of GCRA's answer `{verdict, index, wait, rel...}` on the buckets of `meta`.
+pub(super) fn decision(reply: &[i64], meta: &[Meta]) -> Result<Decision, BackendError> {
+    if reply.len() != 3 + meta.len() || meta.is_empty() {
+        return Err(BackendError::new("redis rate limit: unexpected reply"));
+    }
+    let index = usize::try_from(reply[1] - 1)
+        .unwrap_or(0)
+        .min(meta.len() - 1);
+    let outcome = match reply[0] {
+        0 => Outcome::Allowed,
+        1 => Outcome::Refused {
+            limit: meta[index].0,
+            retry_after: Duration::from_nanos(u64::try_from(reply[2]).unwrap_or(0)),
+        },
+        _ => Outcome::TooLarge {
+            limit: meta[index].0,
+            requested: meta[index].2,
+            capacity: meta[index].1.burst,
+        },
+    };
+    let mut decision = Decision::new(outcome);
+    for ((kind, params, _), rel) in meta.iter().zip(&reply[3..]) {
+        decision.observe(*kind, params.status(u64::try_from(*rel).unwrap_or(0)));
+    }
+    Ok(decision)
 }
 
 impl fmt::Debug for RedisLimiter {

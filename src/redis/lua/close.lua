@@ -1,9 +1,19 @@
--- ARGV: hold id, 'settle' | 'release', actual, fence ms (0: none).
+-- KEYS[1]: the account's hash; KEYS[2..]: rate-limit buckets to correct in the same step (the
+-- tokens the response reported against the estimate charged).
+-- ARGV: hold id, 'settle' | 'release', actual, fence ms (0: none), then per bucket: t (ns per
+--       cell), burst, delta.
 -- Returns {charged, balance, was_open}. With a fence, closing a hold that is not open also
--- forbids placing it later (a reserve that timed out and is released by its caller).
+-- forbids placing it later (a reserve that timed out and is released by its caller). The
+-- corrections apply whether or not the hold was still open.
 local id, how, actual, fence = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 expire_due(now, 64)
+if #KEYS > 1 then
+  local buckets = {}
+  for i = 2, #KEYS do buckets[i - 1] = KEYS[i] end
+  local now_s, now_ns = gcra_now()
+  gcra_settle(buckets, 5, now_s, now_ns)
+end
 local charged = close(id, how, actual, now)
 local balance = state()
 if charged == nil then
