@@ -580,3 +580,271 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     assert_eq!(ledger.balance("acct_3").await.unwrap().balance, 7);
     assert!(!backend.is_degraded());
 }
+
+/// `EVALSHA` calls the server has run so far: one per script call, one round trip each.
+async fn script_calls(server: &RedisServer) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let rest = line
+                .strip_prefix("cmdstat_evalsha:")
+                .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
+            rest.split(',')
+                .next()?
+                .strip_prefix("calls=")?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+const USAGE: &str =
+    r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":40,"total_tokens":50}}"#;
+
+type Upstream = http::Request<tollgate::inspect::InspectedBody<axum::body::Body>>;
+
+/// A replica's credits and rate limits in one layer (`CreditsLayer::rate_limit`) in front of an
+/// upstream that reports 50 tokens of usage.
+fn one_step(
+    backend: &RedisBackend,
+    plan: tollgate::ratelimit::Plan,
+    key_by: tollgate::ratelimit::KeyBy,
+) -> impl tower::Service<
+    http::Request<axum::body::Body>,
+    Response = http::Response<
+        tollgate::credits::MeteredBody<axum::body::Body, tollgate::redis::RedisLedger>,
+    >,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync {
+    use tollgate::{
+        credits::{CreditsLayer, Pricing},
+        ratelimit::{Plans, RateLimitLayer},
+    };
+    use tower::Layer;
+    let upstream = tower::service_fn(|_: Upstream| async {
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(USAGE))
+                .unwrap(),
+        )
+    });
+    CreditsLayer::new(backend.ledger(), Pricing::flat(1))
+        .rate_limit(RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by))
+        .layer(upstream)
+}
+
+fn chat_request() -> http::Request<axum::body::Body> {
+    let mut request = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(tollgate::Caller::builder("key_1", "acct_1").build());
+    request
+}
+
+/// Sends one request, reads its body to the end, and returns the status and the headers.
+async fn send_one<S, B>(service: &S) -> (u16, http::HeaderMap)
+where
+    S: tower::Service<
+            http::Request<axum::body::Body>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let response = service.clone().oneshot(chat_request()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    body.collect().await.unwrap();
+    (parts.status.as_u16(), parts.headers)
+}
+
+/// Waits until no hold of `acct_1` is open (settlements run after the body's end).
+async fn settled(ledger: &impl Ledger) -> tollgate::credits::Balance {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let balance = patiently(|| ledger.balance("acct_1")).await;
+        if balance.held == 0 || Instant::now() > deadline {
+            return balance;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `acct_1` has no credits held (the settlement is spawned when the body ends),
+/// reading with a plain command, so that the scripts counted are the requests' own.
+async fn settled_without_scripts(server: &RedisServer) {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..500 {
+        let held: Option<String> = redis::cmd("HGET")
+            .arg("tollgate:{acct:acct_1}")
+            .arg("held")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held.as_deref() == Some("0") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the hold was not settled");
+}
+
+/// The issue's budget: one round trip for limit + reserve, one for settle (with the tokens
+/// correction in it), the key lookup aside.
+#[tokio::test]
+async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correction_another() {
+    use tollgate::ratelimit::{KeyBy, Plan};
+    let server = RedisServer::start();
+    let backend = replica(&server, RedisOptions::new()).await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 1_000, "invoice-1").await.unwrap();
+    // 100k tokens refilled at one a day: Redis time passes, the numbers stay exact.
+    let daily = Quota::with_period(Duration::from_secs(86_400))
+        .unwrap()
+        .allow_burst(NonZeroU32::new(100_000).unwrap());
+    let plan = Plan::new().requests_per_minute(1_000).tokens(daily);
+    let service = one_step(&backend, plan, KeyBy::Account);
+
+    let (status, headers) = send_one(&service).await;
+    assert_eq!(status, 200);
+    let estimate = 100_000
+        - headers["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    assert!(estimate > 100);
+    settled(&ledger).await;
+
+    let settled_raw = || settled_without_scripts(&server);
+    settled_raw().await;
+    let before = script_calls(&server).await;
+    const N: u64 = 20;
+    let mut headers = http::HeaderMap::new();
+    for _ in 0..N {
+        let (status, last) = send_one(&service).await;
+        assert_eq!(status, 200);
+        headers = last;
+        settled_raw().await;
+    }
+    assert_eq!(
+        script_calls(&server).await - before,
+        2 * N,
+        "per request: reserve with the limits, settle with the tokens correction"
+    );
+
+    // The corrections were applied: every earlier request took its 50 tokens once settled,
+    // the last one its estimate so far.
+    let remaining: u64 = headers["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(remaining, 100_000 - 50 * N - estimate);
+    let balance = settled(&ledger).await;
+    assert_eq!(balance.balance, 1_000 - (N + 1));
+    assert_journal_matches(&ledger, "acct_1").await;
+}
+
+/// Two replicas, one Redis: 60 requests at once against 20 requests per minute and credits
+/// for 15. Exactly 15 pass; the 5 cells of requests refused for their credits are not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_credits_across_replicas_are_charged_both_or_neither() {
+    use tollgate::ratelimit::{KeyBy, Plan};
+    let server = RedisServer::start();
+    let replicas = [
+        replica(&server, RedisOptions::new()).await,
+        replica(&server, RedisOptions::new()).await,
+    ];
+    let ledger = replicas[0].ledger();
+    ledger.top_up("acct_1", 15, "invoice-1").await.unwrap();
+    let services = [
+        one_step(
+            &replicas[0],
+            Plan::new().requests_per_minute(20),
+            KeyBy::Account,
+        ),
+        one_step(
+            &replicas[1],
+            Plan::new().requests_per_minute(20),
+            KeyBy::Account,
+        ),
+    ];
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let service = services[i % 2].clone();
+            tokio::spawn(async move { send_one(&service).await.0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    let count = |code: u16| statuses.iter().filter(|&&s| s == code).count();
+    assert_eq!(count(200), 15, "{statuses:?}");
+    assert_eq!(count(402) + count(429), 45, "{statuses:?}");
+    let balance = settled(&ledger).await;
+    assert_eq!((balance.balance, balance.held), (0, 0));
+    let (charged, reserves) = assert_journal_matches(&ledger, "acct_1").await;
+    assert_eq!((charged, reserves), (15, 15));
+
+    // 5 cells are left, whichever replica asks.
+    ledger.top_up("acct_1", 100, "invoice-2").await.unwrap();
+    for i in 0..5 {
+        assert_eq!(send_one(&services[i % 2]).await.0, 200, "request {i}");
+    }
+    let (status, headers) = send_one(&services[1]).await;
+    assert_eq!(status, 429);
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(settled(&ledger).await.balance, 95);
+}
+
+/// Buckets outside the account's hash slot (keyed by API key here) cannot join the ledger's
+/// script on Redis Cluster: the two calls are made instead, with the same answers.
+#[tokio::test]
+async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_answers() {
+    use tollgate::ratelimit::{KeyBy, Plan};
+    let server = RedisServer::start();
+    let backend = replica(&server, RedisOptions::new()).await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 3, "invoice-1").await.unwrap();
+    let service = one_step(&backend, Plan::new().requests_per_minute(5), KeyBy::Key);
+    // Warm: the first call of each script loads it (a NOSCRIPT answer, then EVALSHA again).
+    assert_eq!(send_one(&service).await.0, 200);
+    settled(&ledger).await;
+    let before = script_calls(&server).await;
+    assert_eq!(send_one(&service).await.0, 200);
+    settled_without_scripts(&server).await;
+    assert_eq!(
+        script_calls(&server).await - before,
+        3,
+        "check, reserve, settle"
+    );
+    assert_eq!(send_one(&service).await.0, 200);
+    settled(&ledger).await;
+    // Out of credits: 402, and the limit's cell is given back (refunded).
+    assert_eq!(send_one(&service).await.0, 402);
+    ledger.top_up("acct_1", 1, "invoice-2").await.unwrap();
+    let (status, headers) = send_one(&service).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(settled(&ledger).await.balance, 0);
+}
