@@ -1,5 +1,11 @@
-//! The per-request cost of the Redis-backed chain beside the in-memory one: one rate-limit
-//! check (one round trip), one reserve (one round trip), one settle (one round trip).
+//! The per-request cost of the Redis-backed chain beside the in-memory one.
+//!
+//! - `limit+reserve+settle`: the backends alone. Two layers make three round trips (rate-limit
+//!   check, reserve, settle); `Ledger::reserve_limited` + `settle_limited` make two (one script
+//!   charges the limits and places the hold, one settles).
+//! - `chain`: the whole chain through the layers (normalize → auth → rate limit → credits → an
+//!   axum handler), in memory and on Redis, with `CreditsLayer::rate_limit` (one step) and with
+//!   the two layers; the Redis commands per request are printed.
 //!
 //! Needs `redis-server` on `PATH`: `cargo bench --bench redis --features redis`.
 
@@ -11,7 +17,7 @@ use std::num::NonZeroU32;
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::Quota;
 use tollgate::{
-    credits::{Ledger, MemoryLedger, ReserveRequest},
+    credits::{Admission, Ledger, MemoryLedger, Reservation, ReserveRequest},
     ratelimit::{BucketKey, Charge, Limiter, MemoryLimiter, Subject},
     LimitKind,
 };
@@ -34,6 +40,24 @@ async fn request(limiter: &impl Limiter, ledger: &impl Ledger) {
         .into_hold()
         .unwrap();
     ledger.settle(&hold, 1).await.unwrap();
+}
+
+async fn request_one_step<Lim: Limiter, L: Ledger + Clone>(limiter: &Lim, ledger: &L) {
+    let admission = ledger
+        .reserve_limited(
+            limiter,
+            charges().to_vec(),
+            ReserveRequest::new("acct_1", 1),
+        )
+        .await;
+    let Admission::Admitted {
+        reservation: Reservation::Held(hold),
+        ..
+    } = admission
+    else {
+        panic!("refused: {admission:?}");
+    };
+    ledger.settle_limited(limiter, &hold, 1, &[]).await.unwrap();
 }
 
 fn chain(c: &mut Criterion) {
@@ -61,6 +85,9 @@ fn chain(c: &mut Criterion) {
         .unwrap();
     group.bench_function("redis (3 round trips)", |b| {
         b.iter(|| runtime.block_on(request(&limiter, &ledger)))
+    });
+    group.bench_function("redis (2 round trips, one step)", |b| {
+        b.iter(|| runtime.block_on(request_one_step(&limiter, &ledger)))
     });
     group.finish();
 }
@@ -121,6 +148,33 @@ fn layered(c: &mut Criterion) {
         ServiceBuilder::new()
             .layer(NormalizeLayer::new())
             .layer(AuthLayer::new(keys))
+            .layer(
+                CreditsLayer::new(ledger, Pricing::flat(1))
+                    .rate_limit(RateLimitLayer::new(limiter, plans)),
+            )
+            .service(Router::new().route("/v1/models", get(|| async { "{}" })))
+    }
+
+    fn two_layers<K, L, Lim>(
+        keys: K,
+        ledger: L,
+        limiter: Lim,
+    ) -> impl Service<
+        Request<Body>,
+        Response = http::Response<
+            impl http_body::Body<Data = bytes::Bytes, Error = impl std::fmt::Debug>,
+        >,
+        Error = std::convert::Infallible,
+    > + Clone
+    where
+        K: KeyStore + Clone,
+        L: Ledger + Clone,
+        Lim: Limiter,
+    {
+        let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));
+        ServiceBuilder::new()
+            .layer(NormalizeLayer::new())
+            .layer(AuthLayer::new(keys))
             .layer(RateLimitLayer::new(limiter, plans))
             .layer(CreditsLayer::new(ledger, Pricing::flat(1)))
             .service(Router::new().route("/v1/models", get(|| async { "{}" })))
@@ -149,8 +203,12 @@ fn layered(c: &mut Criterion) {
     let mut group = c.benchmark_group("chain");
     let (keys, ledger) = (MemoryKeyStore::new(), MemoryLedger::new());
     runtime.block_on(seed(&keys, &ledger));
-    let mut memory = stack(keys, ledger, MemoryLimiter::new());
+    let mut memory = two_layers(keys.clone(), ledger.clone(), MemoryLimiter::new());
     group.bench_function("memory", |b| b.iter(|| runtime.block_on(call(&mut memory))));
+    let mut memory = stack(keys, ledger, MemoryLimiter::new());
+    group.bench_function("memory_one_step", |b| {
+        b.iter(|| runtime.block_on(call(&mut memory)))
+    });
 
     let server = redis_server::RedisServer::start();
     let backend = runtime
@@ -160,7 +218,6 @@ fn layered(c: &mut Criterion) {
     let _entered = runtime.enter();
     let (keys, ledger) = (backend.key_store(), backend.ledger());
     runtime.block_on(seed(&keys, &ledger));
-    let mut redis = stack(keys, ledger, backend.limiter());
     // Per request (cache warm): the scripts called, each one round trip (`EVALSHA` and its
     // read-only variant), and every command Redis ran, inside the scripts included.
     let stats = |runtime: &tokio::runtime::Runtime| -> (u64, u64) {
@@ -188,19 +245,36 @@ fn layered(c: &mut Criterion) {
             (scripts, total)
         })
     };
-    runtime.block_on(call(&mut redis));
-    let (scripts_before, total_before) = stats(&runtime);
-    const N: u64 = 200;
-    for _ in 0..N {
-        runtime.block_on(call(&mut redis));
-    }
-    let (scripts_after, total_after) = stats(&runtime);
-    println!(
-        "chain/redis: {:.2} round trips (scripts) and {:.1} Redis commands per request",
-        (scripts_after - scripts_before) as f64 / N as f64,
-        (total_after - total_before) as f64 / N as f64,
-    );
+    // Settlements run on spawned tasks: let them finish before the counters are read.
+    let drain = |runtime: &tokio::runtime::Runtime| {
+        runtime.block_on(tokio::time::sleep(std::time::Duration::from_millis(100)))
+    };
+    let measure = |name: &str, svc: &mut dyn FnMut()| {
+        svc();
+        drain(&runtime);
+        let (scripts_before, total_before) = stats(&runtime);
+        const N: u64 = 200;
+        for _ in 0..N {
+            svc();
+        }
+        drain(&runtime);
+        let (scripts_after, total_after) = stats(&runtime);
+        println!(
+            "chain/{name}: {:.2} round trips (scripts) and {:.1} Redis commands per request",
+            (scripts_after - scripts_before) as f64 / N as f64,
+            (total_after - total_before) as f64 / N as f64,
+        );
+    };
+    let mut redis = stack(keys.clone(), ledger.clone(), backend.limiter());
+    let mut layered = two_layers(keys, ledger, backend.limiter());
+    measure("redis", &mut || runtime.block_on(call(&mut redis)));
+    measure("redis_two_layers", &mut || {
+        runtime.block_on(call(&mut layered))
+    });
     group.bench_function("redis", |b| b.iter(|| runtime.block_on(call(&mut redis))));
+    group.bench_function("redis_two_layers", |b| {
+        b.iter(|| runtime.block_on(call(&mut layered)))
+    });
     group.finish();
 }
 

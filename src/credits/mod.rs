@@ -32,6 +32,11 @@
 //! Requests without a [`Caller`] (no authentication layer in front) are refused with 401
 //! `missing_api_key`, or let through free with [`CreditsLayer::allow_anonymous`].
 //!
+//! With [`CreditsLayer::rate_limit`] the same layer also rate-limits: the limits and the hold
+//! are charged in one step, both or neither ([`Ledger::reserve_limited`]), and the tokens are
+//! corrected with the settlement ([`Ledger::settle_limited`]); on Redis each step is one script,
+//! one round trip.
+//!
 //! Holds that are never settled (a crashed handler, a leaked future) are settled at their held
 //! amount by [`Ledger::expire_holds`]; [`MemoryLedger::spawn_expiry`] runs it periodically.
 //!

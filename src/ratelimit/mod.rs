@@ -28,7 +28,12 @@
 //! | `RateLimit` | `"requests";r=99;t=1, "tokens";r=39750;t=1` | remaining `r`, seconds to full `t` (rounded up) |
 //!
 //! The backend is a [`Limiter`]: [`MemoryLimiter`] (governor's GCRA, in memory) by default, a
-//! distributed one later; both pass the same [`conformance`] vectors.
+//! distributed one ([`RedisLimiter`](crate::redis::RedisLimiter), feature `redis`); both pass the
+//! same [`conformance`] vectors.
+//!
+//! To charge the limits and a credit hold in one step (both or neither; one Redis round trip),
+//! hand the layer to [`CreditsLayer::rate_limit`](crate::credits::CreditsLayer::rate_limit)
+//! instead of putting it in front.
 //!
 //! # Example
 //!

@@ -6,8 +6,16 @@
 //! | store | trait | per request |
 //! |---|---|---|
 //! | [`RedisLimiter`] | [`Limiter`](crate::ratelimit::Limiter) | one script (GCRA, every limit all-or-nothing) |
-//! | [`RedisLedger`] | [`Ledger`](crate::credits::Ledger) | one script to reserve, one to settle |
+//! | [`RedisLedger`] | [`Ledger`](crate::credits::Ledger) | one script to reserve, one to settle (with the rate limits in the same scripts, see below) |
 //! | [`RedisKeyStore`] | [`KeyStore`](crate::auth::KeyStore) | none when the local cache is warm |
+//!
+//! With [`CreditsLayer::rate_limit`](crate::credits::CreditsLayer::rate_limit), a
+//! [`RedisLedger`] and a [`RedisLimiter`] of the same backend charge the rate limits and place the
+//! hold in **one script** (one round trip before the call), and settle the hold with the tokens
+//! correction in one more: two round trips per request in all, the key lookup aside. Buckets
+//! outside the account's `{acct:ID}` hash slot (keyed by API key, or a global limit) cannot join
+//! the ledger's script on Redis Cluster; such requests take the limiter's script and the
+//! ledger's in turn.
 //!
 //! Scripts are loaded once and called by SHA (`EVALSHA`, reloaded on `NOSCRIPT`); time is
 //! always the Redis server's (`TIME` inside the scripts), never a replica's clock. Every call has
