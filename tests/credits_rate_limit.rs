@@ -329,3 +329,42 @@ async fn concurrent_requests_charge_both_or_neither() {
     assert_eq!(send(&app, get_as("acct_1")).await.0, 429);
     assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 85);
 }
+
+/// A limiter failing open allows without charging a bucket: a refused reserve then gives
+/// nothing back (a refund would be free capacity).
+#[tokio::test]
+async fn nothing_is_refunded_for_a_check_that_charged_nothing() {
+    use std::sync::Mutex;
+    use tollgate::{
+        credits::{Admission, ReserveRequest},
+        ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
+        BackendError, LimitKind,
+    };
+
+    #[derive(Clone, Default)]
+    struct FailingOpen(Arc<Mutex<Vec<Correction>>>);
+    impl Limiter for FailingOpen {
+        type Future = std::future::Ready<Result<Decision, BackendError>>;
+        type SettleFuture = std::future::Ready<Result<(), BackendError>>;
+        fn check(&self, _: &[Charge]) -> Self::Future {
+            std::future::ready(Ok(Decision::new(Outcome::Allowed)))
+        }
+        fn settle(&self, corrections: &[Correction]) -> Self::SettleFuture {
+            self.0.lock().unwrap().extend_from_slice(corrections);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    let (ledger, limiter) = (MemoryLedger::new(), FailingOpen::default());
+    let charge = Charge {
+        key: BucketKey::new(Subject::Account("acct_1".into()), "plan:free", 0),
+        kind: LimitKind::Requests,
+        quota: governor::Quota::per_minute(std::num::NonZeroU32::new(1).unwrap()),
+        cost: 1,
+    };
+    let refused = ledger
+        .reserve_limited(&limiter, vec![charge], ReserveRequest::new("acct_1", 5))
+        .await;
+    assert!(matches!(refused, Admission::Refused(_)), "{refused:?}");
+    assert!(limiter.0.lock().unwrap().is_empty());
+}

@@ -142,3 +142,80 @@ async fn two_replicas_share_one_balance_and_revocations() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The budget through the real gateway: one Redis round trip before the upstream call
+/// (rate limits and reserve in one script) and one after it (settle with the tokens correction
+/// in one script); the key lookup comes from the replica's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_billed_request_costs_two_redis_round_trips() {
+    let redis = redis_server::RedisServer::start();
+    let toml = config(&redis.url()).replace(
+        "requests_per_minute = 6000\nburst = 1000",
+        "requests_per_minute = 6000\nburst = 1000\ntokens_per_minute = 1000000",
+    );
+    assert!(toml.contains("tokens_per_minute"));
+    let gateway = gateway::start(&toml).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let chat = json!({"model": "mock-small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let send = || {
+        post(
+            gateway.addr,
+            "/v1/chat/completions",
+            "sk-test-redis-00000000000000",
+            Some(chat.clone()),
+        )
+    };
+
+    async fn scripts(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|line| {
+                let rest = line
+                    .strip_prefix("cmdstat_evalsha:")
+                    .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
+                rest.split(',')
+                    .next()?
+                    .strip_prefix("calls=")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+    // Settlements run after the response: wait for them with plain reads, not scripts.
+    async fn settled(conn: &mut redis::aio::MultiplexedConnection) {
+        for _ in 0..500 {
+            let held: Option<String> = redis::cmd("HGET")
+                .arg("tollgate:{acct:acct_r}")
+                .arg("held")
+                .query_async(conn)
+                .await
+                .unwrap();
+            if held.as_deref() == Some("0") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("holds still open");
+    }
+
+    // Warm: the key cache, and each script loaded once.
+    assert_eq!(send().await.0, 200);
+    settled(&mut conn).await;
+    let before = scripts(&mut conn).await;
+    for _ in 0..5 {
+        assert_eq!(send().await.0, 200);
+        settled(&mut conn).await;
+    }
+    let used = scripts(&mut conn).await - before;
+    // The replica's hold-expiry sweep (one script per account every 10 s) may fall inside the
+    // window once.
+    assert!(
+        used == 10 || used == 11,
+        "5 requests took {used} scripts, not 2 each"
+    );
+}

@@ -848,3 +848,99 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
     assert_eq!(headers["x-ratelimit-remaining-requests"], "1");
     assert_eq!(settled(&ledger).await.balance, 0);
 }
+
+/// The fused reserve's answer is lost (Redis busy past the response timeout): the hold it placed
+/// is released in the background and the rate-limit cell it charged is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
+    use tollgate::credits::Admission;
+    let server = RedisServer::start();
+    let backend = replica(&server, fast()).await;
+    let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    let charges = vec![charge("acct_1", 1)];
+    // Warm the scripts so that the lost call is the script itself.
+    let warm = ledger
+        .reserve_limited(&limiter, vec![], ReserveRequest::new("acct_1", 1))
+        .await;
+    let Admission::Admitted { reservation, .. } = warm else {
+        panic!("{warm:?}")
+    };
+    ledger
+        .release(&reservation.into_hold().unwrap())
+        .await
+        .unwrap();
+
+    // Another client keeps Redis busy for 600 ms with a script (Redis runs one at a time).
+    let url = server.url();
+    let busy = tokio::spawn(async move {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // (This client's own answer may time out too; the script runs to its end anyway.)
+        let _: Result<(), _> = redis::cmd("EVAL")
+            .arg("local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; while true do local n = redis.call('TIME'); if n[1] * 1e6 + n[2] - s > 600000 then return end end")
+            .arg(0)
+            .query_async(&mut conn)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let lost = ledger
+        .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+        .await;
+    assert!(
+        matches!(lost, Admission::Refused(ReserveError::Backend(_))),
+        "{lost:?}"
+    );
+    busy.await.unwrap();
+
+    // The script ran after the busy one; the compensation undoes both of its charges.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let balance = patiently(|| ledger.balance("acct_1")).await;
+        if balance.held == 0 && balance.balance == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hold stayed: {balance:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let decision = patiently(|| limiter.check(&charges)).await;
+    assert!(decision.is_allowed(), "the cell was not given back");
+}
+
+/// An absurd usage reported by an upstream cannot stop the settlement: the correction is capped.
+#[tokio::test]
+async fn a_huge_tokens_correction_still_settles_the_hold() {
+    use tollgate::{credits::Admission, ratelimit::Correction};
+    let server = RedisServer::start();
+    let backend = replica(&server, RedisOptions::new()).await;
+    let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    let mut tokens = charge("acct_1", 60);
+    tokens.kind = LimitKind::Tokens;
+    tokens.cost = 5;
+    let admitted = ledger
+        .reserve_limited(
+            &limiter,
+            vec![tokens.clone()],
+            ReserveRequest::new("acct_1", 4),
+        )
+        .await;
+    let Admission::Admitted { reservation, .. } = admitted else {
+        panic!("{admitted:?}")
+    };
+    let hold = reservation.into_hold().unwrap();
+    let correction = Correction {
+        key: tokens.key.clone(),
+        quota: tokens.quota,
+        delta: i64::MAX,
+    };
+    let settlement = ledger
+        .settle_limited(&limiter, &hold, 3, &[correction])
+        .await
+        .unwrap();
+    assert!(settlement.was_open);
+    assert_eq!(settlement.charged, 3);
+    assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 7);
+    // The bucket is deep in debt: refused, with a long wait.
+    assert!(!limiter.check(&[tokens]).await.unwrap().is_allowed());
+}

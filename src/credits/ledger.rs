@@ -4,7 +4,7 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
 
 use crate::{
     ratelimit::{Charge, Correction, Decision, Limiter},
-    BackendError,
+    BackendError, LimitKind,
 };
 
 /// Prepaid balances in credits: holds placed before a call, settled on real usage after it, and
@@ -235,6 +235,14 @@ where
                 decision,
                 reservation,
             },
+            Err(error)
+                if decision.status(LimitKind::Requests).is_none()
+                    && decision.status(LimitKind::Tokens).is_none() =>
+            {
+                // Allowed without charging any bucket (a limiter failing open): nothing to
+                // give back.
+                Admission::Refused(error)
+            }
             Err(error) => {
                 let refunds: Vec<Correction> = charges
                     .into_iter()

@@ -228,8 +228,8 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// neither, in place of a [`RateLimit`](crate::ratelimit::RateLimit) layer in front.
     ///
     /// Everything `layer` was configured with applies (plans changeable at runtime, key by key
-    /// or account, global limit, route overrides, headers, `default_max_tokens`, its body
-    /// limit), and the answers are a `RateLimit`'s: 429 with the limit named and
+    /// or account, global limit, route overrides, headers, `default_max_tokens`; of the two
+    /// body limits, the smaller), and the answers are a `RateLimit`'s: 429 with the limit named and
     /// `retry-after`, the rate-limit headers on every response of a limited route, tokens
     /// corrected from the reported usage. The differences are in the order of the two
     /// charges:

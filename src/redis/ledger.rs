@@ -104,9 +104,10 @@ impl RedisLedger {
         millis(self.shared.options.hold_ttl)
     }
 
-    /// After a reserve whose answer was lost, release the hold if it was placed and forbid it
-    /// from being placed later; retried in the background until the hold's TTL has passed.
-    fn compensate(&self, account: Arc<str>, id: u64) {
+    /// After a reserve whose answer was lost, release the hold if it was placed (and give back
+    /// the rate-limit cells charged with it, `refunds`) and forbid it from being placed later;
+    /// retried in the background until the hold's TTL has passed.
+    fn compensate(&self, account: Arc<str>, id: u64, refunds: Vec<Bucket>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -115,7 +116,15 @@ impl RedisLedger {
         runtime.spawn(async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                match ledger.close(&account, id, "release", 0, true).await {
+                let close = ledger.close_correcting(
+                    &account,
+                    id,
+                    "release",
+                    0,
+                    true,
+                    Corrections::IfOpen(refunds.clone()),
+                );
+                match close.await {
                     Ok(_) => return,
                     Err(error) if tokio::time::Instant::now() + delay < deadline => {
                         tracing::debug!(%error, "releasing a reserve whose answer was lost: retrying");
@@ -149,6 +158,11 @@ impl RedisLedger {
         let request_arc = request.request_id.clone();
         let request_id = request.request_id.as_deref().unwrap_or("").to_owned();
         let key_id = request.key_id.as_deref().unwrap_or("").to_owned();
+        let refunds: Vec<Bucket> = buckets
+            .iter()
+            .filter(|(_, _, cost)| *cost > 0)
+            .map(|(key, params, cost)| (key.clone(), *params, -cost))
+            .collect();
         let call = self.conn().call("reserve", move |mut conn| async move {
             let mut invocation = RESERVE.prepare_invoke();
             invocation
@@ -183,7 +197,7 @@ impl RedisLedger {
                 Ok(reply) => reply,
                 Err(error) => {
                     // The script may have run: make sure the hold does not stay.
-                    ledger.compensate(account, id);
+                    ledger.compensate(account, id, refunds);
                     return Err(error.into());
                 }
             };
@@ -216,7 +230,7 @@ impl RedisLedger {
         actual: u64,
         fence: bool,
     ) -> BoxFuture<Result<Settlement, BackendError>> {
-        self.close_correcting(account, id, how, actual, fence, Vec::new())
+        self.close_correcting(account, id, how, actual, fence, Corrections::None)
     }
 
     /// Close a hold and apply rate-limit corrections to `buckets` (in the account's slot), in
@@ -228,9 +242,14 @@ impl RedisLedger {
         how: &'static str,
         actual: u64,
         fence: bool,
-        buckets: Vec<Bucket>,
+        corrections: Corrections,
     ) -> BoxFuture<Result<Settlement, BackendError>> {
         let key = self.account_key(account);
+        let (when, buckets) = match corrections {
+            Corrections::None => ("always", Vec::new()),
+            Corrections::Always(buckets) => ("always", buckets),
+            Corrections::IfOpen(buckets) => ("if_open", buckets),
+        };
         let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
         let call = self.conn().call("settle", move |mut conn| async move {
             let mut invocation = CLOSE.prepare_invoke();
@@ -239,7 +258,8 @@ impl RedisLedger {
                 .arg(id)
                 .arg(how)
                 .arg(actual.min(MAX_BALANCE))
-                .arg(fence);
+                .arg(fence)
+                .arg(when);
             for (bucket, params, delta) in buckets {
                 invocation
                     .key(bucket)
@@ -359,7 +379,7 @@ impl Ledger for RedisLedger {
                 "settle",
                 actual,
                 false,
-                redis.corrections(corrections),
+                Corrections::Always(redis.corrections(corrections)),
             ),
             None => {
                 if !corrections.is_empty() {
@@ -518,6 +538,16 @@ enum Reserved {
     Held(Hold, Vec<i64>),
     Replayed(Vec<i64>),
     Limited(Vec<i64>),
+}
+
+/// Rate-limit corrections made by the close script.
+enum Corrections {
+    None,
+    /// Whether or not the hold was still open (tokens reported by a response).
+    Always(Vec<Bucket>),
+    /// Only if this call closed the hold (the refund of a reserve whose answer was lost: the
+    /// cells were charged only if the hold was placed).
+    IfOpen(Vec<Bucket>),
 }
 
 /// Whether a bucket of `subject` lives in the `{acct:ID}` slot of `account`.

@@ -139,8 +139,18 @@ impl RedisOptions {
 
     /// The first part of every key name (several gateways may share one Redis with different
     /// prefixes).
+    ///
+    /// # Panics
+    ///
+    /// When `prefix` contains `{` or `}`: braces in it would become the hash tag of every key
+    /// name instead of `{acct:ID}`, and the scripts would cross slots on Redis Cluster.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        let prefix = prefix.into();
+        assert!(
+            !prefix.contains(['{', '}']),
+            "the Redis key prefix {prefix:?} must not contain braces"
+        );
+        self.prefix = prefix;
         self
     }
 

@@ -22,11 +22,16 @@ local function gcra_rel(key, now_s, now_ns)
   return rel
 end
 
+-- A debt is capped at about 31 years (1e18 ns): a correction from an absurd reported usage must
+-- not overflow the key's expiry and fail the script.
+local MAX_REL = 1e18
+
 local function gcra_store(key, rel, now_s, now_ns)
   if rel <= 0 then
     redis.call('DEL', key)
     return
   end
+  if rel > MAX_REL then rel = MAX_REL end
   local total = now_ns + rel
   local s = now_s + math.floor(total / 1e9)
   local ns = total % 1e9
