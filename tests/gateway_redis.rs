@@ -155,8 +155,6 @@ async fn a_billed_request_costs_two_redis_round_trips() {
     );
     assert!(toml.contains("tokens_per_minute"));
     let gateway = gateway::start(&toml).await;
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let chat = json!({"model": "mock-small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let send = || {
         post(
@@ -167,51 +165,15 @@ async fn a_billed_request_costs_two_redis_round_trips() {
         )
     };
 
-    async fn scripts(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(conn)
-            .await
-            .unwrap();
-        info.lines()
-            .filter_map(|line| {
-                let rest = line
-                    .strip_prefix("cmdstat_evalsha:")
-                    .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
-                rest.split(',')
-                    .next()?
-                    .strip_prefix("calls=")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum()
-    }
-    // Settlements run after the response: wait for them with plain reads, not scripts.
-    async fn settled(conn: &mut redis::aio::MultiplexedConnection) {
-        for _ in 0..500 {
-            let held: Option<String> = redis::cmd("HGET")
-                .arg("tollgate:{acct:acct_r}")
-                .arg("held")
-                .query_async(conn)
-                .await
-                .unwrap();
-            if held.as_deref() == Some("0") {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("holds still open");
-    }
-
     // Warm: the key cache, and each script loaded once.
     assert_eq!(send().await.0, 200);
-    settled(&mut conn).await;
-    let before = scripts(&mut conn).await;
+    redis.wait_settled("acct_r").await;
+    let before = redis.script_calls().await;
     for _ in 0..5 {
         assert_eq!(send().await.0, 200);
-        settled(&mut conn).await;
+        redis.wait_settled("acct_r").await;
     }
-    let used = scripts(&mut conn).await - before;
+    let used = redis.script_calls().await - before;
     // The replica's hold-expiry sweep (one script per account every 10 s) may fall inside the
     // window once.
     assert!(

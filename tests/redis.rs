@@ -581,29 +581,6 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     assert!(!backend.is_degraded());
 }
 
-/// `EVALSHA` calls the server has run so far: one per script call, one round trip each.
-async fn script_calls(server: &RedisServer) -> u64 {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let rest = line
-                .strip_prefix("cmdstat_evalsha:")
-                .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
-            rest.split(',')
-                .next()?
-                .strip_prefix("calls=")?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 const USAGE: &str =
     r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":40,"total_tokens":50}}"#;
 
@@ -687,26 +664,6 @@ async fn settled(ledger: &impl Ledger) -> tollgate::credits::Balance {
     }
 }
 
-/// Waits until `acct_1` has no credits held (the settlement is spawned when the body ends),
-/// reading with a plain command, so that the scripts counted are the requests' own.
-async fn settled_without_scripts(server: &RedisServer) {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for _ in 0..500 {
-        let held: Option<String> = redis::cmd("HGET")
-            .arg("tollgate:{acct:acct_1}")
-            .arg("held")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if held.as_deref() == Some("0") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the hold was not settled");
-}
-
 /// The issue's budget: one round trip for limit + reserve, one for settle (with the tokens
 /// correction in it), the key lookup aside.
 #[tokio::test]
@@ -734,9 +691,9 @@ async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correct
     assert!(estimate > 100);
     settled(&ledger).await;
 
-    let settled_raw = || settled_without_scripts(&server);
+    let settled_raw = || server.wait_settled("acct_1");
     settled_raw().await;
-    let before = script_calls(&server).await;
+    let before = server.script_calls().await;
     const N: u64 = 20;
     let mut headers = http::HeaderMap::new();
     for _ in 0..N {
@@ -746,7 +703,7 @@ async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correct
         settled_raw().await;
     }
     assert_eq!(
-        script_calls(&server).await - before,
+        server.script_calls().await - before,
         2 * N,
         "per request: reserve with the limits, settle with the tokens correction"
     );
@@ -830,11 +787,11 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
     // Warm: the first call of each script loads it (a NOSCRIPT answer, then EVALSHA again).
     assert_eq!(send_one(&service).await.0, 200);
     settled(&ledger).await;
-    let before = script_calls(&server).await;
+    let before = server.script_calls().await;
     assert_eq!(send_one(&service).await.0, 200);
-    settled_without_scripts(&server).await;
+    server.wait_settled("acct_1").await;
     assert_eq!(
-        script_calls(&server).await - before,
+        server.script_calls().await - before,
         3,
         "check, reserve, settle"
     );

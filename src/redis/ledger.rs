@@ -11,7 +11,7 @@ use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
 
 use super::{
     conn::Conn,
-    limiter::{decision, Bucket},
+    limiter::{decision, push_buckets, Bucket},
     BoxFuture, RedisLimiter, Shared,
 };
 use crate::{
@@ -175,13 +175,7 @@ impl RedisLedger {
                 .arg(fingerprint)
                 .arg(request_id)
                 .arg(key_id);
-            for (bucket, params, cost) in buckets {
-                invocation
-                    .key(bucket)
-                    .arg(params.t)
-                    .arg(params.burst)
-                    .arg(cost);
-            }
+            push_buckets(&mut invocation, buckets);
             invocation.invoke_async::<Vec<Value>>(&mut conn).await
         });
         let ledger = self.clone();
@@ -260,13 +254,7 @@ impl RedisLedger {
                 .arg(actual.min(MAX_BALANCE))
                 .arg(fence)
                 .arg(when);
-            for (bucket, params, delta) in buckets {
-                invocation
-                    .key(bucket)
-                    .arg(params.t)
-                    .arg(params.burst)
-                    .arg(delta);
-            }
+            push_buckets(&mut invocation, buckets);
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
         });
         Box::pin(async move {

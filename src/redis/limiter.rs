@@ -144,13 +144,7 @@ impl RedisLimiter {
                 .call("rate limit", move |mut conn| async move {
                     let mut invocation = GCRA.prepare_invoke();
                     invocation.arg(seconds).arg(nanos).arg(mode);
-                    for (key, params, amount) in buckets {
-                        invocation
-                            .key(key)
-                            .arg(params.t)
-                            .arg(params.burst)
-                            .arg(amount);
-                    }
+                    push_buckets(&mut invocation, buckets);
                     invocation.invoke_async::<Vec<i64>>(&mut conn).await
                 }),
         )
@@ -162,6 +156,18 @@ pub(super) type Bucket = (String, Params, i64);
 
 /// What a check's answer is read with: per bucket, its kind, parameters and cost.
 pub(super) type Meta = (LimitKind, Params, u64);
+
+/// Appends buckets to a script call: each one a key and three arguments (t, burst, cost or
+/// delta), as `gcra_lib.lua` reads them.
+pub(super) fn push_buckets(invocation: &mut redis::ScriptInvocation<'_>, buckets: Vec<Bucket>) {
+    for (key, params, amount) in buckets {
+        invocation
+            .key(key)
+            .arg(params.t)
+            .arg(params.burst)
+            .arg(amount);
+    }
+}
 
 /// A quota as the script's GCRA parameters.
 #[derive(Clone, Copy)]

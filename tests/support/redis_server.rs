@@ -36,6 +36,49 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// `EVALSHA` calls the server has run so far: one per script call, one round trip each.
+    pub async fn script_calls(&self) -> u64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|line| {
+                let rest = line
+                    .strip_prefix("cmdstat_evalsha:")
+                    .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
+                rest.split(',')
+                    .next()?
+                    .strip_prefix("calls=")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// Waits until `account` has no credits held (settlements run after a response's body
+    /// ends), reading with a plain command so that no script is counted.
+    pub async fn wait_settled(&self, account: &str) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        for _ in 0..500 {
+            let held: Option<String> = redis::cmd("HGET")
+                .arg(format!("tollgate:{{acct:{account}}}"))
+                .arg("held")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if held.as_deref() == Some("0") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("credits of {account} still held after 5 s");
+    }
+
     /// Kill the server (its data is gone: nothing is persisted).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
