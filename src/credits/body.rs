@@ -258,15 +258,7 @@ where
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(tokens) = this.tokens.as_mut() {
-            match &frame {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        tokens.feed(data);
-                    }
-                }
-                None => tokens.finish(),
-                Some(Err(_)) => {}
-            }
+            tokens.observe(&frame);
         }
         match &frame {
             Some(Ok(frame)) => {

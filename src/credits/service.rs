@@ -475,17 +475,14 @@ fn limit_charges<L: Ledger>(
         policies.global.as_deref(),
         estimate,
     );
-    let tokens = charges
-        .iter()
-        .any(|c| c.kind == LimitKind::Tokens && c.cost > 0)
-        .then(|| TokenCharges {
-            charges: charges
-                .iter()
-                .filter(|c| c.kind == LimitKind::Tokens)
-                .cloned()
-                .collect(),
-            estimate,
-        });
+    let tokens = ratelimit::charges_tokens(&charges).then(|| TokenCharges {
+        charges: charges
+            .iter()
+            .filter(|c| c.kind == LimitKind::Tokens)
+            .cloned()
+            .collect(),
+        estimate,
+    });
     (charges, tokens)
 }
 

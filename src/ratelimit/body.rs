@@ -70,15 +70,32 @@ impl Meter {
         }
     }
 
-    pub(crate) fn feed(&mut self, data: &[u8]) {
-        self.scanner.feed(data);
+    /// Watch one frame of the response: its data for the usage, its end to settle.
+    pub(crate) fn observe<E>(&mut self, frame: &Option<Result<Frame<Bytes>, E>>) {
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.scanner.feed(data);
+                }
+            }
+            None => self.finish(),
+            Some(Err(_)) => {}
+        }
     }
 
-    pub(crate) fn finish(&mut self) {
+    fn finish(&mut self) {
         if let Some(settle) = self.settle.take() {
             settle(self.scanner.usage());
         }
     }
+}
+
+/// Whether a request's charges need a correction from the reported usage: some tokens limit
+/// was charged an estimate.
+pub(crate) fn charges_tokens(charges: &[Charge]) -> bool {
+    charges
+        .iter()
+        .any(|c| c.kind == LimitKind::Tokens && c.cost > 0)
 }
 
 /// The corrections of the tokens limits among `charges` once `usage` is known: the reported
@@ -152,15 +169,7 @@ where
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
         if let Some(meter) = this.meter {
-            match &frame {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        meter.scanner.feed(data);
-                    }
-                }
-                None => meter.finish(),
-                Some(Err(_)) => {}
-            }
+            meter.observe(&frame);
         }
         Poll::Ready(frame)
     }

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     inspect::{InspectedBody, LlmRequest},
-    LimitKind, Reason, Rejection,
+    Reason, Rejection,
 };
 
 type Inspection<B> =
@@ -209,17 +209,13 @@ where
                             headers,
                         )));
                     }
-                    let meter = pending
-                        .charges
-                        .iter()
-                        .any(|c| c.kind == LimitKind::Tokens && c.cost > 0)
-                        .then(|| {
-                            Meter::new(
-                                pending.limiter.clone(),
-                                std::mem::take(&mut pending.charges),
-                                pending.estimate,
-                            )
-                        });
+                    let meter = super::charges_tokens(&pending.charges).then(|| {
+                        Meter::new(
+                            pending.limiter.clone(),
+                            std::mem::take(&mut pending.charges),
+                            pending.estimate,
+                        )
+                    });
                     let fut = pending.inner.call(request);
                     this.kind.set(Kind::Calling {
                         fut,

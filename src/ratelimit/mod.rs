@@ -92,7 +92,7 @@ mod plan;
 mod service;
 
 pub use body::RateLimitBody;
-pub(crate) use body::{corrections, drive_settlement, Meter as TokenMeter};
+pub(crate) use body::{charges_tokens, corrections, drive_settlement, Meter as TokenMeter};
 pub(crate) use future::rejection;
 pub use future::ResponseFuture;
 pub(crate) use headers::insert as insert_headers;

@@ -20,7 +20,7 @@ use crate::{
         JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
         TopUp, TopUpError,
     },
-    ratelimit::{Charge, Correction, Decision, Limiter, Outcome, Subject},
+    ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
     BackendError,
 };
 
@@ -138,6 +138,21 @@ impl RedisLedger {
                 }
             }
         });
+    }
+
+    /// `limiter` as a [`RedisLimiter`] whose buckets can join this ledger's scripts for
+    /// `account`: one of the same backend, and every bucket in the account's `{acct:ID}` slot
+    /// (a script must stay in one slot on Redis Cluster).
+    fn fused<'a, R: Limiter>(
+        &self,
+        limiter: &'a R,
+        account: &str,
+        mut buckets: impl Iterator<Item = &'a BucketKey>,
+    ) -> Option<&'a RedisLimiter> {
+        let redis = (limiter as &dyn Any).downcast_ref::<RedisLimiter>()?;
+        let in_slot =
+            |key: &BucketKey| matches!(key.subject(), Subject::Account(id) if **id == *account);
+        (redis.shares(&self.shared) && buckets.all(in_slot)).then_some(redis)
     }
 
     /// The reserve script, charging `buckets` (in the account's slot) with the hold.
@@ -301,14 +316,7 @@ impl Ledger for RedisLedger {
         charges: Vec<Charge>,
         request: ReserveRequest,
     ) -> AdmissionFuture {
-        let fused = (limiter as &dyn Any)
-            .downcast_ref::<RedisLimiter>()
-            .filter(|redis| {
-                redis.shares(&self.shared)
-                    && charges
-                        .iter()
-                        .all(|c| in_account_slot(c.key.subject(), &request.account))
-            });
+        let fused = self.fused(limiter, &request.account, charges.iter().map(|c| &c.key));
         let Some(redis) = fused else {
             return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
         };
@@ -352,14 +360,7 @@ impl Ledger for RedisLedger {
         actual: u64,
         corrections: &[Correction],
     ) -> Self::SettleFuture {
-        let fused = (limiter as &dyn Any)
-            .downcast_ref::<RedisLimiter>()
-            .filter(|redis| {
-                redis.shares(&self.shared)
-                    && corrections
-                        .iter()
-                        .all(|c| in_account_slot(c.key.subject(), hold.account()))
-            });
+        let fused = self.fused(limiter, hold.account(), corrections.iter().map(|c| &c.key));
         match fused {
             Some(redis) => self.close_correcting(
                 hold.account(),
@@ -536,11 +537,6 @@ enum Corrections {
     /// Only if this call closed the hold (the refund of a reserve whose answer was lost: the
     /// cells were charged only if the hold was placed).
     IfOpen(Vec<Bucket>),
-}
-
-/// Whether a bucket of `subject` lives in the `{acct:ID}` slot of `account`.
-fn in_account_slot(subject: &Subject, account: &str) -> bool {
-    matches!(subject, Subject::Account(id) if **id == *account)
 }
 
 fn value_i64(value: &Value) -> i64 {
