@@ -540,8 +540,9 @@ impl Binary {
                 break addr.parse().unwrap();
             }
         };
-        // The banner is the next line.
+        // The banner is the next line; the rest is drained so that a write never fails.
         stdout.push(lines.next().unwrap().unwrap());
+        std::thread::spawn(move || lines.for_each(drop));
         Binary {
             child,
             addr,
