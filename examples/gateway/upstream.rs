@@ -43,7 +43,7 @@ async fn one_model(
     State(models): State<std::sync::Arc<Vec<String>>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    if models.iter().any(|m| *m == id) {
+    if models.contains(&id) {
         return Json(model_json(&id)).into_response();
     }
     (
@@ -53,14 +53,12 @@ async fn one_model(
         .into_response()
 }
 
-fn parse_json(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice::<Value>(body).map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "param": null, "code": "invalid_json"}})),
-        )
-            .into_response()
-    })
+fn invalid_json() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "param": null, "code": "invalid_json"}})),
+    )
+        .into_response()
 }
 
 /// Tokens of a string or an array of strings: one per four characters, at least one.
@@ -74,9 +72,8 @@ fn text_tokens(value: &Value) -> u64 {
 }
 
 async fn completions(body: Bytes) -> Response {
-    let body = match parse_json(&body) {
-        Ok(body) => body,
-        Err(response) => return response,
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_json();
     };
     let words: Vec<&str> = REPLY.split_inclusive(' ').collect();
     let max = body["max_tokens"].as_u64().unwrap_or(16).max(1);
@@ -95,9 +92,8 @@ async fn completions(body: Bytes) -> Response {
 }
 
 async fn embeddings(body: Bytes) -> Response {
-    let body = match parse_json(&body) {
-        Ok(body) => body,
-        Err(response) => return response,
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_json();
     };
     let inputs = match &body["input"] {
         Value::Array(items) => items.len().max(1),
