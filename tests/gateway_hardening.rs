@@ -742,12 +742,17 @@ fn the_connection_cap_holds_and_other_clients_are_still_served() {
     let binary = Binary::start("cap", &format!("{SLOW}{CONFIG}"));
     let addr = binary.addr;
     let baseline = binary.sockets();
+    // A client inside a request (its headers sent, its body stalled): never evicted, it gets
+    // its 408.
+    let mut busy = TcpStream::connect(addr).unwrap();
+    write!(busy, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
     // Twelve clients that never send a byte: three times the cap.
     let silent: Vec<TcpStream> = (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(200));
     let mut most = binary.sockets();
-    // A real client behind them in the backlog: served once the cap frees up (each silent
-    // connection holds a slot for at most the 1 s header bound).
+    // A real client behind them: it takes the slot of the oldest connection that has not sent
+    // a request, well before the 1 s header bound would free one.
     let client = std::thread::spawn(move || {
         let mut stream = TcpStream::connect(addr).unwrap();
         let started = Instant::now();
@@ -757,14 +762,17 @@ fn the_connection_cap_holds_and_other_clients_are_still_served() {
     });
     while !client.is_finished() {
         most = most.max(binary.sockets());
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let (text, took) = client.join().unwrap();
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    assert!(took < Duration::from_secs(6), "served after {took:?}");
+    assert!(took < Duration::from_millis(800), "served after {took:?}");
+    // The cap, plus at most the one connection being admitted.
     assert!(
-        most <= baseline + 4,
+        most <= baseline + 4 + 1,
         "{most} sockets open with a cap of 4 (baseline {baseline})"
     );
+    let (text, _) = read_until_closed(&mut busy, Instant::now(), Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 408 Request Timeout"), "{text}");
     drop(silent);
 }

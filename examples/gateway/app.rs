@@ -201,7 +201,9 @@ fn open_file_limit() -> Option<usize> {
 }
 
 /// Serve `app` on `listener` with hyper-util's server: HTTP/1.1 and HTTP/2, at most
-/// `max_connections` at once (more wait in the listen backlog), each request's header section
+/// `max_connections` at once (at the cap, a new connection closes the oldest one that has not
+/// sent a request yet, or waits for a slot with the rest in the listen backlog), each request's
+/// header section
 /// within `header_read_timeout` (a connection that has not sent a whole one by then is closed,
 /// kept-alive ones included), hyper's own header limits at twice the documented ones (the
 /// documented ones are answered in format by `guard`). On `shutdown`: stop accepting, let every
@@ -235,13 +237,10 @@ pub async fn serve(
         .min(tokio::sync::Semaphore::MAX_PERMITS);
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let waiting = Waiting::default();
     let shutdown = shutdown;
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -255,17 +254,29 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // At the cap, the oldest connection that has not sent a request yet makes room: a
+        // client that is slow to send its headers never keeps a ready one waiting.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                waiting.evict_oldest();
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (app, builder, mut stopped) = (app.clone(), builder.clone(), stopped.clone());
         let header_read_timeout = limits.header_read_timeout;
+        let state = waiting.push();
         tokio::spawn(async move {
             let _permit = permit;
-            let seen = Arc::new(AtomicBool::new(false));
             let service = {
-                let seen = seen.clone();
+                let state = state.clone();
                 hyper::service::service_fn(
                     move |mut request: http::Request<hyper::body::Incoming>| {
-                        seen.store(true, Ordering::Relaxed);
+                        state.seen.store(true, Ordering::Relaxed);
                         request.extensions_mut().insert(ConnectInfo(peer));
                         app.clone().oneshot(request.map(Body::new))
                     },
@@ -277,7 +288,7 @@ pub async fn serve(
             // protocol preface and an HTTP/2 connection's first request.
             let first_request = async {
                 tokio::time::sleep(header_read_timeout).await;
-                if seen.load(Ordering::Relaxed) {
+                if state.seen.load(Ordering::Relaxed) {
                     std::future::pending::<()>().await;
                 }
             };
@@ -295,6 +306,12 @@ pub async fn serve(
                         tracing::debug!(peer = %peer, "no request within the header read timeout: closed");
                         break;
                     }
+                    () = state.evict.notified() => {
+                        if !state.seen.load(Ordering::Relaxed) {
+                            tracing::debug!(peer = %peer, "no request yet and the connection cap is reached: closed");
+                            break;
+                        }
+                    }
                     _ = stopped.wait_for(|stop| *stop), if !stopping => {
                         stopping = true;
                         connection.as_mut().graceful_shutdown();
@@ -310,6 +327,50 @@ pub async fn serve(
         .acquire_many(u32::try_from(cap).unwrap_or(u32::MAX))
         .await;
     Ok(())
+}
+
+/// Connections in accept order, to find the oldest one that has not sent a request yet.
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<ConnectionState>>>);
+
+/// What the accept loop knows of a connection.
+#[derive(Default)]
+struct ConnectionState {
+    /// A request head has arrived.
+    seen: AtomicBool,
+    /// Close if no request head has arrived.
+    evict: tokio::sync::Notify,
+}
+
+impl Waiting {
+    /// A new connection, oldest last; drops the front entries of connections that are gone or
+    /// have sent a request.
+    fn push(&self) -> Arc<ConnectionState> {
+        let state = Arc::new(ConnectionState::default());
+        let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while queue.front().is_some_and(|front| {
+            front
+                .upgrade()
+                .is_none_or(|s| s.seen.load(Ordering::Relaxed))
+        }) {
+            queue.pop_front();
+        }
+        queue.push_back(Arc::downgrade(&state));
+        state
+    }
+
+    /// Ask the oldest connection without a request to close.
+    fn evict_oldest(&self) {
+        let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(entry) = queue.pop_front() {
+            if let Some(state) = entry.upgrade() {
+                if !state.seen.load(Ordering::Relaxed) {
+                    state.evict.notify_one();
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The body of a request that must arrive before a deadline.
