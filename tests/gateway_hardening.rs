@@ -551,6 +551,7 @@ impl Binary {
     }
 
     /// The sockets the process has open.
+    #[cfg(target_os = "linux")]
     fn sockets(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
@@ -738,6 +739,7 @@ fn a_stalled_or_trickling_body_is_a_408_in_format_and_nothing_is_held() {
 }
 
 #[test]
+#[cfg(target_os = "linux")] // counts the process's sockets in /proc
 fn the_connection_cap_holds_and_other_clients_are_still_served() {
     let binary = Binary::start("cap", &format!("{SLOW}{CONFIG}"));
     let addr = binary.addr;
