@@ -854,12 +854,14 @@ fn is_clean(path: &str) -> bool {
     if path == "/" {
         return true;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-    {
+    let encoded_separator = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                [w[1], w[2].to_ascii_lowercase()],
+                [b'2', b'e' | b'f'] | [b'5', b'c']
+            )
+    });
+    if encoded_separator || path.contains('\\') {
         return false;
     }
     path.strip_prefix('/').is_some_and(|rest| {
