@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
@@ -777,4 +778,47 @@ fn the_connection_cap_holds_and_other_clients_are_still_served() {
     let (text, _) = read_until_closed(&mut busy, Instant::now(), Duration::from_secs(5));
     assert!(text.starts_with("HTTP/1.1 408 Request Timeout"), "{text}");
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_body_is_a_408_in_format_too() {
+    let running = gateway::start(&format!("[server]\nbody_read_timeout_secs = 1\n{CONFIG}")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // Ten bytes of the body, then nothing (the stream never ends).
+    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+        http_body::Frame::data(bytes::Bytes::from_static(b"{\"model\":\"")),
+    )])
+    .chain(futures_util::stream::pending());
+    let request = http::Request::post(format!("http://{}/v1/chat/completions", running.addr))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap();
+    let started = Instant::now();
+    let response = client.request(request).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 408);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(
+        body,
+        openai_error(
+            "The request body was not received within 1 s.",
+            "invalid_request_error",
+            Value::Null,
+            "bad_request"
+        )
+    );
+    let account = Http::new(running.addr).account().await;
+    assert_eq!(
+        (account["balance"].clone(), account["holds"].clone()),
+        (json!(1000), json!(0))
+    );
 }
