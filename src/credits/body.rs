@@ -124,8 +124,10 @@ impl<L: Ledger> Meter<L> {
         let Some(hold) = self.hold.take() else { return };
         let usage = self.scanner.usage();
         let charge = match (self.shared.on_disconnect, &usage) {
-            (OnDisconnect::ChargeHold, _) => hold.amount(),
-            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(usage),
+            // The upstream already reported what the call used (OpenAI sends the usage event
+            // last, after the whole answer): that is evidence, whatever the policy.
+            (_, Some(usage)) => self.price.cost(usage),
+            (OnDisconnect::ChargeHold, None) => hold.amount(),
             (OnDisconnect::UsageSoFar, None) => {
                 let estimate = self
                     .price

@@ -71,7 +71,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OnDisconnect {
-    /// The whole hold (the default): the upstream may have done all the work anyway.
+    /// The whole hold (the default): the upstream may have done all the work anyway. A stream
+    /// cut after its `usage` object went by is charged that usage, as under every policy.
     #[default]
     ChargeHold,
     /// The usage seen so far: the `usage` object if it already went by, else the price of the
