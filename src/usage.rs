@@ -259,6 +259,94 @@ impl UsageScanner {
     }
 }
 
+/// At most this many decoded bytes of a compressed body are scanned (a decompression bomb costs
+/// no more than that).
+const MAX_DECODED: u64 = 256 << 20;
+
+/// Feeds decoded bytes to the scanner.
+struct Sink {
+    scanner: UsageScanner,
+    seen: u64,
+}
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.seen < MAX_DECODED {
+            self.scanner.feed(buf);
+            self.seen += buf.len() as u64;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Coded {
+    Identity(UsageScanner),
+    Gzip(Box<flate2::write::GzDecoder<Sink>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Sink>>),
+    /// A coding that cannot be decoded here (`br`, `zstd`, a broken stream): what was found
+    /// before stays.
+    Opaque(Option<Usage>),
+}
+
+/// A [`UsageScanner`] behind the response's `content-encoding`: `gzip` and `deflate` bodies are
+/// decoded for scanning (the client still gets the bytes as they came).
+pub(crate) struct CodedScanner(Coded);
+
+impl CodedScanner {
+    /// For a body in this `content-encoding` (`None`: identity).
+    pub(crate) fn new(encoding: Option<&[u8]>) -> Self {
+        let sink = || Sink {
+            scanner: UsageScanner::new(),
+            seen: 0,
+        };
+        let trimmed = encoding.map(<[u8]>::trim_ascii);
+        CodedScanner(match trimmed {
+            None | Some(b"") => Coded::Identity(UsageScanner::new()),
+            Some(e) if e.eq_ignore_ascii_case(b"identity") => Coded::Identity(UsageScanner::new()),
+            Some(e) if e.eq_ignore_ascii_case(b"gzip") || e.eq_ignore_ascii_case(b"x-gzip") => {
+                Coded::Gzip(Box::new(flate2::write::GzDecoder::new(sink())))
+            }
+            Some(e) if e.eq_ignore_ascii_case(b"deflate") => {
+                Coded::Deflate(Box::new(flate2::write::ZlibDecoder::new(sink())))
+            }
+            Some(_) => {
+                tracing::warn!("response in a content coding tollgate cannot decode: its usage is not read");
+                Coded::Opaque(None)
+            }
+        })
+    }
+
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+        use std::io::Write;
+        let failed = match &mut self.0 {
+            Coded::Identity(scanner) => {
+                scanner.feed(chunk);
+                false
+            }
+            Coded::Gzip(decoder) => decoder.write_all(chunk).is_err(),
+            Coded::Deflate(decoder) => decoder.write_all(chunk).is_err(),
+            Coded::Opaque(_) => false,
+        };
+        if failed {
+            tracing::warn!("compressed response could not be decoded: its usage is not read further");
+            self.0 = Coded::Opaque(self.usage());
+        }
+    }
+
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        match &self.0 {
+            Coded::Identity(scanner) => scanner.usage(),
+            Coded::Gzip(decoder) => decoder.get_ref().scanner.usage(),
+            Coded::Deflate(decoder) => decoder.get_ref().scanner.usage(),
+            Coded::Opaque(found) => *found,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +429,36 @@ mod tests {
         // Nested usage inside an SSE event is ignored too.
         let body = b"data: {\"x\":{\"usage\":{\"total_tokens\":8}}}\n\n";
         assert_eq!(scan_in_pieces(body, 2), None);
+    }
+
+    #[test]
+    fn gzip_and_deflate_bodies_are_decoded_for_scanning() {
+        use std::io::Write;
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zl.write_all(body).unwrap();
+        let zl = zl.finish().unwrap();
+        let five = Some(Usage {
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            total_tokens: 5,
+        });
+        for (coding, bytes) in [(&b"gzip"[..], &gz), (b"deflate", &zl)] {
+            let mut scanner = CodedScanner::new(Some(coding));
+            for piece in bytes.chunks(3) {
+                scanner.feed(piece);
+            }
+            assert_eq!(scanner.usage(), five);
+        }
+        let mut broken = CodedScanner::new(Some(b"gzip"));
+        broken.feed(b"not gzip at all");
+        assert_eq!(broken.usage(), None);
+        let mut br = CodedScanner::new(Some(b"br"));
+        br.feed(body);
+        assert_eq!(br.usage(), None);
     }
 
     #[test]

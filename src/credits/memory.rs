@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    ledger::MAX_CREDITS,
     clock::{Clock, SystemClock},
     ledger::{
         Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
@@ -343,6 +344,7 @@ impl MemoryLedger {
         account.balance = account
             .balance
             .checked_add(amount)
+            .filter(|balance| *balance <= MAX_CREDITS)
             .ok_or(TopUpError::Overflow)?;
         let key: Arc<str> = Arc::from(key);
         account.top_ups.insert(key.clone(), amount);

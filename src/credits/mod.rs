@@ -92,6 +92,7 @@ mod clock;
 mod ledger;
 mod memory;
 mod pricing;
+mod replay;
 mod service;
 
 pub use body::MeteredBody;
@@ -99,10 +100,11 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ledger::{
     reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,
     JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-    TopUp, TopUpError,
+    TopUp, TopUpError, MAX_CREDITS,
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
-pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS};
+pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};
+pub use replay::{DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT};
 pub use service::{
     Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
