@@ -314,7 +314,9 @@ impl CodedScanner {
                 Coded::Deflate(Box::new(flate2::write::ZlibDecoder::new(sink())))
             }
             Some(_) => {
-                tracing::warn!("response in a content coding tollgate cannot decode: its usage is not read");
+                tracing::warn!(
+                    "response in a content coding tollgate cannot decode: its usage is not read"
+                );
                 Coded::Opaque(None)
             }
         })
@@ -327,12 +329,21 @@ impl CodedScanner {
                 scanner.feed(chunk);
                 false
             }
-            Coded::Gzip(decoder) => decoder.write_all(chunk).is_err(),
-            Coded::Deflate(decoder) => decoder.write_all(chunk).is_err(),
+            // Flushed each time: what the chunk decodes to is scanned now, not at the next one.
+            Coded::Gzip(decoder) => decoder
+                .write_all(chunk)
+                .and_then(|()| decoder.flush())
+                .is_err(),
+            Coded::Deflate(decoder) => decoder
+                .write_all(chunk)
+                .and_then(|()| decoder.flush())
+                .is_err(),
             Coded::Opaque(_) => false,
         };
         if failed {
-            tracing::warn!("compressed response could not be decoded: its usage is not read further");
+            tracing::warn!(
+                "compressed response could not be decoded: its usage is not read further"
+            );
             self.0 = Coded::Opaque(self.usage());
         }
     }
@@ -403,7 +414,10 @@ mod tests {
         let body = br#"{"model":"usage","xusage":{"total_tokens":5},"usages":{"total_tokens":6}}"#;
         assert_eq!(scan_in_pieces(body, 5), None);
         // A top-level array is not a usage report.
-        assert_eq!(scan_in_pieces(br#"[{"usage":{"total_tokens":5}}]"#, 5), None);
+        assert_eq!(
+            scan_in_pieces(br#"[{"usage":{"total_tokens":5}}]"#, 5),
+            None
+        );
         // Pretty-printed JSON (newlines are whitespace in a JSON body).
         let body = b"{\n  \"usage\" :\n {\"prompt_tokens\": 1,\n \"completion_tokens\": 2}\n}\n";
         assert_eq!(scan_in_pieces(body, 3), Some(three));

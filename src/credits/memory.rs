@@ -13,8 +13,8 @@ use std::{
 };
 
 use super::{
-    ledger::MAX_CREDITS,
     clock::{Clock, SystemClock},
+    ledger::MAX_CREDITS,
     ledger::{
         Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
         Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,

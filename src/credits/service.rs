@@ -420,9 +420,10 @@ where
         }
         // Metered: the usage must be readable, so the answer is asked for uncompressed (the
         // client still gets a valid body; gzip and deflate are decoded for scanning anyway).
-        request
-            .headers_mut()
-            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        request.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let idempotency_key = match caller.as_ref().map(|_| idempotency_key(&request)) {
             Some(Err(rejection)) => return refused(rejection),
             Some(Ok(key)) => key,
@@ -748,8 +749,10 @@ where
                 }
                 KindProj::Replay { answer, decision } => {
                     let answer = answer.take().expect(POLLED_AFTER_COMPLETION);
-                    let mut response =
-                        Response::new(MeteredBody::new(ResponseBody::full(answer.body.clone()), None));
+                    let mut response = Response::new(MeteredBody::new(
+                        ResponseBody::full(answer.body.clone()),
+                        None,
+                    ));
                     *response.status_mut() = answer.status;
                     *response.headers_mut() = answer.headers.clone();
                     response
@@ -977,7 +980,10 @@ where
                     };
                     Kind::Refused {
                         rejection: Some(
-                            Rejection::new(Reason::IdempotencyReplayUnavailable).with_message(
+                            Rejection::new(Reason::IdempotencyReplayUnavailable)
+                                // The same request can never be replayed: a new key is needed.
+                                .with_should_retry(false)
+                                .with_message(
                                 format!(
                                     "The request with this Idempotency-Key was already processed and charged, but its response {why}, so it cannot be replayed. Send a new request with a new Idempotency-Key."
                                 ),
