@@ -968,7 +968,10 @@ async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
     for _ in 0..200 {
         // Each caller sends its reserve and gives up at once: polled once, then dropped.
         let reserve = ledger.reserve(ReserveRequest::new("acct_1", 5));
-        assert!(reserve.now_or_never().is_none(), "a network call is not ready at once");
+        assert!(
+            reserve.now_or_never().is_none(),
+            "a network call is not ready at once"
+        );
     }
     // The abandoned reserves finish on their own and are released: nothing stays held.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -984,11 +987,17 @@ async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
         if released == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "{released} of 200 abandoned holds released");
+        assert!(
+            Instant::now() < deadline,
+            "{released} of 200 abandoned holds released"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let balance = ledger.balance("acct_1").await.unwrap();
-    assert_eq!((balance.balance, balance.held, balance.holds), (1_000, 0, 0));
+    assert_eq!(
+        (balance.balance, balance.held, balance.holds),
+        (1_000, 0, 0)
+    );
     // The breaker never opened: a new caller is served at once.
     let hold = ledger
         .reserve(ReserveRequest::new("acct_1", 5))
@@ -1000,7 +1009,10 @@ async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held), (995, 0));
     // The journal: the top-up, then reserve + release pairs, and one reserve + settle.
-    let journal = ledger.journal("acct_1", JournalQuery::new().limit(10_000)).await.unwrap();
+    let journal = ledger
+        .journal("acct_1", JournalQuery::new().limit(10_000))
+        .await
+        .unwrap();
     let count = |kind| journal.iter().filter(|e| e.kind == kind).count();
     assert_eq!(count(EntryKind::Reserve), count(EntryKind::Release) + 1);
     assert_eq!(count(EntryKind::Settle), 1);

@@ -77,7 +77,9 @@ impl Conn {
         async move {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => runtime.spawn(work).await.unwrap_or_else(|_| {
-                    Err(BackendError::new(format!("redis {what}: the runtime is shutting down")))
+                    Err(BackendError::new(format!(
+                        "redis {what}: the runtime is shutting down"
+                    )))
                 }),
                 Err(_) => work.await,
             }

@@ -241,7 +241,10 @@ impl RedisLedger {
             runtime.spawn(async move {
                 let reserved = work.await;
                 if let Err(Ok(Reserved::Held(hold, _))) = answer.send(reserved) {
-                    tracing::debug!(hold = hold.id(), "reserve abandoned by its caller: released");
+                    tracing::debug!(
+                        hold = hold.id(),
+                        "reserve abandoned by its caller: released"
+                    );
                     ledger.compensate(hold.account_arc().clone(), hold.id(), abandoned_refunds);
                 }
             });
