@@ -10,10 +10,48 @@
 //! | `GET /accounts/{id}` | | `{"id","plan","frozen","status","balance","held","holds","available"}` |
 //! | `PATCH /accounts/{id}` | `{"plan"?: "..", "frozen"?: bool}` | the account |
 //! | `POST /accounts/{id}/top-up` | `{"amount": N}` (+ optional `Idempotency-Key` header) | `{"applied","balance",..}` |
-//! | `GET /accounts/{id}/journal?after=&limit=` | | `{"entries":[..]}` |
+//! | `GET /accounts/{id}/journal?after=&limit=` | | `{"account","entries":[..],"has_more"}` |
 //! | `POST /keys` | `{"account","id"?,"prefix"?,"plan"?,"models"?,"ip_allowlist"?,"expires_at"?}` | 201, `{"id","account","key"}`: the key, the only time it is shown |
 //! | `POST /keys/{id}/revoke` | | `{"id","status":"revoked"}` |
 //! | `POST /keys/{id}/disable` | | `{"id","status":"disabled"}` |
+//! | `POST /keys/{id}/enable` | | `{"id","status":"active"}` |
+//!
+//! # What it refuses
+//!
+//! Every refusal comes before anything is applied: no top-up, no status change, no key.
+//!
+//! | case | status | code |
+//! |---|---|---|
+//! | no `Authorization: Bearer` | 401 | `missing_api_key` |
+//! | a wrong admin key | 401 | `invalid_api_key` |
+//! | too many wrong admin keys from one client IP ([`AuthShield`]) | 429 + `retry-after` | `too_many_auth_failures` |
+//! | a body that is not a JSON object (`[7]`, `7`, `null`, empty) | 400 | `bad_request` |
+//! | malformed JSON | 400 | `invalid_json` |
+//! | an unknown, duplicate, missing or mistyped field | 422 | `validation_failed` |
+//! | a body over [`BODY_LIMIT`], or a `Content-Type` other than JSON | 413, 415 | `payload_too_large`, `unsupported_media_type` |
+//! | `expires_at` not in the future | 422 | `validation_failed` (`param: expires_at`) |
+//! | `"ip_allowlist": []` or `"models": []` | 422 | `validation_failed` |
+//! | `disable` or `enable` on a revoked key | 409 | `conflict` |
+//! | `limit` outside 1 to [`JOURNAL_LIMIT_MAX`], or an unknown query parameter | 400 | `bad_request` |
+//!
+//! **The brute-force shield** is the one API keys have ([`AuthShield`], default 100 failures per
+//! client IP per 5 minutes, IPv6 per /64): a client over it is refused before its key is
+//! compared, the right key included, until its failures age out; other clients are not affected.
+//! The client IP is the [`ClientIp`] an earlier [`ClientIpLayer`](crate::ip::ClientIpLayer)
+//! resolved, else the peer address. Requests whose client IP is unknown (the router served
+//! without `ConnectInfo`) share one bucket.
+//!
+//! **An empty allowlist is refused.** On a key, `[]` would admit no IP, while the global list of
+//! [`IpAllowLayer`](crate::ip::IpAllowLayer) (and `[server] ip_allow`) is empty by default and
+//! then admits every IP. So a key's `ip_allowlist` names at least one network; omit it to allow
+//! every IP, disable the key to allow none.
+//!
+//! **Revocation is final**: the key store refuses to give a revoked key another status
+//! ([`KeyAdminError::Revoked`]), so `disable` and `enable` answer 409; revoking again is a 200.
+//!
+//! **The journal is paged**: `limit` is 1 to [`JOURNAL_LIMIT_MAX`] (1000), by default
+//! [`JOURNAL_LIMIT_DEFAULT`] (100); a larger one is a 400, not a silent clamp. `has_more` is true
+//! when entries follow: ask again with `after` set to the last entry's `seq`.
 //!
 //! # Example
 //!

@@ -85,7 +85,9 @@ pub struct KeyRecord {
     pub models: Option<Arc<[String]>>,
     /// Free-form scopes.
     pub scopes: Vec<String>,
-    /// The client IPs the key may be used from; `None` for any.
+    /// The client IPs the key may be used from; `None` for any. An empty set admits no address;
+    /// the admin API and the gateway configuration refuse an empty list, so that `[]` never
+    /// means "no IP" on a key and "every IP" on the global list.
     pub ip_allowlist: Option<IpSet>,
     /// Free-form metadata.
     pub metadata: BTreeMap<String, String>,
