@@ -189,6 +189,36 @@ where
     /// wrong keys per client IP per 5 minutes). Pass the shield of the API's
     /// [`AuthLayer`](crate::auth::AuthLayer) to count wrong API keys and wrong admin keys
     /// together.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{body::Body, extract::ConnectInfo, Router};
+    /// use http::{Request, StatusCode};
+    /// use tollgate::{admin, auth::{AccountRecord, AuthShield, MemoryKeyStore}, credits::MemoryLedger};
+    /// use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
+    /// let app: Router = admin::router(store, MemoryLedger::new(), "admin-key-0123456789")
+    ///     .shield(AuthShield::new(2, Duration::from_secs(60)))
+    ///     .build();
+    /// let get = |key: &str| {
+    ///     Request::get("/accounts/acct_1")
+    ///         .header("authorization", format!("Bearer {key}"))
+    ///         .extension(ConnectInfo(std::net::SocketAddr::from(([203, 0, 113, 7], 4000))))
+    ///         .body(Body::empty())
+    ///         .unwrap()
+    /// };
+    /// for expected in [401, 401, 429] {
+    ///     let response = app.clone().oneshot(get("admin-key-guess-0000")).await.unwrap();
+    ///     assert_eq!(response.status(), expected);
+    /// }
+    /// // Throttled: even the right key waits until the failures age out.
+    /// let response = app.oneshot(get("admin-key-0123456789")).await.unwrap();
+    /// assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// # }
+    /// ```
     pub fn shield(mut self, shield: AuthShield) -> Self {
         self.shield = Some(shield);
         self
