@@ -627,6 +627,45 @@ async fn bodies_must_be_objects_with_known_fields() {
         "Invalid body: unknown field `blocked`, expected `plan` or `frozen` at line 1 column 26."
     );
 
+    // Too large, or not JSON at all.
+    let huge = format!(r#"{{"amount": 7, "pad": "{}"}}"#, "x".repeat(70 * 1024));
+    let (status, _, answer) = call_from(
+        &app,
+        Format::OpenAi,
+        peer,
+        "POST",
+        "/admin/accounts/acct_1/top-up",
+        Some(&huge),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        answer,
+        openai_error(
+            "The body is larger than 64 KiB, or was cut off.",
+            "invalid_request_error",
+            None,
+            "payload_too_large"
+        )
+    );
+    let mut req = Request::post("/admin/accounts/acct_1/top-up")
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .header("content-type", "text/plain")
+        .body(Body::from(r#"{"amount": 7}"#))
+        .unwrap();
+    req.extensions_mut()
+        .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+    let res = NormalizeLayer::new()
+        .layer(app.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    let answer: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(answer["error"]["code"], "unsupported_media_type");
+
     // Nothing was applied: no top-up, the account not frozen.
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held), (0, 0));
