@@ -186,20 +186,22 @@ async fn sse_usage_in_the_final_chunk_is_settled() {
 #[tokio::test]
 async fn usage_above_the_hold_is_charged_up_to_the_available_balance_never_below_zero() {
     let ledger = ledger_with("acct_1", 15).await;
-    // Hold: max_tokens 100 → 1 + ceil(100 × 10 / 1000) = 2; usage costs 5; only 15 on the account.
+    // Hold: max_tokens 250 → 1 + ceil(250 × 10 / 1000) = 4; the usage (100 prompt tokens more
+    // than estimated) costs 5; only 15 on the account.
     let app = CreditsLayer::new(ledger.clone(), pricing()).layer(service_fn(|_: Upstream| async {
         Ok::<_, Infallible>(json_ok(USAGE_JSON))
     }));
     let response = app
         .clone()
-        .oneshot(chat(r#"{"model":"gpt-test","max_tokens":100}"#))
+        .oneshot(chat(r#"{"model":"gpt-test","max_tokens":250}"#))
         .await
         .unwrap();
-    assert_eq!(response.headers()["x-credits-held"], "2");
+    assert_eq!(response.headers()["x-credits-held"], "4");
     body_json(response).await;
     assert_eq!(balance(&ledger, "acct_1").await.balance, 10);
 
-    // Now the upstream reports a usage worth 1 + 2000 credits: everything left is taken, no more.
+    // Now the upstream reports a usage worth 1 + 1001 credits (100,000 prompt tokens; the
+    // completion clamped to max_tokens): everything left is taken, no more.
     let app = CreditsLayer::new(ledger.clone(), pricing()).layer(service_fn(|_: Upstream| async {
         Ok::<_, Infallible>(json_ok(
             r#"{"usage":{"prompt_tokens":100000,"completion_tokens":100000,"total_tokens":200000}}"#,
@@ -482,7 +484,8 @@ async fn an_idempotent_retry_is_charged_once() {
     body_json(first).await;
     assert_eq!(balance(&ledger, "acct_1").await.balance, 95);
 
-    // Done: the same request again goes through without a second charge.
+    // Done: the same request again gets the first answer, without a second charge and
+    // without a second upstream call.
     let response = app
         .clone()
         .oneshot(with_key(chat(body), "retry-1"))
@@ -490,10 +493,12 @@ async fn an_idempotent_retry_is_charged_once() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(response.headers()["content-type"], "application/json");
     assert!(!response.headers().contains_key("x-credits-held"));
-    body_json(response).await;
+    let replayed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(replayed, USAGE_JSON.as_bytes());
     assert_eq!(balance(&ledger, "acct_1").await, Balance::new(95, 0, 0));
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     // The same key with a different request: 422.
     let response = app
@@ -514,7 +519,7 @@ async fn an_idempotent_retry_is_charged_once() {
             "code": "idempotency_key_reused",
         }})
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     // Another account may use the same key.
     ledger.top_up("acct_2", 100, "initial").await.unwrap();

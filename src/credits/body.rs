@@ -4,8 +4,12 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll, Waker},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -15,13 +19,14 @@ use pin_project_lite::pin_project;
 use super::{
     ledger::{Hold, Ledger, Settlement},
     pricing::Price,
+    replay::Capture,
     service::Shared,
     MemoryLedger, OnDisconnect,
 };
 use crate::{
     body::ResponseBody,
     ratelimit::{corrections, Charge, TokenMeter},
-    usage::{Usage, UsageScanner},
+    usage::{CodedScanner, Usage},
     BackendError,
 };
 
@@ -39,10 +44,16 @@ pub(super) struct Meter<L: Ledger> {
     hold: Option<Hold>,
     price: Price,
     prompt_estimate: u64,
-    scanner: UsageScanner,
+    scanner: CodedScanner,
     sse: bool,
     events: EventCounter,
     tokens: Option<TokenCharges>,
+    /// The account and `Idempotency-Key` whose answer is kept, until the answer's head is known.
+    replay_key: Option<(Arc<str>, Arc<str>)>,
+    /// The answer being kept for the retries of its `Idempotency-Key`.
+    replay: Option<Capture>,
+    /// The request's `max_tokens`: a reported completion above it is clamped.
+    max_tokens: Option<u64>,
 }
 
 impl<L: Ledger> Meter<L> {
@@ -57,10 +68,13 @@ impl<L: Ledger> Meter<L> {
             hold: Some(hold),
             price,
             prompt_estimate,
-            scanner: UsageScanner::new(),
+            scanner: CodedScanner::new(None),
             sse: false,
             events: EventCounter::default(),
             tokens: None,
+            replay_key: None,
+            replay: None,
+            max_tokens: None,
         }
     }
 
@@ -68,6 +82,46 @@ impl<L: Ledger> Meter<L> {
     pub(super) fn with_tokens(mut self, tokens: Option<TokenCharges>) -> Self {
         self.tokens = tokens;
         self
+    }
+
+    /// The request's `max_tokens`, bounding the completion it can be charged.
+    pub(super) fn with_max_tokens(mut self, max_tokens: Option<u64>) -> Self {
+        self.max_tokens = max_tokens;
+        self
+    }
+
+    /// The usage the upstream reported, bounded by what the request could have produced.
+    fn usage(&self, hold: &Hold) -> Option<Usage> {
+        let reported = self.scanner.usage()?;
+        let (usage, clamped) = self.price.clamp_usage(reported, self.max_tokens);
+        if clamped {
+            tracing::warn!(
+                request_id = hold.request_id().unwrap_or("-"),
+                reported_prompt = reported.prompt_tokens,
+                reported_completion = reported.completion_tokens,
+                reported_total = reported.total_tokens,
+                charged_total = usage.total_tokens,
+                "usage above what the request could produce: clamped"
+            );
+        }
+        Some(usage)
+    }
+
+    /// Keep the answer for the retries of this account's `Idempotency-Key`.
+    pub(super) fn with_replay(mut self, replay: Option<(Arc<str>, Arc<str>)>) -> Self {
+        self.replay_key = replay;
+        self
+    }
+
+    /// The answer's head arrived (a success): read its usage through its content coding, and
+    /// start keeping it when it has an `Idempotency-Key`.
+    pub(super) fn response_head(&mut self, status: http::StatusCode, headers: &http::HeaderMap) {
+        let encoding = headers.get(http::header::CONTENT_ENCODING);
+        self.scanner = CodedScanner::new(encoding.map(http::HeaderValue::as_bytes));
+        if let Some((account, key)) = self.replay_key.take() {
+            let store = self.shared.replays.clone();
+            self.replay = Some(Capture::new(store, account, key, status, headers));
+        }
     }
 
     /// Settle `hold` at `charge`, with the tokens limits corrected from `usage` in the same
@@ -96,6 +150,9 @@ impl<L: Ledger> Meter<L> {
     }
 
     fn feed(&mut self, chunk: &[u8]) {
+        if let Some(replay) = &mut self.replay {
+            replay.feed(chunk);
+        }
         self.scanner.feed(chunk);
         if self.sse {
             self.events.feed(chunk);
@@ -105,7 +162,11 @@ impl<L: Ledger> Meter<L> {
     /// The body ended: charge the usage it reported, or the hold when it reported none.
     fn finish(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let usage = self.scanner.usage();
+        // Kept before the hold closes: a retry that sees the charge finds the answer.
+        if let Some(replay) = self.replay.take() {
+            replay.finish();
+        }
+        let usage = self.usage(&hold);
         let charge = match &usage {
             Some(usage) => self.price.cost(usage),
             None => hold.amount(),
@@ -115,6 +176,7 @@ impl<L: Ledger> Meter<L> {
 
     /// The upstream failed: charge nothing.
     pub(super) fn release(&mut self) {
+        self.replay = None;
         let Some(hold) = self.hold.take() else { return };
         drive(self.shared.ledger.release(&hold), &hold, "release");
     }
@@ -122,10 +184,15 @@ impl<L: Ledger> Meter<L> {
     /// The response was abandoned (client gone, body error): charge per [`OnDisconnect`].
     fn abandon(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let usage = self.scanner.usage();
+        if let Some(replay) = self.replay.take() {
+            replay.abandon();
+        }
+        let usage = self.usage(&hold);
         let charge = match (self.shared.on_disconnect, &usage) {
-            (OnDisconnect::ChargeHold, _) => hold.amount(),
-            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(usage),
+            // The upstream already reported what the call used (OpenAI sends the usage event
+            // last, after the whole answer): that is evidence, whatever the policy.
+            (_, Some(usage)) => self.price.cost(usage),
+            (OnDisconnect::ChargeHold, None) => hold.amount(),
             (OnDisconnect::UsageSoFar, None) => {
                 let estimate = self
                     .price
@@ -163,7 +230,11 @@ where
         Poll::Ready(result) => log(result),
         Poll::Pending => match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(async move { log(future.await) });
+                let running = Running::start();
+                handle.spawn(async move {
+                    log(future.await);
+                    drop(running);
+                });
             }
             Err(_) => tracing::warn!(
                 hold = hold.id(),
@@ -171,6 +242,62 @@ where
                 "no tokio runtime to close a credit hold; it will expire"
             ),
         },
+    }
+}
+
+/// Settlements running in the background (a remote ledger's settle, release or expiry of a hold
+/// whose body ended or was dropped).
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// One background settlement, counted while it runs.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many settlements are still running in the background in this process.
+///
+/// A response body that ends (or is dropped) closes its hold at once with an in-memory ledger;
+/// with a remote one (Redis, a database) the settlement is a call that runs on its own task.
+pub fn pending_settlements() -> usize {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Wait until every background settlement of this process has finished, at most `timeout`;
+/// returns how many are still running (0: all done). Call it at graceful shutdown, after the
+/// server stopped accepting and in-flight requests finished, so that no hold is left to expire
+/// at its held amount (which would overcharge a stream that was settled as it ended).
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+///
+/// // ... the server stopped ...
+/// let left = tollgate::credits::finish_settlements(Duration::from_secs(10)).await;
+/// assert_eq!(left, 0);
+/// # }
+/// ```
+pub async fn finish_settlements(timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = pending_settlements();
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
