@@ -232,9 +232,11 @@ pub async fn serve(
             u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         );
     let builder = Arc::new(builder);
+    // Shutdown waits for all the permits at once (a u32).
     let cap = limits
         .max_connections
-        .min(tokio::sync::Semaphore::MAX_PERMITS);
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let waiting = Waiting::default();
@@ -323,9 +325,7 @@ pub async fn serve(
     drop(listener);
     let _ = stop.send(true);
     // Every connection has ended when every permit is back.
-    let _ = permits
-        .acquire_many(u32::try_from(cap).unwrap_or(u32::MAX))
-        .await;
+    let _ = permits.acquire_many(cap as u32).await;
     Ok(())
 }
 
