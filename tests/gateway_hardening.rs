@@ -822,3 +822,27 @@ async fn a_stalled_http2_body_is_a_408_in_format_too() {
         (json!(1000), json!(0))
     );
 }
+
+#[test]
+#[cfg(unix)]
+fn a_connection_cap_above_the_file_limit_stops_startup() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, format!("[server]\nmax_connections = 5000\n{CONFIG}")).unwrap();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 1024 && exec '{}' --config '{}' --listen 127.0.0.1:0",
+            example_binary().display(),
+            path.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "error: server.max_connections = 5000 is not below the open-file limit (1024 less 64 for listeners, logs and backends): lower it or raise `ulimit -n`\n"
+    );
+    assert!(output.stdout.is_empty());
+}
