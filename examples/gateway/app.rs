@@ -35,6 +35,7 @@ use tollgate::{
     },
     config::{BackendKind, GatewayConfig, KeyStatusConfig, Upstream},
     credits::{Admission, AdmissionFuture, Balance, Hold},
+    credits::{Promote, TopUpPromoter},
     credits::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
         Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
@@ -135,11 +136,16 @@ async fn redis_backend(config: &GatewayConfig) -> Result<Router, String> {
     let backend = redis::RedisBackend::connect_with(url, options)
         .await
         .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?;
-    assemble(
+    let key_store = backend.key_store();
+    // Plan promotion in the top-up's own script: balance, journal and plan together.
+    let promoter =
+        redis::RedisPromoter::new(backend.ledger(), key_store.clone(), config.promotions());
+    assemble_promoting(
         config,
-        backend.key_store(),
+        key_store,
         backend.ledger(),
         backend.limiter(),
+        promoter,
     )
     .await
 }
@@ -149,7 +155,8 @@ async fn redis_backend(_config: &GatewayConfig) -> Result<Router, String> {
     Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
 }
 
-/// Load the config into the stores and build the chain.
+/// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are
+/// applied by the top-up, then the plan change.
 async fn assemble<K, L, R>(
     config: &GatewayConfig,
     store: K,
@@ -160,6 +167,24 @@ where
     K: KeyStore + KeyAdmin + Clone,
     L: Ledger + Clone,
     R: Limiter,
+{
+    let promoter = Promote::new(ledger.clone(), store.clone(), config.promotions());
+    assemble_promoting(config, store, ledger, limiter, promoter).await
+}
+
+/// [`assemble`] with the backend's own top-up promoter (atomic where the backend allows).
+async fn assemble_promoting<K, L, R, P>(
+    config: &GatewayConfig,
+    store: K,
+    ledger: L,
+    limiter: R,
+    promoter: P,
+) -> Result<Router, String>
+where
+    K: KeyStore + KeyAdmin + Clone,
+    L: Ledger + Clone,
+    R: Limiter,
+    P: TopUpPromoter,
 {
     let server = &config.server;
     // Plans: models for the key store, quotas for the limiter.
@@ -354,18 +379,21 @@ where
             .iter()
             .map(|p| p.name.get_ref().clone())
             .collect();
-        app = app.nest(
-            "/admin",
-            admin::router(store, ledger, admin_key)
-                .plans(plan_names)
-                .build(),
-        );
+        let mut admin = admin::router(store, ledger, admin_key).plans(plan_names);
+        if !config.promotions().is_empty() {
+            admin = admin.promote_on_top_up(promoter);
+        }
+        app = app.nest("/admin", admin.build());
     }
     Ok(app
         .fallback_service(api)
         .layer(ClientIpLayer::new(resolver))
         .layer(middleware::from_fn(observe))
-        .layer(NormalizeLayer::new().format(server.error_format.clone())))
+        .layer(
+            NormalizeLayer::new()
+                .format(server.error_format.clone())
+                .catalog(config.error_catalog()),
+        ))
 }
 
 fn per_minute(n: u32, burst: u32) -> Quota {

@@ -92,6 +92,7 @@ mod clock;
 mod ledger;
 mod memory;
 mod pricing;
+mod promote;
 mod service;
 
 pub use body::MeteredBody;
@@ -103,6 +104,7 @@ pub use ledger::{
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
 pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS};
+pub use promote::{PlanChange, Promote, Promoted, Promotions, TopUpPromoter};
 pub use service::{
     Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
