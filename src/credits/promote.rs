@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | memory | [`Promote`] over a [`MemoryLedger`](super::MemoryLedger) and a [`MemoryKeyStore`](crate::auth::MemoryKeyStore) | both are applied before the call returns, in process |
 //! | Redis | `RedisPromoter` (feature `redis`) | yes: one script changes the balance, the journal and the plan |
-//! | any other [`Ledger`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan (a failure in between is reported, the top-up stays applied) |
+//! | any other [`Ledger`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan, one at a time per process (a failure in between is reported as an error and the top-up stays applied; a replay of it then promotes nothing) |
 //!
 //! A backend where keys and balances live in one database (SQLite, PostgreSQL) implements
 //! [`TopUpPromoter`] in one transaction: insert the top-up (by its idempotency key), and only
@@ -158,6 +158,9 @@ pub struct Promote<L, K> {
     ledger: L,
     store: K,
     promotions: Arc<Promotions>,
+    /// One top-up and its promotion at a time in this process, so concurrent top-ups of one
+    /// account report its plan change once.
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<L, K> fmt::Debug for Promote<L, K> {
@@ -175,6 +178,7 @@ impl<L, K> Promote<L, K> {
             ledger,
             store,
             promotions: Arc::new(promotions),
+            lock: Arc::default(),
         }
     }
 
@@ -194,6 +198,7 @@ impl<L: Ledger, K: KeyAdmin> TopUpPromoter for Promote<L, K> {
         let top_up = self.ledger.top_up(account, amount, idempotency_key);
         let account: Arc<str> = account.into();
         async move {
+            let _one_at_a_time = self.lock.lock().await;
             let top_up = top_up.await?;
             if !top_up.applied || self.promotions.is_empty() {
                 return Ok(Promoted::new(top_up, None));
