@@ -120,7 +120,10 @@ fn problem_details_take_the_type_uri_status_title_and_code() {
         &cx(),
     );
     assert_eq!(response.status(), 403);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
     assert_eq!(
         body(&response),
         json!({
@@ -152,7 +155,10 @@ fn grpc_status_maps_from_the_final_status() {
     );
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["grpc-status"], "3"); // 400: INVALID_ARGUMENT
-    assert_eq!(response.headers()["grpc-message"], "Need 30 credits, have 10.");
+    assert_eq!(
+        response.headers()["grpc-message"],
+        "Need 30 credits, have 10."
+    );
 }
 
 #[test]
@@ -212,9 +218,15 @@ async fn upstream_failures_normalized_by_the_chain_go_through_the_catalog() {
         )
         .with(Reason::GatewayTimeout, api_error("timeout"));
     let app = Router::new()
-        .route("/500", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "stack trace") }))
+        .route(
+            "/500",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "stack trace") }),
+        )
         .route("/502", get(|| async { StatusCode::BAD_GATEWAY }))
-        .route("/503", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "<html>busy</html>") }))
+        .route(
+            "/503",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "<html>busy</html>") }),
+        )
         .route("/504", get(|| async { StatusCode::GATEWAY_TIMEOUT }))
         .layer(NormalizeLayer::new().catalog(catalog));
     for (path, status, message) in [
@@ -230,7 +242,9 @@ async fn upstream_failures_normalized_by_the_chain_go_through_the_catalog() {
             .unwrap();
         assert_eq!(response.status(), status, "{path}");
         assert_eq!(response.headers()["x-should-retry"], "true", "{path}");
-        let bytes = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             body,
@@ -243,19 +257,19 @@ async fn upstream_failures_normalized_by_the_chain_go_through_the_catalog() {
 #[tokio::test]
 async fn normalize_message_is_a_catalog_entry_and_keeps_the_default_status() {
     use tollgate::normalize::NormalizeLayer;
-    let app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .layer(
-            NormalizeLayer::new()
-                .format(Format::Envelope)
-                .message(Reason::NotFound, "Resource does not exist"),
-        );
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        NormalizeLayer::new()
+            .format(Format::Envelope)
+            .message(Reason::NotFound, "Resource does not exist"),
+    );
     let response = app
         .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    let bytes = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap();
     let body: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(body["error"]["code"], "NOT_FOUND");
     assert_eq!(body["error"]["message"], "Resource does not exist");
@@ -292,7 +306,8 @@ async fn promotes_once<P: TopUpPromoter, K: KeyStore + KeyAdmin, L: Ledger>(
     assert_eq!(before.caller.plan(), "free");
 
     let results = futures_util::future::join_all(
-        (0..8).map(|i| promoter.top_up_and_promote("acct_free", 100 + i, format!("inv-{i}").leak())),
+        (0..8)
+            .map(|i| promoter.top_up_and_promote("acct_free", 100 + i, format!("inv-{i}").leak())),
     )
     .await;
     let changes: Vec<PlanChange> = results
@@ -307,7 +322,13 @@ async fn promotes_once<P: TopUpPromoter, K: KeyStore + KeyAdmin, L: Ledger>(
     let after = store.lookup(&keys::digest(KEY)).await.unwrap().unwrap();
     assert_eq!(after.caller.plan(), "trusted");
     assert_eq!(
-        store.account("acct_free").await.unwrap().unwrap().plan.as_ref(),
+        store
+            .account("acct_free")
+            .await
+            .unwrap()
+            .unwrap()
+            .plan
+            .as_ref(),
         "trusted"
     );
 
@@ -331,7 +352,13 @@ async fn promotes_once<P: TopUpPromoter, K: KeyStore + KeyAdmin, L: Ledger>(
     assert!(!replay.top_up.applied);
     assert_eq!(replay.plan_change, None);
     assert_eq!(
-        store.account("acct_free").await.unwrap().unwrap().plan.as_ref(),
+        store
+            .account("acct_free")
+            .await
+            .unwrap()
+            .unwrap()
+            .plan
+            .as_ref(),
         "free"
     );
     // A new top-up promotes again (the rule is about the plan, not the account's history).
@@ -379,7 +406,10 @@ async fn redis_backend_promotes_in_the_top_up_script() {
 
     // Another replica sees the plan too (its cache is dropped by the published invalidation,
     // and the plan lives in Redis).
-    let other = RedisBackend::connect(&server.url()).await.unwrap().key_store();
+    let other = RedisBackend::connect(&server.url())
+        .await
+        .unwrap()
+        .key_store();
     let found = other.lookup(&keys::digest(KEY)).await.unwrap().unwrap();
     assert_eq!(found.caller.plan(), "trusted");
 }
@@ -403,7 +433,10 @@ async fn redis_top_up_and_plan_change_are_one_script() {
         .top_up_and_promote("acct_free", 10, "inv-1")
         .await
         .unwrap();
-    assert_eq!(promoted.plan_change, Some(PlanChange::new("free", "trusted")));
+    assert_eq!(
+        promoted.plan_change,
+        Some(PlanChange::new("free", "trusted"))
+    );
     // One script call moved the balance and the plan: no second step to lose.
     assert_eq!(server.script_calls().await - before, 1);
 }

@@ -159,14 +159,19 @@ enum Msg<'a> {
 fn openai(out: &Value, case: &str, status: u16, ty: &str, code: Value, message: Msg<'_>) {
     let r = &out[case];
     assert_eq!(r["status"], status, "{case}: {r}");
-    let body = r["body"].as_object().unwrap_or_else(|| panic!("{case}: {r}"));
+    let body = r["body"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{case}: {r}"));
     assert_eq!(body.keys().collect::<Vec<_>>(), ["error"], "{case}: {r}");
     let error = body["error"].as_object().unwrap();
     let mut keys: Vec<_> = error.keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["code", "message", "param", "type"], "{case}: {r}");
     assert_eq!(error["type"], ty, "{case}: {r}");
-    assert_eq!(error["code"], code, "{case}: the code and its JSON type: {r}");
+    assert_eq!(
+        error["code"], code,
+        "{case}: the code and its JSON type: {r}"
+    );
     let text = error["message"].as_str().unwrap();
     match message {
         Msg::Exact(m) => assert_eq!(text, m, "{case}"),
@@ -195,9 +200,21 @@ fn openai_cases(small: &str, large: &str) -> Vec<Value> {
     let key = |k: &str| json!({"Authorization": format!("Bearer {k}"), "Content-Type": "application/json"});
     vec![
         sdk("ok", PAID, small),
-        raw("invalid_json", "POST", "/v1/chat/completions", key(PAID), json!("{\"model\": ")),
+        raw(
+            "invalid_json",
+            "POST",
+            "/v1/chat/completions",
+            key(PAID),
+            json!("{\"model\": "),
+        ),
         json!({"name": "bad_param", "sdk": {"key": PAID, "model": small, "max_tokens": "many"}}),
-        raw("missing_key", "POST", "/v1/chat/completions", json!({"Content-Type": "application/json"}), chat_body(small)),
+        raw(
+            "missing_key",
+            "POST",
+            "/v1/chat/completions",
+            json!({"Content-Type": "application/json"}),
+            chat_body(small),
+        ),
         sdk("invalid_key", "sk-demo-wrong-000000000000000", small),
         raw(
             "whitespace_key",
@@ -278,16 +295,26 @@ fn assert_trusted_tier(out: &Value, large: &str) {
     assert_eq!(next["status"], 200, "the very next request: {next}");
     assert_eq!(next["headers"]["x-ratelimit-limit-requests"], "100");
     assert_eq!(next["headers"]["x-ratelimit-remaining-requests"], "99");
-    assert_eq!(out["trusted_model"]["raised"], Value::Null, "{large} on trusted");
+    assert_eq!(
+        out["trusted_model"]["raised"],
+        Value::Null,
+        "{large} on trusted"
+    );
 
     assert_eq!(out["demote"]["status"], 200);
     let replay = &out["replay"];
     assert_eq!(replay["status"], 200, "{replay}");
     assert_eq!(replay["body"]["applied"], false);
-    assert_eq!(replay["body"]["plan"], "free", "a replay promotes nothing: {replay}");
+    assert_eq!(
+        replay["body"]["plan"], "free",
+        "a replay promotes nothing: {replay}"
+    );
     assert!(replay["body"].get("promoted_from").is_none());
     let after = &out["after_replay"];
-    assert_eq!(after["status"], 429, "still on the free plan's spent bucket: {after}");
+    assert_eq!(
+        after["status"], 429,
+        "still on the free plan's spent bucket: {after}"
+    );
     assert_eq!(after["headers"]["x-ratelimit-limit-requests"], "10");
 }
 
@@ -297,37 +324,112 @@ async fn fikra_000_openai_bodies_402_with_a_numeric_code_and_the_trusted_tier() 
     let out = run("fikra.toml", openai_cases(small, large)).await;
     assert_eq!(out["ok"]["raised"], Value::Null, "{}", out["ok"]);
     // "402 - Payment Required", the payload exactly as documented: code 402 as a JSON number.
-    openai(&out, "empty_wallet", 402, "insufficient_quota", json!(402),
-        Msg::Exact("Insufficient balance. Please top up your Fikra account."));
+    openai(
+        &out,
+        "empty_wallet",
+        402,
+        "insufficient_quota",
+        json!(402),
+        Msg::Exact("Insufficient balance. Please top up your Fikra account."),
+    );
     raised(&out, "empty_wallet", "APIStatusError");
     // The SDK types `e.code` as a string; the wire carries the number.
     assert_eq!(out["empty_wallet"]["code"], "402");
     assert_eq!(out["empty_wallet"]["body"]["error"]["param"], Value::Null);
     // 400: invalid JSON or a missing/unsupported parameter.
-    openai(&out, "invalid_json", 400, "invalid_request_error", json!("invalid_json"), Msg::Starts("The request body is not valid JSON"));
-    openai(&out, "bad_param", 400, "invalid_request_error", json!("bad_request"), Msg::Starts(""));
+    openai(
+        &out,
+        "invalid_json",
+        400,
+        "invalid_request_error",
+        json!("invalid_json"),
+        Msg::Starts("The request body is not valid JSON"),
+    );
+    openai(
+        &out,
+        "bad_param",
+        400,
+        "invalid_request_error",
+        json!("bad_request"),
+        Msg::Starts(""),
+    );
     raised(&out, "bad_param", "BadRequestError");
     // 401: no valid API key.
     for case in ["missing_key", "invalid_key", "whitespace_key"] {
         assert_eq!(out[case]["status"], 401, "{case}");
-        assert_eq!(out[case]["body"]["error"]["type"], "authentication_error", "{case}");
+        assert_eq!(
+            out[case]["body"]["error"]["type"], "authentication_error",
+            "{case}"
+        );
     }
     raised(&out, "invalid_key", "AuthenticationError");
     // 403: disabled or revoked.
-    openai(&out, "revoked", 403, "permission_error", json!("api_key_revoked"), Msg::Exact("Your API key has been revoked."));
-    openai(&out, "disabled", 403, "permission_error", json!("api_key_disabled"), Msg::Exact("Your API key has been disabled."));
+    openai(
+        &out,
+        "revoked",
+        403,
+        "permission_error",
+        json!("api_key_revoked"),
+        Msg::Exact("Your API key has been revoked."),
+    );
+    openai(
+        &out,
+        "disabled",
+        403,
+        "permission_error",
+        json!("api_key_disabled"),
+        Msg::Exact("Your API key has been disabled."),
+    );
     raised(&out, "revoked", "PermissionDeniedError");
     // 429.
-    openai(&out, "free_429", 429, "rate_limit_error", json!("rate_limit_exceeded"), Msg::Starts("Rate limit exceeded for requests."));
+    openai(
+        &out,
+        "free_429",
+        429,
+        "rate_limit_error",
+        json!("rate_limit_exceeded"),
+        Msg::Starts("Rate limit exceeded for requests."),
+    );
     // 500, 502, 503, 504: something went wrong on our end or upstream; never the upstream's text.
-    openai(&out, "fail_500", 500, "server_error", json!("internal_error"), Msg::Starts("An unexpected error occurred"));
-    openai(&out, "fail_502", 502, "server_error", json!("bad_gateway"), Msg::Starts("The gateway could not"));
-    openai(&out, "fail_503", 503, "service_unavailable", json!("service_unavailable"), Msg::Starts("The service is temporarily"));
-    openai(&out, "slow", 504, "gateway_timeout", json!("gateway_timeout"), Msg::Starts("The upstream service did not respond"));
+    openai(
+        &out,
+        "fail_500",
+        500,
+        "server_error",
+        json!("internal_error"),
+        Msg::Starts("An unexpected error occurred"),
+    );
+    openai(
+        &out,
+        "fail_502",
+        502,
+        "server_error",
+        json!("bad_gateway"),
+        Msg::Starts("The gateway could not"),
+    );
+    openai(
+        &out,
+        "fail_503",
+        503,
+        "service_unavailable",
+        json!("service_unavailable"),
+        Msg::Starts("The service is temporarily"),
+    );
+    openai(
+        &out,
+        "slow",
+        504,
+        "gateway_timeout",
+        json!("gateway_timeout"),
+        Msg::Starts("The upstream service did not respond"),
+    );
     for case in ["fail_500", "fail_502", "fail_503", "slow"] {
         raised(&out, case, "InternalServerError");
         let text = out[case]["body"].to_string();
-        assert!(!text.contains("engine.rs") && !text.contains("nginx"), "{case}: {text}");
+        assert!(
+            !text.contains("engine.rs") && !text.contains("nginx"),
+            "{case}: {text}"
+        );
     }
     assert_trusted_tier(&out, large);
 }
@@ -337,33 +439,139 @@ async fn fikra_001_one_error_object_billing_error_401_for_revoked_and_the_truste
     let (small, large) = ("llama3-8b-8192", "llama3-70b-8192");
     let out = run("fikra_faq.toml", openai_cases(small, large)).await;
     // 402: type billing_error, code insufficient_quota; the wallet never goes negative.
-    openai(&out, "empty_wallet", 402, "billing_error", json!("insufficient_quota"),
-        Msg::Starts("Your token wallet has reached zero (0 credits available, "));
+    openai(
+        &out,
+        "empty_wallet",
+        402,
+        "billing_error",
+        json!("insufficient_quota"),
+        Msg::Starts("Your token wallet has reached zero (0 credits available, "),
+    );
     // 401: missing, malformed, revoked, trailing spaces.
-    openai(&out, "missing_key", 401, "authentication_error", json!("missing_api_key"), Msg::Starts("You didn't provide an API key."));
-    openai(&out, "invalid_key", 401, "authentication_error", json!("invalid_api_key"), Msg::Starts("Incorrect API key provided."));
-    openai(&out, "whitespace_key", 401, "authentication_error", json!("api_key_whitespace"),
-        Msg::Starts("Your API key has leading or trailing whitespace."));
-    openai(&out, "revoked", 401, "authentication_error", json!("api_key_revoked"), Msg::Exact("Your API key has been revoked."));
-    openai(&out, "disabled", 401, "authentication_error", json!("api_key_disabled"), Msg::Exact("Your API key has been disabled."));
+    openai(
+        &out,
+        "missing_key",
+        401,
+        "authentication_error",
+        json!("missing_api_key"),
+        Msg::Starts("You didn't provide an API key."),
+    );
+    openai(
+        &out,
+        "invalid_key",
+        401,
+        "authentication_error",
+        json!("invalid_api_key"),
+        Msg::Starts("Incorrect API key provided."),
+    );
+    openai(
+        &out,
+        "whitespace_key",
+        401,
+        "authentication_error",
+        json!("api_key_whitespace"),
+        Msg::Starts("Your API key has leading or trailing whitespace."),
+    );
+    openai(
+        &out,
+        "revoked",
+        401,
+        "authentication_error",
+        json!("api_key_revoked"),
+        Msg::Exact("Your API key has been revoked."),
+    );
+    openai(
+        &out,
+        "disabled",
+        401,
+        "authentication_error",
+        json!("api_key_disabled"),
+        Msg::Exact("Your API key has been disabled."),
+    );
     for case in ["invalid_key", "revoked", "disabled"] {
         raised(&out, case, "AuthenticationError");
     }
     // 400: invalid JSON payload or an unsupported parameter.
-    openai(&out, "invalid_json", 400, "invalid_request_error", json!("invalid_json"), Msg::Starts(""));
-    openai(&out, "bad_param", 400, "invalid_request_error", json!("bad_request"), Msg::Starts(""));
-    assert_eq!(out["bad_param"]["param"], "max_tokens", "param names the JSON key");
-    openai(&out, "unknown_model", 404, "not_found_error", json!("model_not_found"), Msg::Exact("The model `no-such-model` does not exist."));
+    openai(
+        &out,
+        "invalid_json",
+        400,
+        "invalid_request_error",
+        json!("invalid_json"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "bad_param",
+        400,
+        "invalid_request_error",
+        json!("bad_request"),
+        Msg::Starts(""),
+    );
+    assert_eq!(
+        out["bad_param"]["param"], "max_tokens",
+        "param names the JSON key"
+    );
+    openai(
+        &out,
+        "unknown_model",
+        404,
+        "not_found_error",
+        json!("model_not_found"),
+        Msg::Exact("The model `no-such-model` does not exist."),
+    );
     assert_eq!(out["unknown_model"]["param"], "model");
     // 404 for a wrong base path.
-    openai(&out, "wrong_path", 404, "not_found_error", json!("not_found"), Msg::Starts("The requested endpoint does not exist."));
+    openai(
+        &out,
+        "wrong_path",
+        404,
+        "not_found_error",
+        json!("not_found"),
+        Msg::Starts("The requested endpoint does not exist."),
+    );
     // 429 per tier.
-    openai(&out, "free_429", 429, "rate_limit_error", json!("rate_limit_exceeded"), Msg::Starts("Rate limit exceeded"));
+    openai(
+        &out,
+        "free_429",
+        429,
+        "rate_limit_error",
+        json!("rate_limit_exceeded"),
+        Msg::Starts("Rate limit exceeded"),
+    );
     // 5xx: type api_error whatever failed.
-    openai(&out, "fail_500", 500, "api_error", json!("internal_error"), Msg::Starts("An unexpected failure occurred within the proxy engine."));
-    openai(&out, "fail_502", 502, "api_error", json!("bad_gateway"), Msg::Exact("The proxy was unable to establish a connection to the inference cluster."));
-    openai(&out, "fail_503", 503, "api_error", json!("service_unavailable"), Msg::Starts("Inference nodes are undergoing scheduled maintenance"));
-    openai(&out, "slow", 504, "api_error", json!("gateway_timeout"), Msg::Starts(""));
+    openai(
+        &out,
+        "fail_500",
+        500,
+        "api_error",
+        json!("internal_error"),
+        Msg::Starts("An unexpected failure occurred within the proxy engine."),
+    );
+    openai(
+        &out,
+        "fail_502",
+        502,
+        "api_error",
+        json!("bad_gateway"),
+        Msg::Exact("The proxy was unable to establish a connection to the inference cluster."),
+    );
+    openai(
+        &out,
+        "fail_503",
+        503,
+        "api_error",
+        json!("service_unavailable"),
+        Msg::Starts("Inference nodes are undergoing scheduled maintenance"),
+    );
+    openai(
+        &out,
+        "slow",
+        504,
+        "api_error",
+        json!("gateway_timeout"),
+        Msg::Starts(""),
+    );
     assert_trusted_tier(&out, large);
 }
 
@@ -372,24 +580,114 @@ async fn flowapi_002_its_type_per_status() {
     let (small, large) = ("gpt-4o-mini", "gpt-4o");
     let out = run("flowapi.toml", openai_cases(small, large)).await;
     // | HTTP status | Error type |
-    openai(&out, "bad_param", 400, "invalid_request_error", json!("bad_request"), Msg::Starts(""));
-    openai(&out, "invalid_json", 400, "invalid_request_error", json!("invalid_json"), Msg::Starts(""));
+    openai(
+        &out,
+        "bad_param",
+        400,
+        "invalid_request_error",
+        json!("bad_request"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "invalid_json",
+        400,
+        "invalid_request_error",
+        json!("invalid_json"),
+        Msg::Starts(""),
+    );
     for case in ["missing_key", "invalid_key", "whitespace_key"] {
-        openai(&out, case, 401, "invalid_api_key", json!("invalid_api_key"), Msg::Starts(""));
+        openai(
+            &out,
+            case,
+            401,
+            "invalid_api_key",
+            json!("invalid_api_key"),
+            Msg::Starts(""),
+        );
     }
     raised(&out, "invalid_key", "AuthenticationError");
-    openai(&out, "plan_model", 403, "permission_error", json!("model_not_allowed"), Msg::Starts("Your plan does not have access to the model"));
-    openai(&out, "ip", 403, "permission_error", json!("ip_not_allowed"), Msg::Starts("IP address 127.0.0.1 is not in the allowlist"));
-    openai(&out, "empty_wallet", 402, "insufficient_balance", json!("insufficient_balance"),
-        Msg::Exact("Insufficient balance. Please top up your account."));
+    openai(
+        &out,
+        "plan_model",
+        403,
+        "permission_error",
+        json!("model_not_allowed"),
+        Msg::Starts("Your plan does not have access to the model"),
+    );
+    openai(
+        &out,
+        "ip",
+        403,
+        "permission_error",
+        json!("ip_not_allowed"),
+        Msg::Starts("IP address 127.0.0.1 is not in the allowlist"),
+    );
+    openai(
+        &out,
+        "empty_wallet",
+        402,
+        "insufficient_balance",
+        json!("insufficient_balance"),
+        Msg::Exact("Insufficient balance. Please top up your account."),
+    );
     retry(&out, "empty_wallet", false);
-    openai(&out, "unknown_model", 404, "not_found_error", json!("model_not_found"), Msg::Starts(""));
-    openai(&out, "wrong_path", 404, "not_found_error", json!("not_found"), Msg::Starts(""));
-    openai(&out, "free_429", 429, "rate_limit_error", json!("rate_limit_exceeded"), Msg::Starts(""));
-    openai(&out, "fail_500", 500, "server_error", json!("internal_error"), Msg::Starts(""));
-    openai(&out, "fail_502", 502, "server_error", json!("bad_gateway"), Msg::Starts(""));
-    openai(&out, "fail_503", 503, "service_unavailable", json!("service_unavailable"), Msg::Starts(""));
-    openai(&out, "slow", 504, "gateway_timeout", json!("gateway_timeout"), Msg::Starts(""));
+    openai(
+        &out,
+        "unknown_model",
+        404,
+        "not_found_error",
+        json!("model_not_found"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "wrong_path",
+        404,
+        "not_found_error",
+        json!("not_found"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "free_429",
+        429,
+        "rate_limit_error",
+        json!("rate_limit_exceeded"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "fail_500",
+        500,
+        "server_error",
+        json!("internal_error"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "fail_502",
+        502,
+        "server_error",
+        json!("bad_gateway"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "fail_503",
+        503,
+        "service_unavailable",
+        json!("service_unavailable"),
+        Msg::Starts(""),
+    );
+    openai(
+        &out,
+        "slow",
+        504,
+        "gateway_timeout",
+        json!("gateway_timeout"),
+        Msg::Starts(""),
+    );
     // Transient: 429, 503, 504 say retry.
     for case in ["free_429", "fail_503", "slow"] {
         retry(&out, case, true);
@@ -403,37 +701,113 @@ async fn infe_003_its_codes_and_which_are_retryable() {
     let out = run("infe.toml", openai_cases(small, large)).await;
     let code = |c: &str| (c.to_owned(), json!(c));
     let (t, c) = code("invalid_request_error");
-    openai(&out, "invalid_json", 400, &t, c.clone(), Msg::Starts("The request body is not valid JSON"));
+    openai(
+        &out,
+        "invalid_json",
+        400,
+        &t,
+        c.clone(),
+        Msg::Starts("The request body is not valid JSON"),
+    );
     openai(&out, "bad_param", 400, &t, c, Msg::Starts(""));
     raised(&out, "bad_param", "BadRequestError");
     // 401 invalid_api_key: missing, malformed, disabled, revoked.
     let (t, c) = code("invalid_api_key");
     for case in ["missing_key", "invalid_key", "revoked", "disabled"] {
-        openai(&out, case, 401, &t, c.clone(), Msg::Exact("Invalid API key"));
+        openai(
+            &out,
+            case,
+            401,
+            &t,
+            c.clone(),
+            Msg::Exact("Invalid API key"),
+        );
     }
-    openai(&out, "whitespace_key", 401, &t, c, Msg::Starts("Invalid API key: check for extra spaces"));
+    openai(
+        &out,
+        "whitespace_key",
+        401,
+        &t,
+        c,
+        Msg::Starts("Invalid API key: check for extra spaces"),
+    );
     for case in ["invalid_key", "revoked", "disabled"] {
         raised(&out, case, "AuthenticationError");
     }
     let (t, c) = code("payment_required");
-    openai(&out, "empty_wallet", 402, &t, c, Msg::Exact("Insufficient credits"));
+    openai(
+        &out,
+        "empty_wallet",
+        402,
+        &t,
+        c,
+        Msg::Exact("Insufficient credits"),
+    );
     // 403 forbidden: "Free tier attempting to use infe-titan model".
     let (t, c) = code("forbidden");
     openai(&out, "plan_model", 403, &t, c, Msg::Exact("Your plan does not have access to the model `infe-titan`. Upgrade your plan to use it."));
     raised(&out, "plan_model", "PermissionDeniedError");
     let (t, c) = code("model_not_found");
-    openai(&out, "unknown_model", 404, &t, c, Msg::Exact("The model `no-such-model` does not exist."));
+    openai(
+        &out,
+        "unknown_model",
+        404,
+        &t,
+        c,
+        Msg::Exact("The model `no-such-model` does not exist."),
+    );
     raised(&out, "unknown_model", "NotFoundError");
     let (t, c) = code("rate_limit_exceeded");
-    openai(&out, "free_429", 429, &t, c, Msg::Starts("Rate limit exceeded for requests."));
+    openai(
+        &out,
+        "free_429",
+        429,
+        &t,
+        c,
+        Msg::Starts("Rate limit exceeded for requests."),
+    );
     raised(&out, "free_429", "RateLimitError");
     let (t, c) = code("api_error");
-    openai(&out, "fail_500", 500, &t, c.clone(), Msg::Starts("An unexpected error occurred"));
-    openai(&out, "fail_502", 502, &t, c.clone(), Msg::Exact("The upstream inference provider returned an error."));
-    openai(&out, "fail_503", 502, &t, c.clone(), Msg::Exact("The upstream inference provider is unavailable."));
-    openai(&out, "slow", 502, &t, c, Msg::Exact("The upstream inference provider did not respond in time."));
+    openai(
+        &out,
+        "fail_500",
+        500,
+        &t,
+        c.clone(),
+        Msg::Starts("An unexpected error occurred"),
+    );
+    openai(
+        &out,
+        "fail_502",
+        502,
+        &t,
+        c.clone(),
+        Msg::Exact("The upstream inference provider returned an error."),
+    );
+    openai(
+        &out,
+        "fail_503",
+        502,
+        &t,
+        c.clone(),
+        Msg::Exact("The upstream inference provider is unavailable."),
+    );
+    openai(
+        &out,
+        "slow",
+        502,
+        &t,
+        c,
+        Msg::Exact("The upstream inference provider did not respond in time."),
+    );
     // | Code | Should Retry? |: 400, 401, 402, 403 no; 429, 500, 502 yes.
-    for case in ["bad_param", "invalid_key", "revoked", "empty_wallet", "plan_model"] {
+    for case in [
+        "bad_param",
+        "invalid_key",
+        "revoked",
+        "empty_wallet",
+        "plan_model",
+    ] {
         retry(&out, case, false);
     }
     for case in ["free_429", "fail_500", "fail_502", "fail_503", "slow"] {
@@ -446,15 +820,27 @@ async fn infe_003_its_codes_and_which_are_retryable() {
 fn envelope(out: &Value, case: &str, status: u16, code: &str, message: Msg<'_>) -> Value {
     let r = &out[case];
     assert_eq!(r["status"], status, "{case}: {r}");
-    let body = r["body"].as_object().unwrap_or_else(|| panic!("{case}: {r}"));
+    let body = r["body"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{case}: {r}"));
     let mut keys: Vec<_> = body.keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["error", "path", "statusCode", "success", "timestamp"], "{case}");
+    assert_eq!(
+        keys,
+        ["error", "path", "statusCode", "success", "timestamp"],
+        "{case}"
+    );
     assert_eq!(body["success"], false);
     assert_eq!(body["statusCode"], status, "statusCode is a number: {case}");
     let timestamp = body["timestamp"].as_str().unwrap();
-    assert!(humantime::parse_rfc3339(timestamp).is_ok(), "ISO 8601: {timestamp}");
-    assert!(timestamp.ends_with('Z') && timestamp.len() == 24, "{timestamp}");
+    assert!(
+        humantime::parse_rfc3339(timestamp).is_ok(),
+        "ISO 8601: {timestamp}"
+    );
+    assert!(
+        timestamp.ends_with('Z') && timestamp.len() == 24,
+        "{timestamp}"
+    );
     assert!(body["path"].as_str().unwrap().starts_with('/'));
     let error = &body["error"];
     assert_eq!(error["code"], code, "{case}: {r}");
@@ -474,14 +860,31 @@ async fn firebirdgen_004_the_envelope_its_codes_and_messages() {
         chat("ok", PAID, model),
         chat("insufficient", "sk-demo-empty-000000000000000", model),
         chat("invalid_key", "sk-demo-wrong-000000000000000", model),
-        raw("missing_key", "POST", "/v1/chat/completions", json!({"Content-Type": "application/json"}), chat_body(model)),
+        raw(
+            "missing_key",
+            "POST",
+            "/v1/chat/completions",
+            json!({"Content-Type": "application/json"}),
+            chat_body(model),
+        ),
         chat("revoked", "sk-demo-revoked-0000000000000", model),
         chat("disabled", "sk-demo-disabled-000000000000", model),
         chat("frozen", "sk-demo-frozen-00000000000000", model),
         chat("ip", "sk-demo-office-00000000000000", model),
-        raw("invalid_parameters", "POST", "/v1/chat/completions", headers(PAID),
-            json!({"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"})),
-        raw("not_found", "GET", "/api/tasks/123", headers(PAID), Value::Null),
+        raw(
+            "invalid_parameters",
+            "POST",
+            "/v1/chat/completions",
+            headers(PAID),
+            json!({"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}),
+        ),
+        raw(
+            "not_found",
+            "GET",
+            "/api/tasks/123",
+            headers(PAID),
+            Value::Null,
+        ),
         chat("fail_500", PAID, "fail-500"),
         json!({"name": "rate_limited", "until": 429, "max": 30, "raw": chat("", FREE, model)["raw"]}),
     ];
@@ -489,25 +892,78 @@ async fn firebirdgen_004_the_envelope_its_codes_and_messages() {
     assert_eq!(out["ok"]["status"], 200, "{}", out["ok"]);
 
     // INSUFFICIENT_CREDITS, 400, with details.required and details.available (numbers).
-    let error = envelope(&out, "insufficient", 400, "INSUFFICIENT_CREDITS", Msg::Exact("Insufficient credits to perform this operation"));
-    assert!(error["details"]["required"].as_u64().unwrap() > 0, "{error}");
+    let error = envelope(
+        &out,
+        "insufficient",
+        400,
+        "INSUFFICIENT_CREDITS",
+        Msg::Exact("Insufficient credits to perform this operation"),
+    );
+    assert!(
+        error["details"]["required"].as_u64().unwrap() > 0,
+        "{error}"
+    );
     assert_eq!(error["details"]["available"], 0);
     // INVALID_API_KEY, 401: deleted, revoked, wrong format, missing header.
     for case in ["invalid_key", "missing_key", "revoked", "disabled"] {
-        envelope(&out, case, 401, "INVALID_API_KEY", Msg::Exact("The API key is invalid or expired"));
+        envelope(
+            &out,
+            case,
+            401,
+            "INVALID_API_KEY",
+            Msg::Exact("The API key is invalid or expired"),
+        );
     }
-    envelope(&out, "frozen", 403, "ACCOUNT_FROZEN", Msg::Exact("Account is frozen"));
-    envelope(&out, "ip", 403, "IP_NOT_WHITELISTED", Msg::Exact("IP address 127.0.0.1 is not in the whitelist"));
-    envelope(&out, "invalid_parameters", 400, "INVALID_PARAMETERS", Msg::Starts("Invalid parameters: "));
-    envelope(&out, "not_found", 404, "NOT_FOUND", Msg::Exact("Resource does not exist"));
-    envelope(&out, "fail_500", 500, "INTERNAL_ERROR", Msg::Exact("Internal Server Error"));
+    envelope(
+        &out,
+        "frozen",
+        403,
+        "ACCOUNT_FROZEN",
+        Msg::Exact("Account is frozen"),
+    );
+    envelope(
+        &out,
+        "ip",
+        403,
+        "IP_NOT_WHITELISTED",
+        Msg::Exact("IP address 127.0.0.1 is not in the whitelist"),
+    );
+    envelope(
+        &out,
+        "invalid_parameters",
+        400,
+        "INVALID_PARAMETERS",
+        Msg::Starts("Invalid parameters: "),
+    );
+    envelope(
+        &out,
+        "not_found",
+        404,
+        "NOT_FOUND",
+        Msg::Exact("Resource does not exist"),
+    );
+    envelope(
+        &out,
+        "fail_500",
+        500,
+        "INTERNAL_ERROR",
+        Msg::Exact("Internal Server Error"),
+    );
     // RATE_LIMIT_EXCEEDED, 429, retryAfter in whole seconds, the message naming them.
     let r = &out["rate_limited"];
     // 10 at once (a few more pass as the bucket refills at 10 a second while the loop runs).
     let sent = r["sent"].as_u64().unwrap();
     assert!((11..=14).contains(&sent), "10 at once: {r}");
-    let error = envelope(&out, "rate_limited", 429, "RATE_LIMIT_EXCEEDED", Msg::Starts("Too many requests, please try again in "));
-    let wait = error["retryAfter"].as_u64().expect("retryAfter is a number");
+    let error = envelope(
+        &out,
+        "rate_limited",
+        429,
+        "RATE_LIMIT_EXCEEDED",
+        Msg::Starts("Too many requests, please try again in "),
+    );
+    let wait = error["retryAfter"]
+        .as_u64()
+        .expect("retryAfter is a number");
     assert_eq!(
         error["message"],
         format!("Too many requests, please try again in {wait} seconds")

@@ -35,11 +35,11 @@ use tollgate::{
     },
     config::{BackendKind, GatewayConfig, KeyStatusConfig, Upstream},
     credits::{Admission, AdmissionFuture, Balance, Hold},
-    credits::{Promote, TopUpPromoter},
     credits::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
         Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
     },
+    credits::{Promote, TopUpPromoter},
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
     normalize::{classify, NormalizeLayer},

@@ -374,13 +374,13 @@ async fn top_up<K: KeyAdmin, L: Ledger>(
             .map(|top_up| Promoted::new(top_up, None)),
     };
     let promoted = result.map_err(|e| match e {
-            TopUpError::KeyReused { amount } => Rejection::new(Reason::IdempotencyKeyReused)
-                .with_message(format!(
-                    "This Idempotency-Key was already used for a top-up of {amount} credits."
-                )),
-            TopUpError::Overflow => invalid("amount", "The balance would overflow."),
-            TopUpError::Backend(e) => e.into(),
-        })?;
+        TopUpError::KeyReused { amount } => Rejection::new(Reason::IdempotencyKeyReused)
+            .with_message(format!(
+                "This Idempotency-Key was already used for a top-up of {amount} credits."
+            )),
+        TopUpError::Overflow => invalid("amount", "The balance would overflow."),
+        TopUpError::Backend(e) => e.into(),
+    })?;
     let top_up = promoted.top_up;
     let mut answer = json!({
         "account": id,

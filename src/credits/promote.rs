@@ -1,47 +1,4 @@
-//! Plan promotion on a top-up: an account on plan `free` moves to plan `trusted` when a top-up
-//! is applied to it (the *Trusted Tier* unlocked by a first payment).
-//!
-//! [`Promotions`] says which plan leads to which; a [`TopUpPromoter`] applies a top-up and the
-//! promotion it triggers together. Only a top-up that adds credits promotes: an idempotent replay
-//! (the same `Idempotency-Key` again) changes nothing, so an account an operator moved back stays
-//! where it was put. The account's very next request authenticates with the new plan (its
-//! limits and models).
-//!
-//! | backend | implementation | atomic with the top-up |
-//! |---|---|---|
-//! | memory | [`Promote`] over a [`MemoryLedger`](super::MemoryLedger) and a [`MemoryKeyStore`](crate::auth::MemoryKeyStore) | both are applied before the call returns, in process |
-//! | Redis | `RedisPromoter` (feature `redis`) | yes: one script changes the balance, the journal and the plan |
-//! | any other [`Ledger`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan, one at a time per process (a failure in between is reported as an error and the top-up stays applied; a replay of it then promotes nothing) |
-//!
-//! A backend where keys and balances live in one database (SQLite, PostgreSQL) implements
-//! [`TopUpPromoter`] in one transaction: insert the top-up (by its idempotency key), and only
-//! when it was new, `UPDATE accounts SET plan = to WHERE id = ? AND plan = from` for the rule of
-//! the account's current plan; then report the [`PlanChange`].
-//!
-//! # Example
-//!
-//! ```
-//! use tollgate::auth::{AccountRecord, KeyAdmin, MemoryKeyStore};
-//! use tollgate::credits::{MemoryLedger, Promote, Promotions, TopUpPromoter};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let store = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
-//! let promoter = Promote::new(
-//!     MemoryLedger::new(),
-//!     store.clone(),
-//!     Promotions::new().after_top_up("free", "trusted"),
-//! );
-//!
-//! let first = promoter.top_up_and_promote("acct_1", 500, "invoice-1").await.unwrap();
-//! assert_eq!(first.plan_change.unwrap().to.as_ref(), "trusted");
-//! assert_eq!(store.account("acct_1").await.unwrap().unwrap().plan.as_ref(), "trusted");
-//!
-//! // A replay adds nothing and promotes nothing.
-//! let replay = promoter.top_up_and_promote("acct_1", 500, "invoice-1").await.unwrap();
-//! assert!(!replay.top_up.applied && replay.plan_change.is_none());
-//! # }
-//! ```
+//! Plan promotion on a top-up; see [`TopUpPromoter`].
 
 use std::{collections::HashMap, fmt, future::Future, sync::Arc};
 
@@ -89,7 +46,9 @@ impl Promotions {
 
     /// Every rule, `(from, to)`, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.rules.iter().map(|(from, to)| (from.as_ref(), to.as_ref()))
+        self.rules
+            .iter()
+            .map(|(from, to)| (from.as_ref(), to.as_ref()))
     }
 }
 
@@ -133,9 +92,54 @@ impl Promoted {
     }
 }
 
-/// Applies a top-up and the plan promotion it triggers; see the [module docs](self).
+/// Applies a top-up and the plan promotion it triggers: an account on plan `free` moves to plan
+/// `trusted` when a top-up is applied to it (the *Trusted Tier* unlocked by a first payment).
 ///
-/// Contract for implementations: the promotion happens only when the top-up was applied (not on
+/// [`Promotions`] says which plan leads to which; a [`TopUpPromoter`] applies a top-up and the
+/// promotion it triggers together. Only a top-up that adds credits promotes: an idempotent replay
+/// (the same `Idempotency-Key` again) changes nothing, so an account an operator moved back stays
+/// where it was put. The account's very next request authenticates with the new plan (its
+/// limits and models).
+///
+/// | backend | implementation | atomic with the top-up |
+/// |---|---|---|
+/// | memory | [`Promote`] over a [`MemoryLedger`](super::MemoryLedger) and a [`MemoryKeyStore`](crate::auth::MemoryKeyStore) | both are applied before the call returns, in process |
+/// | Redis | `RedisPromoter` (feature `redis`) | yes: one script changes the balance, the journal and the plan |
+/// | any other [`Ledger`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan, one at a time per process (a failure in between is reported as an error and the top-up stays applied; a replay of it then promotes nothing) |
+///
+/// A backend where keys and balances live in one database (SQLite, PostgreSQL) implements
+/// [`TopUpPromoter`] in one transaction: insert the top-up (by its idempotency key), and only
+/// when it was new, `UPDATE accounts SET plan = to WHERE id = ? AND plan = from` for the rule of
+/// the account's current plan; then report the [`PlanChange`].
+///
+/// # Example
+///
+/// ```
+/// use tollgate::auth::{AccountRecord, KeyAdmin, MemoryKeyStore};
+/// use tollgate::credits::{MemoryLedger, Promote, Promotions, TopUpPromoter};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
+/// let promoter = Promote::new(
+///     MemoryLedger::new(),
+///     store.clone(),
+///     Promotions::new().after_top_up("free", "trusted"),
+/// );
+///
+/// let first = promoter.top_up_and_promote("acct_1", 500, "invoice-1").await.unwrap();
+/// assert_eq!(first.plan_change.unwrap().to.as_ref(), "trusted");
+/// assert_eq!(store.account("acct_1").await.unwrap().unwrap().plan.as_ref(), "trusted");
+///
+/// // A replay adds nothing and promotes nothing.
+/// let replay = promoter.top_up_and_promote("acct_1", 500, "invoice-1").await.unwrap();
+/// assert!(!replay.top_up.applied && replay.plan_change.is_none());
+/// # }
+/// ```
+///
+/// # Contract
+///
+/// For implementations: the promotion happens only when the top-up was applied (not on
 /// an idempotent replay), only when the account's current plan has a rule, and it is visible to
 /// the account's next authentication once the future resolves.
 pub trait TopUpPromoter: Send + Sync + 'static {
@@ -152,7 +156,7 @@ pub trait TopUpPromoter: Send + Sync + 'static {
 /// A [`TopUpPromoter`] over any [`Ledger`] and [`KeyAdmin`]: the top-up, then the plan.
 ///
 /// An account the key store does not know (a ledger account without keys) is topped up and not
-/// promoted. See the [module docs](self) for an example.
+/// promoted. See [`TopUpPromoter`] for an example.
 #[derive(Clone)]
 pub struct Promote<L, K> {
     ledger: L,

@@ -339,8 +339,9 @@ mod tests {
 
     #[test]
     fn placeholders_are_filled_from_details_and_retry_after() {
-        let entry = ErrorOverride::new()
-            .message("Too many requests, please try again in {retry_after} seconds ({limit}, {nope}) {");
+        let entry = ErrorOverride::new().message(
+            "Too many requests, please try again in {retry_after} seconds ({limit}, {nope}) {",
+        );
         let rejection = Rejection::rate_limited(LimitKind::Requests, Duration::from_millis(59_001));
         assert_eq!(
             entry.render_message(&rejection),

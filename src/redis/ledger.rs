@@ -111,7 +111,7 @@ impl RedisLedger {
         account: &str,
         amount: u64,
         idempotency_key: &str,
-        promote: Option<(String, Arc<Vec<(String, String)>>)>,
+        promote: Option<(String, Rules)>,
     ) -> BoxFuture<Result<(TopUp, Option<PlanChange>), TopUpError>> {
         let key = self.account_key(account);
         let accounts = self.accounts_key();
@@ -661,8 +661,11 @@ fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
 pub struct RedisPromoter {
     ledger: RedisLedger,
     keys: RedisKeyStore,
-    rules: Arc<Vec<(String, String)>>,
+    rules: Rules,
 }
+
+/// Plan promotion rules as the top-up script takes them: `(from, to)` pairs.
+type Rules = Arc<Vec<(String, String)>>;
 
 impl fmt::Debug for RedisPromoter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
