@@ -104,10 +104,15 @@ async fn run(file: &str, cases: Vec<Value>) -> Value {
     let text = config(file, upstream);
     tollgate::config::GatewayConfig::from_toml(&text).expect("the example config is valid");
     let running = gateway::start(&text).await;
+    run_at(running.addr, cases).await
+}
+
+/// Run `cases` against the gateway at `addr`.
+async fn run_at(addr: SocketAddr, cases: Vec<Value>) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/provider_cases.py");
     let mut child = tokio::process::Command::new("python3")
         .arg(script)
-        .arg(format!("http://{}", running.addr))
+        .arg(format!("http://{addr}"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -969,4 +974,142 @@ async fn firebirdgen_004_the_envelope_its_codes_and_messages() {
         format!("Too many requests, please try again in {wait} seconds")
     );
     assert_eq!(r["headers"]["retry-after"], wait.to_string());
+}
+
+/// target/debug/deps/providers-<hash> → target/debug/examples/gateway
+fn example_binary() -> std::path::PathBuf {
+    let mut path = std::env::current_exe().unwrap();
+    path.pop();
+    path.pop();
+    path.push("examples");
+    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    // `cargo test` builds the examples; `cargo test --test providers` alone does not.
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole `cargo test` (or `cargo build --all-features --example gateway`) first",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
+    use tokio::io::AsyncBufReadExt;
+    // file, the empty wallet's status, type (or envelope code) and code, the revoked key's status.
+    let table = [
+        ("fikra.toml", 402, "insufficient_quota", json!(402), 403),
+        (
+            "fikra_faq.toml",
+            402,
+            "billing_error",
+            json!("insufficient_quota"),
+            401,
+        ),
+        (
+            "flowapi.toml",
+            402,
+            "insufficient_balance",
+            json!("insufficient_balance"),
+            403,
+        ),
+        (
+            "infe.toml",
+            402,
+            "payment_required",
+            json!("payment_required"),
+            401,
+        ),
+        (
+            "firebirdgen.toml",
+            400,
+            "INSUFFICIENT_CREDITS",
+            json!("INSUFFICIENT_CREDITS"),
+            401,
+        ),
+    ];
+    for (file, status, ty, code, revoked) in table {
+        let path = format!("{}/examples/providers/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut child = tokio::process::Command::new(example_binary())
+            .args(["--config", &path, "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the example binary starts");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next_line().await.unwrap().unwrap();
+        let addr: SocketAddr = first
+            .strip_prefix("tollgate gateway listening on http://")
+            .unwrap_or_else(|| panic!("{file}: {first}"))
+            .parse()
+            .unwrap();
+        let model = tollgate::config::GatewayConfig::load(&path).unwrap().models[0]
+            .id
+            .get_ref()
+            .clone();
+        let out = run_at(
+            addr,
+            vec![
+                chat("empty", "sk-demo-empty-000000000000000", &model),
+                chat("revoked", "sk-demo-revoked-0000000000000", &model),
+                chat("ok", PAID, &model),
+            ],
+        )
+        .await;
+        assert_eq!(out["ok"]["status"], 200, "{file}: {}", out["ok"]);
+        assert_eq!(out["empty"]["status"], status, "{file}: {}", out["empty"]);
+        let body = &out["empty"]["body"];
+        if file == "firebirdgen.toml" {
+            assert_eq!(body["statusCode"], status, "{file}");
+            assert_eq!(body["error"]["code"], code, "{file}");
+            assert_eq!(body["error"]["code"], ty, "{file}");
+        } else {
+            assert_eq!(body["error"]["type"], ty, "{file}: {body}");
+            assert_eq!(body["error"]["code"], code, "{file}: {body}");
+        }
+        assert_eq!(
+            out["revoked"]["status"], revoked,
+            "{file}: {}",
+            out["revoked"]
+        );
+        child.kill().await.unwrap();
+    }
+}
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trusted_tier_on_the_redis_backend() {
+    let redis = redis_server::RedisServer::start();
+    let upstream = upstream().await;
+    let text = config("fikra.toml", upstream).replacen(
+        "kind = \"memory\"",
+        &format!("kind = \"redis\"\nurl = \"{}\"", redis.url()),
+        1,
+    );
+    let running = gateway::start(&text).await;
+    let small = "llama3-8b-8192";
+    let cases: Vec<Value> = openai_cases(small, "llama3-70b-8192")
+        .into_iter()
+        .filter(|c| {
+            let name = c["name"].as_str().unwrap();
+            let pos = [
+                "until_429",
+                "free_429",
+                "before_top_up",
+                "top_up",
+                "after_top_up",
+                "trusted_model",
+                "demote",
+                "replay",
+                "after_replay",
+            ];
+            pos.contains(&name)
+        })
+        .collect();
+    let out = run_at(running.addr, cases).await;
+    assert_trusted_tier(&out, "llama3-70b-8192");
 }

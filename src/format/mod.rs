@@ -102,7 +102,9 @@ impl<'a> RenderContext<'a> {
     }
 
     /// Present the refusal as `entry` says (its status, `type` and `code`; see
-    /// [`ErrorCatalog`], which sets it).
+    /// [`ErrorCatalog`], which sets it and has already applied its message and `param` to the
+    /// rejection). A custom [`ErrorFormat`] reads it with
+    /// [`get_error_override`](Self::get_error_override).
     #[must_use]
     pub fn error_override(mut self, entry: &'a ErrorOverride) -> Self {
         self.error_override = Some(entry);
