@@ -9,7 +9,7 @@
 //! | `POST /accounts` | `{"id","plan"}` | 201, the account |
 //! | `GET /accounts/{id}` | | `{"id","plan","frozen","status","balance","held","holds","available"}` |
 //! | `PATCH /accounts/{id}` | `{"plan"?: "..", "frozen"?: bool}` | the account |
-//! | `POST /accounts/{id}/top-up` | `{"amount": N}` (+ optional `Idempotency-Key` header) | `{"applied","balance",..}` |
+//! | `POST /accounts/{id}/top-up` | `{"amount": N}` (+ optional `Idempotency-Key` header) | `{"applied","balance",..}` (+ `"plan"`, `"promoted_from"` with [`AdminBuilder::promote_on_top_up`]) |
 //! | `GET /accounts/{id}/journal?after=&limit=` | | `{"entries":[..]}` |
 //! | `POST /keys` | `{"account","id"?,"prefix"?,"plan"?,"models"?,"ip_allowlist"?,"expires_at"?}` | 201, `{"id","account","key"}`: the key, the only time it is shown |
 //! | `POST /keys/{id}/revoke` | | `{"id","status":"revoked"}` |

@@ -227,7 +227,6 @@ impl NormalizeLayer {
     /// [`catalog`](Self::catalog)).
     ///
     /// ```
-    /// use http::StatusCode;
     /// use tollgate::{format::ErrorOverride, normalize::NormalizeLayer, Reason};
     ///
     /// let layer = NormalizeLayer::new().error(
