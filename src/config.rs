@@ -74,6 +74,71 @@ pub struct GatewayConfig {
     /// default routes of [`RouteConfig::defaults`].
     #[serde(default)]
     pub routes: Option<Vec<RouteConfig>>,
+    /// `[errors.<tollgate code>]`: the error catalog, see [`ErrorConfig`].
+    #[serde(default)]
+    pub errors: std::collections::BTreeMap<Spanned<String>, ErrorConfig>,
+}
+
+/// `[errors.<tollgate code>]`: how one refusal is presented (a provider's documented contract).
+///
+/// ```toml
+/// [errors.insufficient_quota]        # one table per tollgate code
+/// status = 402
+/// type = "insufficient_balance"
+/// code = "insufficient_balance"      # or an integer: code = 402
+/// message = "Insufficient balance. Please top up your account."
+/// ```
+///
+/// Every field is optional; see [`ErrorOverride`](crate::format::ErrorOverride) for the
+/// `{placeholders}` a message may use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ErrorConfig {
+    /// The HTTP status, 400 to 599.
+    pub status: Option<Spanned<u16>>,
+    /// The body's `type`.
+    #[serde(rename = "type")]
+    pub error_type: Option<String>,
+    /// The body's `code`: a string or an integer.
+    pub code: Option<CodeConfig>,
+    /// The message.
+    pub message: Option<String>,
+    /// The `param`.
+    pub param: Option<String>,
+}
+
+/// An `[errors.*] code`: a string, or an integer rendered as a JSON number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeConfig {
+    /// `code = "insufficient_balance"`.
+    Text(String),
+    /// `code = 402`.
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for CodeConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = CodeConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CodeConfig, E> {
+                Ok(CodeConfig::Text(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CodeConfig, E> {
+                Ok(CodeConfig::Number(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CodeConfig, E> {
+                i64::try_from(v)
+                    .map(CodeConfig::Number)
+                    .map_err(|_| E::custom("the integer is too large"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[server]`.
@@ -283,6 +348,8 @@ pub struct PlanConfig {
     pub tokens_per_minute: Option<u32>,
     /// The models the plan may use (omitted: all).
     pub models: Option<Vec<String>>,
+    /// The plan an account on this plan moves to when a top-up is applied to it.
+    pub after_top_up: Option<Spanned<String>>,
 }
 
 /// `[[models]]`: a model and its price.
@@ -842,6 +909,43 @@ impl GatewayConfig {
                         .into(),
             });
         }
+        for (i, plan) in self.plans.iter().enumerate() {
+            if let Some(to) = &plan.after_top_up {
+                if !plans.contains(to.get_ref().as_str()) {
+                    return Err(at(
+                        to.span(),
+                        format!(
+                            "plans[{i}].after_top_up: no plan named `{}` (add a [[plans]] entry)",
+                            to.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (code, entry) in &self.errors {
+            if crate::Reason::from_code(code.get_ref()).is_none() {
+                return Err(at(
+                    code.span(),
+                    format!(
+                        "errors.{}: no tollgate code `{}` (see the README's rejection table)",
+                        code.get_ref(),
+                        code.get_ref()
+                    ),
+                ));
+            }
+            if let Some(status) = &entry.status {
+                if !(400..=599).contains(status.get_ref()) {
+                    return Err(at(
+                        status.span(),
+                        format!(
+                            "errors.{}.status: {} is not an error status (400 to 599)",
+                            code.get_ref(),
+                            status.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(key) = &self.admin.key {
             if key.len() < 16 {
                 return Err(ConfigError {
@@ -851,6 +955,77 @@ impl GatewayConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// The `[errors.*]` tables as an [`ErrorCatalog`](crate::format::ErrorCatalog), for
+    /// [`NormalizeLayer::catalog`](crate::normalize::NormalizeLayer::catalog).
+    ///
+    /// ```
+    /// use tollgate::{config::GatewayConfig, Reason};
+    ///
+    /// let config = GatewayConfig::from_toml("[errors.insufficient_quota]\nstatus = 402\ncode = 402\n").unwrap();
+    /// let catalog = config.error_catalog();
+    /// let entry = catalog.get(Reason::InsufficientCredits).unwrap();
+    /// assert_eq!(entry.get_status().unwrap(), 402);
+    /// ```
+    pub fn error_catalog(&self) -> crate::format::ErrorCatalog {
+        use crate::format::{ErrorCode, ErrorOverride};
+        let mut catalog = crate::format::ErrorCatalog::new();
+        for (code, entry) in &self.errors {
+            let Some(reason) = crate::Reason::from_code(code.get_ref()) else {
+                continue;
+            };
+            let mut out = ErrorOverride::new();
+            if let Some(status) = entry
+                .status
+                .as_ref()
+                .and_then(|s| http::StatusCode::from_u16(*s.get_ref()).ok())
+                .filter(|s| s.is_client_error() || s.is_server_error())
+            {
+                out = out.status(status);
+            }
+            if let Some(t) = &entry.error_type {
+                out = out.error_type(t.clone());
+            }
+            match &entry.code {
+                Some(CodeConfig::Text(t)) => out = out.code(ErrorCode::from(t.clone())),
+                Some(CodeConfig::Number(n)) => out = out.code(*n),
+                None => {}
+            }
+            if let Some(m) = &entry.message {
+                out = out.message(m.clone());
+            }
+            if let Some(p) = &entry.param {
+                out = out.param(p.clone());
+            }
+            catalog.set(reason, out);
+        }
+        catalog
+    }
+
+    /// The plans' `after_top_up` rules as [`Promotions`](crate::credits::Promotions).
+    ///
+    /// ```
+    /// use tollgate::config::GatewayConfig;
+    ///
+    /// let config = GatewayConfig::from_toml(r#"
+    ///     [[plans]]
+    ///     name = "free"
+    ///     after_top_up = "trusted"
+    ///     [[plans]]
+    ///     name = "trusted"
+    /// "#).unwrap();
+    /// assert_eq!(config.promotions().target("free"), Some("trusted"));
+    /// ```
+    pub fn promotions(&self) -> crate::credits::Promotions {
+        self.plans
+            .iter()
+            .filter_map(|p| Some((p.name.get_ref(), p.after_top_up.as_ref()?.get_ref())))
+            .fold(crate::credits::Promotions::new(), |rules, (from, to)| {
+                rules.after_top_up(from.as_str(), to.as_str())
+            })
     }
 }
 
@@ -983,6 +1158,32 @@ mod tests {
         assert_eq!(
             err("[[plans]]\nname = \"p\"\n[[accounts]]\nid = \"a\"\nplan = \"p\"\n[[keys]]\nid = \"k\"\naccount = \"a\"\nkey = \"sk-demo-0123456789\"\nip_allowlist = []\n"),
             "line 7: keys[0].ip_allowlist: name at least one network (omit it to allow every IP, or set `status = \"disabled\"` to allow none)"
+        );
+    }
+
+    #[test]
+    fn error_catalog_and_promotion_errors_name_the_field_and_line() {
+        assert_eq!(
+            err("[errors.insufficient_quota]\nstatus = 402\n[errors.no_such_code]\nstatus = 400\n"),
+            "line 3: errors.no_such_code: no tollgate code `no_such_code` (see the README's rejection table)"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\ntype = \"x\"\nstatus = 302\n"),
+            "line 3: errors.insufficient_quota.status: 302 is not an error status (400 to 599)"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\nstatus = \"402\"\n"),
+            "line 2: status: invalid type: string \"402\", expected u16"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\ncode = 4.5\n"),
+            "line 2: code: invalid type: floating point `4.5`, expected a string or an integer"
+        );
+        assert!(err("[errors.insufficient_quota]\nstats = 402\n")
+            .starts_with("line 2: unknown field `stats`"));
+        assert_eq!(
+            err("[[plans]]\nname = \"free\"\nafter_top_up = \"trusted\"\n"),
+            "line 3: plans[0].after_top_up: no plan named `trusted` (add a [[plans]] entry)"
         );
     }
 

@@ -39,6 +39,7 @@ use tollgate::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
         Price, Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
     },
+    credits::{Promote, TopUpPromoter},
     inspect::LlmRequest,
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
@@ -509,12 +510,17 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
     let backend = redis::RedisBackend::connect_with(url, options)
         .await
         .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?;
-    assemble(
+    let key_store = backend.key_store();
+    // Plan promotion in the top-up's own script: balance, journal and plan together.
+    let promoter =
+        redis::RedisPromoter::new(backend.ledger(), key_store.clone(), config.promotions());
+    assemble_promoting(
         config,
         limits,
-        backend.key_store(),
+        key_store,
         backend.ledger(),
         backend.limiter(),
+        promoter,
     )
     .await
 }
@@ -524,7 +530,8 @@ async fn redis_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps,
     Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
 }
 
-/// Load the config into the stores and build the chain.
+/// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are
+/// applied by the top-up, then the plan change.
 async fn assemble<K, L, R>(
     config: &GatewayConfig,
     limits: Limits,
@@ -536,6 +543,25 @@ where
     K: KeyStore + KeyAdmin + Clone,
     L: Ledger + Clone,
     R: Limiter,
+{
+    let promoter = Promote::new(ledger.clone(), store.clone(), config.promotions());
+    assemble_promoting(config, limits, store, ledger, limiter, promoter).await
+}
+
+/// [`assemble`] with the backend's own top-up promoter (atomic where the backend allows).
+async fn assemble_promoting<K, L, R, P>(
+    config: &GatewayConfig,
+    limits: Limits,
+    store: K,
+    ledger: L,
+    limiter: R,
+    promoter: P,
+) -> Result<Apps, String>
+where
+    K: KeyStore + KeyAdmin + Clone,
+    L: Ledger + Clone,
+    R: Limiter,
+    P: TopUpPromoter,
 {
     let server = &config.server;
     // Plans: models for the key store, quotas for the limiter.
@@ -744,12 +770,11 @@ where
             .iter()
             .map(|p| p.name.get_ref().clone())
             .collect();
-        app = app.nest(
-            "/admin",
-            admin::router(store, ledger, admin_key)
-                .plans(plan_names)
-                .build(),
-        );
+        let mut admin = admin::router(store, ledger, admin_key).plans(plan_names);
+        if !config.promotions().is_empty() {
+            admin = admin.promote_on_top_up(promoter);
+        }
+        app = app.nest("/admin", admin.build());
     }
     // Only the configured routes reach the chain and the upstream: anything else is answered
     // here, before authentication, and never forwarded.
@@ -777,7 +802,11 @@ where
         .layer(middleware::from_fn_with_state(limits, guard))
         .layer(ClientIpLayer::new(resolver))
         .layer(middleware::from_fn(observe))
-        .layer(NormalizeLayer::new().format(server.error_format.clone()));
+        .layer(
+            NormalizeLayer::new()
+                .format(server.error_format.clone())
+                .catalog(config.error_catalog()),
+        );
     // Scrapes are not API requests: not counted, not logged.
     let metrics_app = metrics_app.layer(NormalizeLayer::new().format(server.error_format.clone()));
     Ok((app, metrics_app))
