@@ -94,7 +94,7 @@ mod body;
 mod clock;
 pub mod conformance;
 mod ledger;
-mod memory;
+pub(crate) mod memory;
 mod pricing;
 mod service;
 
