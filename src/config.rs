@@ -189,11 +189,14 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BackendConfig {
-    /// `memory` (default) or `redis`.
+    /// `memory` (default), `sqlite` or `redis`.
     #[serde(default)]
     pub kind: BackendKind,
     /// The Redis URL, with `kind = "redis"`.
     pub url: Option<String>,
+    /// With `kind = "sqlite"`: the database file, relative to the working directory (default
+    /// `tollgate.db`), created on first start.
+    pub path: Option<std::path::PathBuf>,
     /// With Redis: refuse (`closed`) or allow (`open`, default) requests when the rate limiter's
     /// store is unreachable. Credits always fail closed.
     #[serde(default)]
@@ -209,6 +212,8 @@ pub enum BackendKind {
     Memory,
     /// Redis, shared by replicas.
     Redis,
+    /// A SQLite file, durable, for one process.
+    Sqlite,
 }
 
 /// What a limiter does when its store is unreachable.
@@ -510,6 +515,12 @@ impl GatewayConfig {
                 message:
                     "backend.url: `kind = \"redis\"` needs a url such as redis://127.0.0.1:6379"
                         .into(),
+            });
+        }
+        if self.backend.path.is_some() && self.backend.kind != BackendKind::Sqlite {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.path: only `kind = \"sqlite\"` has a path".into(),
             });
         }
         if let Some(key) = &self.admin.key {

@@ -49,16 +49,45 @@ use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 use super::upstream;
 
+/// Why the gateway could not be built: the message, and whether its storage is at fault (the
+/// binary then exits with code 2, as for a bad config).
+#[derive(Debug)]
+pub struct BuildError {
+    /// What went wrong, naming the field (and the path).
+    pub message: String,
+    /// The storage (`[backend] path`) cannot be used: not a tollgate database, read-only, a
+    /// newer schema, in use.
+    pub storage: bool,
+}
+
+impl From<String> for BuildError {
+    fn from(message: String) -> Self {
+        BuildError {
+            message,
+            storage: false,
+        }
+    }
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A built gateway: the app and what the startup banner shows.
 pub struct Gateway {
     router: Router,
+    storage: String,
+    #[cfg(feature = "sqlite")]
+    sqlite: Option<tollgate::sqlite::SqliteBackend>,
     demo_key: Option<String>,
     demo_model: String,
 }
 
 impl Gateway {
     /// Build the stores and the chain from a validated config.
-    pub async fn build(config: GatewayConfig) -> Result<Gateway, String> {
+    pub async fn build(config: GatewayConfig) -> Result<Gateway, BuildError> {
         let demo_key = config
             .keys
             .iter()
@@ -69,8 +98,14 @@ impl Gateway {
             .models
             .first()
             .map_or_else(|| "mock-small".to_owned(), |m| m.id.get_ref().clone());
+        #[cfg(feature = "sqlite")]
+        let mut sqlite = None;
+        let storage;
         let router = match config.backend.kind {
             BackendKind::Memory => {
+                storage = "storage: memory (keeps nothing across restarts: balances, top-ups, \
+                           the journal and admin-made keys are lost when the process stops)"
+                    .to_owned();
                 let store = MemoryKeyStore::new();
                 let ledger = MemoryLedger::builder()
                     .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
@@ -81,10 +116,32 @@ impl Gateway {
                 limiter.spawn_evictor(Duration::from_secs(60));
                 assemble(&config, store, ledger, limiter).await?
             }
-            BackendKind::Redis => redis_backend(&config).await?,
+            BackendKind::Redis => {
+                storage = "storage: redis (shared by replicas)".to_owned();
+                redis_backend(&config).await?
+            }
+            #[cfg(feature = "sqlite")]
+            BackendKind::Sqlite => {
+                let (router, backend) = sqlite_backend(&config).await?;
+                storage = format!(
+                    "storage: sqlite {} (durable: top-ups and admin changes before their answer, \
+                     settlements within {} ms)",
+                    backend.path().display(),
+                    tollgate::sqlite::DURABILITY_WINDOW.as_millis()
+                );
+                sqlite = Some(backend);
+                router
+            }
+            #[cfg(not(feature = "sqlite"))]
+            BackendKind::Sqlite => {
+                return Err("backend.kind = \"sqlite\" needs the `sqlite` feature: cargo run --release --features sqlite --example gateway -- ...".to_owned().into());
+            }
         };
         Ok(Gateway {
             router,
+            storage,
+            #[cfg(feature = "sqlite")]
+            sqlite,
             demo_key,
             demo_model,
         })
@@ -99,6 +156,11 @@ impl Gateway {
     /// The first active plaintext key of the config, to show at startup.
     pub fn demo_key(&self) -> Option<&str> {
         self.demo_key.as_deref()
+    }
+
+    /// What keeps the books, and whether they survive a restart (the startup banner's line).
+    pub fn storage(&self) -> &str {
+        &self.storage
     }
 
     /// A model to use in the startup example.
@@ -118,8 +180,38 @@ impl Gateway {
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await?;
+        // In-flight requests have settled: write what is queued and release the file.
+        #[cfg(feature = "sqlite")]
+        if let Some(backend) = self.sqlite {
+            backend.close().await.map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite_backend(
+    config: &GatewayConfig,
+) -> Result<(Router, tollgate::sqlite::SqliteBackend), BuildError> {
+    use tollgate::sqlite::{SqliteBackend, SqliteOptions};
+    let path = config
+        .backend
+        .path
+        .clone()
+        .unwrap_or_else(|| "tollgate.db".into());
+    let options = SqliteOptions::new().hold_ttl(Duration::from_secs(config.server.hold_ttl_secs));
+    let backend = SqliteBackend::open_with(&path, options)
+        .await
+        .map_err(|e| BuildError {
+            message: format!("backend.path: {e}"),
+            storage: true,
+        })?;
+    // Rate limits stay in this process: a restart refilling the buckets is harmless.
+    let limiter = MemoryLimiter::new();
+    limiter.spawn_evictor(Duration::from_secs(60));
+    let router = assemble(config, backend.key_store(), backend.ledger(), limiter).await?;
+    Ok((router, backend))
 }
 
 #[cfg(feature = "redis")]

@@ -63,7 +63,8 @@ async fn main() -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("error: {error}");
-            return ExitCode::from(1);
+            // Storage that cannot be used is a configuration error, as a bad config is.
+            return ExitCode::from(if error.storage { 2 } else { 1 });
         }
     };
     let listener = match tokio::net::TcpListener::bind(listen).await {
@@ -82,6 +83,7 @@ async fn main() -> ExitCode {
             gateway.demo_model()
         );
     }
+    println!("{}", gateway.storage());
     match gateway.serve(listener, shutdown_signal()).await {
         Ok(()) => {
             println!("tollgate gateway stopped");

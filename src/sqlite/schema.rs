@@ -53,6 +53,7 @@ pub(crate) async fn open(path: &Path) -> Result<SqliteConnection, OpenError> {
     if existed {
         sniff(path).map_err(fail)?;
     }
+    writable_dir(path).map_err(fail)?;
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(|e| fail(OpenErrorKind::Other(e.to_string())))?
         .filename(path)
@@ -81,10 +82,16 @@ pub(crate) async fn open(path: &Path) -> Result<SqliteConnection, OpenError> {
 /// A file that exists must start like a SQLite database (or be empty).
 fn sniff(path: &Path) -> Result<(), OpenErrorKind> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => OpenErrorKind::ReadOnly(e.to_string()),
-        _ => OpenErrorKind::Other(e.to_string()),
-    })?;
+    // Opened for writing (nothing is written): a read-only file is refused here, by name,
+    // rather than as SQLite's I/O error on its first lock.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => OpenErrorKind::ReadOnly(e.to_string()),
+            _ => OpenErrorKind::Other(e.to_string()),
+        })?;
     let mut header = [0u8; 16];
     let mut read = 0;
     while read < header.len() {
@@ -100,6 +107,35 @@ fn sniff(path: &Path) -> Result<(), OpenErrorKind> {
         Err(OpenErrorKind::NotATollgateDatabase(
             "not a SQLite file".into(),
         ))
+    }
+}
+
+/// SQLite creates the database and its write-ahead log beside it: the directory must be
+/// writable (probed with a file of our own, removed at once).
+fn writable_dir(path: &Path) -> Result<(), OpenErrorKind> {
+    let mut probe = path.as_os_str().to_owned();
+    probe.push("-tollgate-probe");
+    let probe = std::path::PathBuf::from(probe);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(OpenErrorKind::ReadOnly(
+            format!("its directory is not writable, so the file and its write-ahead log cannot be created: {e}"),
+        )),
+        Err(e) if e.raw_os_error() == Some(30) => Err(OpenErrorKind::ReadOnly(format!(
+            "read-only file system: {e}"
+        ))),
+        Err(e) => Err(OpenErrorKind::Other(e.to_string())),
     }
 }
 
