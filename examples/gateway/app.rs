@@ -184,6 +184,14 @@ impl Gateway {
         // In-flight requests have settled: write what is queued and release the file.
         #[cfg(feature = "sqlite")]
         if let Some(backend) = self.sqlite {
+            let durability = backend.ledger().durability();
+            tracing::info!(
+                target: "tollgate::durability",
+                commits = durability.commits,
+                movements = durability.movements,
+                max_lag_ms = durability.max_lag.as_secs_f64() * 1e3,
+                "sqlite group commit: the longest a movement waited to be durable"
+            );
             backend.close().await.map_err(std::io::Error::other)?;
         }
         Ok(())

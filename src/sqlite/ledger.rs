@@ -566,10 +566,10 @@ async fn write_batch(shared: &Shared, batch: &[(Op, Instant)]) -> Result<(), sql
                 opened.insert(id, m);
                 last_hold_id = last_hold_id.max(id);
             }
-            (EntryKind::Settle | EntryKind::Release | EntryKind::Expire, Some(id)) => {
-                if opened.remove(&id).is_none() {
-                    closed.push(int(id));
-                }
+            (EntryKind::Settle | EntryKind::Release | EntryKind::Expire, Some(id))
+                if opened.remove(&id).is_none() =>
+            {
+                closed.push(int(id));
             }
             _ => {}
         }

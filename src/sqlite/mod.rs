@@ -49,11 +49,9 @@
 //! ledger.top_up("acct_1", 100, "invoice-1").await?; // durable once this returns
 //! let hold = ledger.reserve(ReserveRequest::new("acct_1", 30)).await?.into_hold().unwrap();
 //! ledger.settle(&hold, 12).await?;
-//! ledger.flush().await?;
-//! drop((ledger, backend));
+//! backend.close().await?; // a graceful shutdown: writes what is queued, releases the file
 //!
 //! // Another process, later: the books are still there.
-//! # tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 //! let ledger = SqliteBackend::open(&path).await?.ledger();
 //! assert_eq!(ledger.balance("acct_1").await?.balance, 88);
 //! # Ok(())
