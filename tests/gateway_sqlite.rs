@@ -508,3 +508,41 @@ fn unusable_storage_stops_startup_with_exit_code_2() {
     assert_refused(&output, "cannot be written");
     assert!(!dir.join("books.db").exists());
 }
+
+#[test]
+fn the_memory_backend_says_at_startup_that_it_keeps_nothing() {
+    let dir = TempDir::new("gateway-memory-banner");
+    let config = CONFIG.replace(
+        "kind = \"sqlite\"\npath = \"books.db\"",
+        "kind = \"memory\"",
+    );
+    std::fs::write(dir.join("gateway.toml"), config).unwrap();
+    let mut child = Command::new(example_binary())
+        .current_dir(dir.path())
+        .args(["--config", "gateway.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let storage = lines
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("storage: "))
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        first.starts_with("tollgate gateway listening on"),
+        "{first}"
+    );
+    assert_eq!(
+        storage,
+        "storage: memory (keeps nothing across restarts: balances, top-ups, the journal and \
+         admin-made keys are lost when the process stops)"
+    );
+    assert!(
+        !dir.join("books.db").exists(),
+        "the memory backend writes no file"
+    );
+}
