@@ -118,9 +118,17 @@ impl SqliteKeyStore {
             .as_mut()
             .ok_or_else(|| BackendError::new("sqlite: the database is closed"))?;
         check(&self.memory)?;
-        write(conn)
+        // Fsynced before it is acknowledged.
+        sqlx::raw_sql("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
             .await
             .map_err(|e| backend_error("key store", &e))?;
+        let written = write(&mut *conn).await;
+        let normal = sqlx::raw_sql("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await;
+        written.map_err(|e| backend_error("key store", &e))?;
+        normal.map_err(|e| backend_error("key store", &e))?;
         apply(&self.memory)
     }
 }

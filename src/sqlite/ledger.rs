@@ -109,6 +109,7 @@ struct Status {
     committed: watch::Sender<u64>,
     failed: OnceLock<String>,
     commits: AtomicU64,
+    movements: AtomicU64,
     max_lag_us: AtomicU64,
     last_lag_us: AtomicU64,
 }
@@ -117,7 +118,24 @@ enum Op {
     Move(Movement),
     /// Forget the charged idempotency keys whose window ended before this time (ms).
     Sweep(i64),
+    /// Someone waits for everything before this to be durable: commit with an fsync now.
+    Barrier,
 }
+
+impl Op {
+    /// Whether the group commit holding this op must be fsynced before it is acknowledged.
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Op::Move(m) => m.entry.kind == EntryKind::TopUp,
+            Op::Barrier => true,
+            Op::Sweep(_) => false,
+        }
+    }
+}
+
+/// The longest a commit without fsync (durable against a killed process, not yet against a
+/// power loss) waits for the next fsynced one.
+const FSYNC_EVERY: Duration = Duration::from_millis(25);
 
 impl Queue {
     fn send(&self, op: Op) {
@@ -176,6 +194,7 @@ impl SqliteLedger {
             committed: watch::Sender::new(0),
             failed: OnceLock::new(),
             commits: AtomicU64::new(0),
+            movements: AtomicU64::new(0),
             max_lag_us: AtomicU64::new(0),
             last_lag_us: AtomicU64::new(0),
         });
@@ -223,6 +242,7 @@ impl SqliteLedger {
     ///
     /// When the writer failed (the ledger then refuses every call).
     pub fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        self.queue.send(Op::Barrier);
         let ticket = self.queue.issued();
         let status = self.queue.status.clone();
         async move { wait_for(&status, ticket).await }
@@ -233,7 +253,7 @@ impl SqliteLedger {
         let status = &self.queue.status;
         Durability {
             commits: status.commits.load(Ordering::Relaxed),
-            movements: *status.committed.borrow(),
+            movements: status.movements.load(Ordering::Relaxed),
             max_lag: Duration::from_micros(status.max_lag_us.load(Ordering::Relaxed)),
             last_lag: Duration::from_micros(status.last_lag_us.load(Ordering::Relaxed)),
         }
@@ -508,13 +528,34 @@ async fn writer(
 ) {
     let mut batch: Vec<(Op, Instant)> = Vec::with_capacity(1024);
     let mut committed = 0u64;
+    // The first commit not fsynced since the last fsync.
+    let mut unsynced_since: Option<Instant> = None;
     loop {
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        let mut internal = 0;
+        let received = match unsynced_since {
+            None => rx.recv_many(&mut batch, MAX_BATCH).await,
+            // Idle with a commit not yet fsynced: wake up in time to fsync it.
+            Some(since) => {
+                let deadline = tokio::time::Instant::from_std(since + FSYNC_EVERY);
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, MAX_BATCH)).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Our own barrier: an fsync, not a ticket of anyone.
+                        internal = 1;
+                        batch.push((Op::Barrier, Instant::now()));
+                        1
+                    }
+                }
+            }
+        };
+        if received == 0 {
             return; // every ledger handle is gone, and everything is written
         }
+        let fsync = batch.iter().any(|(op, _)| op.needs_fsync())
+            || unsynced_since.is_some_and(|since| since.elapsed() >= FSYNC_EVERY);
         let mut attempt = 0;
         loop {
-            match write_batch(&shared, &batch).await {
+            match write_batch(&shared, &batch, fsync).await {
                 Ok(()) => break,
                 Err(error) if attempt < 3 => {
                     attempt += 1;
@@ -537,20 +578,29 @@ async fn writer(
         status.last_lag_us.store(lag_us, Ordering::Relaxed);
         status.max_lag_us.fetch_max(lag_us, Ordering::Relaxed);
         status.commits.fetch_add(1, Ordering::Relaxed);
-        committed += batch.len() as u64;
+        let moved = batch.iter().filter(|(op, _)| matches!(op, Op::Move(_))).count();
+        status.movements.fetch_add(moved as u64, Ordering::Relaxed);
+        committed += (batch.len() - internal) as u64;
         status.committed.send_replace(committed);
+        unsynced_since = match (fsync, unsynced_since) {
+            (true, _) => None,
+            (false, None) => Some(batch[0].1),
+            (false, since) => since,
+        };
         batch.clear();
     }
 }
 
-async fn write_batch(shared: &Shared, batch: &[(Op, Instant)]) -> Result<(), sqlx::Error> {
-    use sqlx::Connection;
-
+async fn write_batch(
+    shared: &Shared,
+    batch: &[(Op, Instant)],
+    fsync: bool,
+) -> Result<(), sqlx::Error> {
     let moves: Vec<&Movement> = batch
         .iter()
         .filter_map(|(op, _)| match op {
             Op::Move(m) => Some(m),
-            Op::Sweep(_) => None,
+            Op::Sweep(_) | Op::Barrier => None,
         })
         .collect();
     // Holds opened and closed within the batch never touch `ledger_holds`.
@@ -577,7 +627,55 @@ async fn write_batch(shared: &Shared, batch: &[(Op, Instant)]) -> Result<(), sql
 
     let mut guard = shared.conn.lock().await;
     let conn = guard.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+    if fsync {
+        sqlx::raw_sql("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let result = commit(
+        conn,
+        &moves,
+        opened,
+        closed,
+        accounts,
+        last_hold_id,
+        batch,
+        fsync,
+    )
+    .await;
+    if fsync {
+        sqlx::raw_sql("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await?;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    conn: &mut SqliteConnection,
+    moves: &[&Movement],
+    opened: HashMap<u64, &Movement>,
+    closed: Vec<i64>,
+    accounts: HashMap<&str, (u64, u64, u64)>,
+    last_hold_id: u64,
+    batch: &[(Op, Instant)],
+    fsync: bool,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+
     let mut tx = conn.begin().await?;
+    if fsync {
+        // A commit that writes nothing is not fsynced: this one always writes a row, so that
+        // its fsync also covers the commits before it that were not fsynced.
+        sqlx::query(
+            "INSERT INTO tollgate_meta (name, value) VALUES ('synced_at_ms', ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(super::schema::now_ms())
+        .execute(&mut *tx)
+        .await?;
+    }
     for chunk in moves.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO ledger_journal (account, seq, at_ms, kind, amount, hold, hold_id, \
@@ -654,6 +752,7 @@ async fn write_batch(shared: &Shared, batch: &[(Op, Instant)]) -> Result<(), sql
     for (op, _) in batch {
         match op {
             Op::Move(m) => idempotency(&mut tx, m).await?,
+            Op::Barrier => {}
             Op::Sweep(now_ms) => {
                 sqlx::query(
                     "DELETE FROM ledger_idempotency WHERE charged = 1 AND expires_at_ms <= ?",

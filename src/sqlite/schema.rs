@@ -61,8 +61,10 @@ pub(crate) async fn open(path: &Path) -> Result<SqliteConnection, OpenError> {
         // One process owns the file: a second one is refused instead of keeping its own books.
         .locking_mode(SqliteLockingMode::Exclusive)
         .journal_mode(SqliteJournalMode::Wal)
-        // Every commit is fsynced: a group commit of settlements, a top-up, an admin change.
-        .synchronous(SqliteSynchronous::Full)
+        // A commit is durable against a killed process once written; an fsync (FULL) makes it
+        // durable against a power loss: every top-up and admin change, and the group commits
+        // at least every 25 ms (see the ledger's writer).
+        .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_millis(500))
         .foreign_keys(true)
         .statement_cache_capacity(256);
