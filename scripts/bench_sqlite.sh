@@ -11,7 +11,7 @@ SECONDS_PER_RUN="${1:-5}"
 ROUNDS="${2:-2}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --features sqlite --example gateway --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/examples/gateway"
+BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/examples/gateway")"
 DIR="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 KEY="sk-bench-0123456789abcdefghijklmn"
@@ -62,7 +62,7 @@ LUA
 start() { # kind port
   mkdir -p "$DIR/$1"
   config "$1" "$2" > "$DIR/$1/gateway.toml"
-  (cd "$DIR/$1" && RUST_LOG=warn,tollgate::durability=info exec "$OLDPWD/$BIN" --config gateway.toml > stdout.log 2> stderr.log) &
+  (cd "$DIR/$1" && RUST_LOG=warn,tollgate::durability=info exec "$BIN" --config gateway.toml > stdout.log 2> stderr.log) &
   for _ in $(seq 100); do
     curl -s -o /dev/null "http://127.0.0.1:$2/v1/models" && return
     sleep 0.1

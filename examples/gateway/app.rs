@@ -189,6 +189,7 @@ impl Gateway {
                 target: "tollgate::durability",
                 commits = durability.commits,
                 movements = durability.movements,
+                late_commits = durability.late_commits,
                 max_lag_ms = durability.max_lag.as_secs_f64() * 1e3,
                 "sqlite group commit: the longest a movement waited to be durable"
             );

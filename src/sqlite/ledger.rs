@@ -91,6 +91,9 @@ pub struct Durability {
     pub max_lag: Duration,
     /// That time for the last group commit's oldest movement.
     pub last_lag: Duration,
+    /// Group commits whose oldest movement waited longer than
+    /// [`DURABILITY_WINDOW`](super::DURABILITY_WINDOW) (a slow disk, a starved CPU).
+    pub late_commits: u64,
 }
 
 /// The ledger's side of the writer: the channel, in order, and the number of movements sent.
@@ -110,6 +113,7 @@ struct Status {
     failed: OnceLock<String>,
     commits: AtomicU64,
     movements: AtomicU64,
+    late: AtomicU64,
     max_lag_us: AtomicU64,
     last_lag_us: AtomicU64,
 }
@@ -195,6 +199,7 @@ impl SqliteLedger {
             failed: OnceLock::new(),
             commits: AtomicU64::new(0),
             movements: AtomicU64::new(0),
+            late: AtomicU64::new(0),
             max_lag_us: AtomicU64::new(0),
             last_lag_us: AtomicU64::new(0),
         });
@@ -254,6 +259,7 @@ impl SqliteLedger {
         Durability {
             commits: status.commits.load(Ordering::Relaxed),
             movements: status.movements.load(Ordering::Relaxed),
+            late_commits: status.late.load(Ordering::Relaxed),
             max_lag: Duration::from_micros(status.max_lag_us.load(Ordering::Relaxed)),
             last_lag: Duration::from_micros(status.last_lag_us.load(Ordering::Relaxed)),
         }
@@ -578,7 +584,13 @@ async fn writer(
         status.last_lag_us.store(lag_us, Ordering::Relaxed);
         status.max_lag_us.fetch_max(lag_us, Ordering::Relaxed);
         status.commits.fetch_add(1, Ordering::Relaxed);
-        let moved = batch.iter().filter(|(op, _)| matches!(op, Op::Move(_))).count();
+        if lag > super::DURABILITY_WINDOW {
+            status.late.fetch_add(1, Ordering::Relaxed);
+        }
+        let moved = batch
+            .iter()
+            .filter(|(op, _)| matches!(op, Op::Move(_)))
+            .count();
         status.movements.fetch_add(moved as u64, Ordering::Relaxed);
         committed += (batch.len() - internal) as u64;
         status.committed.send_replace(committed);

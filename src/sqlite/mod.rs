@@ -21,10 +21,13 @@
 //!   before its future completes: before the admin API answers 2xx.
 //! - **Holds and settlements** are committed by a group commit that runs continuously: a
 //!   movement is durable within [`DURABILITY_WINDOW`] (50 ms) of being made under normal
-//!   operation, usually within a few milliseconds ([`SqliteLedger::durability`] reports what was
-//!   observed). A process killed (`kill -9`, power loss) loses at most the movements of that
-//!   window, never a part of one: each group commit is one transaction, so the file always holds
-//!   a prefix of the ledger's history and `balance == Σ top-ups − Σ charges` holds in it.
+//!   operation, usually within a few milliseconds ([`SqliteLedger::durability`] reports the
+//!   longest wait and the commits that took longer, as a slow or shared disk makes them). A
+//!   commit is durable against a killed process once written; it is fsynced when it carries a
+//!   top-up or a flush and at least every 25 ms otherwise, for a power loss. A process killed
+//!   loses at most the movements of that window, never a part of one: each group commit is one
+//!   transaction, so the file always holds a prefix of the ledger's history and
+//!   `balance == Σ top-ups − Σ charges` holds in it.
 //! - At startup, the holds a dead process left open are **settled at their held amount**, as an
 //!   expired hold is (journal kind `expire`): the request they were placed for may have been
 //!   served, and a hold is never more than what the caller agreed to pay.
