@@ -300,11 +300,14 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BackendConfig {
-    /// `memory` (default) or `redis`.
+    /// `memory` (default), `sqlite` or `redis`.
     #[serde(default)]
     pub kind: BackendKind,
     /// The Redis URL, with `kind = "redis"`.
     pub url: Option<String>,
+    /// With `kind = "sqlite"`: the database file, relative to the working directory (default
+    /// `tollgate.db`), created on first start.
+    pub path: Option<std::path::PathBuf>,
     /// With Redis: refuse (`closed`) or allow (`open`, default) requests when the rate limiter's
     /// store is unreachable. Credits always fail closed.
     #[serde(default)]
@@ -320,6 +323,8 @@ pub enum BackendKind {
     Memory,
     /// Redis, shared by replicas.
     Redis,
+    /// A SQLite file, durable, for one process.
+    Sqlite,
 }
 
 /// What a limiter does when its store is unreachable.
@@ -945,6 +950,12 @@ impl GatewayConfig {
                     ));
                 }
             }
+        }
+        if self.backend.path.is_some() && self.backend.kind != BackendKind::Sqlite {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.path: only `kind = \"sqlite\"` has a path".into(),
+            });
         }
         if let Some(key) = &self.admin.key {
             if key.len() < 16 {
