@@ -188,7 +188,7 @@ impl Http {
             let (status, body) = self
                 .send(
                     "GET",
-                    &format!("/admin/accounts/{account}/journal?after={after}&limit=10000"),
+                    &format!("/admin/accounts/{account}/journal?after={after}&limit=1000"),
                     ADMIN,
                     None,
                 )
