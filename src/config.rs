@@ -176,8 +176,8 @@ pub struct ServerConfig {
     /// The largest request body read to price a call, in bytes. Default 1 MiB.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
-    /// With the in-memory backend, the journal entries kept per account (the latest). Default
-    /// 10000; balances never depend on it.
+    /// With the memory and Redis backends, the journal entries kept per account (the latest).
+    /// Default 10000; balances never depend on it. (SQLite keeps the whole journal.)
     #[serde(default = "default_journal_limit")]
     pub journal_limit: usize,
     /// Seconds a client has to send a whole request header section (and, on a kept-alive

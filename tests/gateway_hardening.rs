@@ -525,6 +525,9 @@ impl Binary {
         let path = dir.join("gateway.toml");
         std::fs::write(&path, toml).unwrap();
         let mut child = Command::new(example_binary())
+            // A relative storage path (the shipped config's `tollgate.db`) lands here, not in
+            // the repository.
+            .current_dir(&dir)
             .arg("--config")
             .arg(&path)
             .args(["--listen", "127.0.0.1:0"])

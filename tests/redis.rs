@@ -1103,3 +1103,43 @@ async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
     assert_eq!(count(EntryKind::Reserve), count(EntryKind::Release) + 1);
     assert_eq!(count(EntryKind::Settle), 1);
 }
+
+/// `journal_limit`: the stream keeps the latest entries only (Redis memory per account stays
+/// flat under load), and no balance changes.
+#[tokio::test]
+async fn the_journal_is_trimmed_to_its_limit_and_balances_do_not_change() {
+    let server = RedisServer::start();
+    let ledger = replica(&server, RedisOptions::new().journal_limit(10))
+        .await
+        .ledger();
+    ledger.top_up("acct_1", 1_000, "initial").await.unwrap();
+    for _ in 0..50 {
+        let hold = ledger
+            .reserve(ReserveRequest::new("acct_1", 3))
+            .await
+            .unwrap()
+            .into_hold()
+            .unwrap();
+        ledger.settle(&hold, 2).await.unwrap();
+    }
+    let journal = ledger
+        .journal("acct_1", JournalQuery::new().limit(10_000))
+        .await
+        .unwrap();
+    assert_eq!(journal.len(), 10);
+    // The latest ten: sequence numbers 92..=101 (1 top-up + 50 × reserve and settle).
+    let seqs: Vec<u64> = journal.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (92..=101).collect::<Vec<_>>());
+    assert_eq!(journal.last().unwrap().balance_after, 900);
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held), (900, 0));
+    // The stream itself holds ten entries.
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let len: u64 = ::redis::cmd("XLEN")
+        .arg("tollgate:{acct:acct_1}:journal")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 10);
+}

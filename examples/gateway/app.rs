@@ -616,6 +616,8 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
     let url = config.backend.url.as_deref().unwrap_or_default();
     let options = redis::RedisOptions::new()
         .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
+        // Bounded Redis memory: the latest entries of each account's journal, as in memory.
+        .journal_limit(config.server.journal_limit)
         .rate_limit_fail(match config.backend.rate_limit_fail {
             FailMode::Open => redis::FailMode::Open,
             FailMode::Closed => redis::FailMode::Closed,

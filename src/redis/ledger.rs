@@ -2,8 +2,9 @@
 
 use std::{
     any::Any,
+    collections::HashMap,
     fmt,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -29,20 +30,43 @@ pub const MAX_BALANCE: u64 = crate::credits::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
+/// The ledger's scripts for one per-account journal limit (0: unbounded), made once per limit
+/// a process uses (the limit is a constant of the script, so a script call has no extra
+/// argument).
+struct Scripts {
+    reserve: Script,
+    close: Script,
+    top_up: Script,
+    balance: Script,
+    expire: Script,
 }
 
-/// A ledger script that also charges or corrects the account's rate-limit buckets.
-fn limits_script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{}\n{body}", super::limiter::GCRA_LIB))
+fn scripts(journal_limit: usize) -> &'static Scripts {
+    static MADE: LazyLock<Mutex<HashMap<usize, &'static Scripts>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    made.entry(journal_limit).or_insert_with(|| {
+        let script = |body: &str| {
+            Script::new(&format!(
+                "local JOURNAL_MAX = {journal_limit}\n{PRELUDE}\n{body}"
+            ))
+        };
+        // A ledger script that also charges or corrects the account's rate-limit buckets.
+        let limits_script = |body: &str| {
+            Script::new(&format!(
+                "local JOURNAL_MAX = {journal_limit}\n{PRELUDE}\n{}\n{body}",
+                super::limiter::GCRA_LIB
+            ))
+        };
+        Box::leak(Box::new(Scripts {
+            reserve: limits_script(include_str!("lua/reserve.lua")),
+            close: limits_script(include_str!("lua/close.lua")),
+            top_up: script(include_str!("lua/top_up.lua")),
+            balance: script(include_str!("lua/balance.lua")),
+            expire: script(include_str!("lua/expire.lua")),
+        }))
+    })
 }
-
-static RESERVE: LazyLock<Script> = LazyLock::new(|| limits_script(include_str!("lua/reserve.lua")));
-static CLOSE: LazyLock<Script> = LazyLock::new(|| limits_script(include_str!("lua/close.lua")));
-static TOP_UP: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/top_up.lua")));
-static BALANCE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/balance.lua")));
-static EXPIRE: LazyLock<Script> = LazyLock::new(|| script(include_str!("lua/expire.lua")));
 
 /// Holds settled per account and script call by [`Ledger::expire_holds`].
 const EXPIRE_BATCH: u64 = 256;
@@ -87,6 +111,10 @@ impl RedisLedger {
         RedisLedger { shared }
     }
 
+    fn scripts(&self) -> &'static Scripts {
+        scripts(self.shared.options.journal_limit)
+    }
+
     fn conn(&self) -> &Conn {
         &self.shared.conn
     }
@@ -117,8 +145,9 @@ impl RedisLedger {
         let accounts = self.accounts_key();
         let account = account.to_owned();
         let idempotency_key = idempotency_key.to_owned();
+        let scripts = self.scripts();
         let call = self.conn().call("top-up", move |mut conn| async move {
-            let mut invocation = TOP_UP.prepare_invoke();
+            let mut invocation = scripts.top_up.prepare_invoke();
             invocation
                 .key(key)
                 .arg(amount)
@@ -234,8 +263,9 @@ impl RedisLedger {
             .filter(|(_, _, cost)| *cost > 0)
             .map(|(key, params, cost)| (key.clone(), *params, -cost))
             .collect();
+        let scripts = self.scripts();
         let call = self.conn().call("reserve", move |mut conn| async move {
-            let mut invocation = RESERVE.prepare_invoke();
+            let mut invocation = scripts.reserve.prepare_invoke();
             invocation
                 .key(key)
                 .arg(id)
@@ -339,8 +369,9 @@ impl RedisLedger {
             Corrections::IfOpen(buckets) => ("if_open", buckets),
         };
         let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
+        let scripts = self.scripts();
         let call = self.conn().call("settle", move |mut conn| async move {
-            let mut invocation = CLOSE.prepare_invoke();
+            let mut invocation = scripts.close.prepare_invoke();
             invocation
                 .key(key)
                 .arg(id)
@@ -473,8 +504,9 @@ impl Ledger for RedisLedger {
 
     fn balance(&self, account: &str) -> Self::BalanceFuture {
         let key = self.account_key(account);
+        let scripts = self.scripts();
         let call = self.conn().call("balance", move |mut conn| async move {
-            let mut invocation = BALANCE.prepare_invoke();
+            let mut invocation = scripts.balance.prepare_invoke();
             invocation.key(key);
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
         });
@@ -508,6 +540,7 @@ impl Ledger for RedisLedger {
 
     fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
         let ledger = self.clone();
+        let scripts = self.scripts();
         let now_ms = millis(now.duration_since(UNIX_EPOCH).unwrap_or_default());
         Box::pin(async move {
             let accounts_key = ledger.accounts_key();
@@ -524,7 +557,7 @@ impl Ledger for RedisLedger {
                     let reply: Vec<i64> = ledger
                         .conn()
                         .call("expire", move |mut conn| async move {
-                            let mut invocation = EXPIRE.prepare_invoke();
+                            let mut invocation = scripts.expire.prepare_invoke();
                             invocation.key(key).arg(now_ms).arg(EXPIRE_BATCH);
                             invocation.invoke_async(&mut conn).await
                         })

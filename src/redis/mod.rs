@@ -110,6 +110,7 @@ pub struct RedisOptions {
     key_cache_ttl: Duration,
     key_cache_capacity: usize,
     rate_limit_fail: FailMode,
+    pub(crate) journal_limit: usize,
 }
 
 impl Default for RedisOptions {
@@ -125,6 +126,7 @@ impl Default for RedisOptions {
             key_cache_ttl: Duration::from_secs(5),
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
+            journal_limit: 0,
         }
     }
 }
@@ -183,6 +185,23 @@ impl RedisOptions {
     /// The configured hold TTL.
     pub fn hold_ttl_value(&self) -> Duration {
         self.hold_ttl
+    }
+
+    /// Keep only the latest `entries` journal entries per account (0, the default: all of
+    /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::MemoryLedgerBuilder::journal_limit)
+    /// does: the stream is trimmed in the same script that appends to it, so Redis memory per
+    /// account stays flat (about 110 bytes an entry, two entries per billed request). Balances
+    /// never depend on the journal: trimming changes none.
+    ///
+    /// ```
+    /// use tollgate::redis::RedisOptions;
+    ///
+    /// let options = RedisOptions::new().journal_limit(10_000);
+    /// # let _ = options;
+    /// ```
+    pub fn journal_limit(mut self, entries: usize) -> Self {
+        self.journal_limit = entries;
+        self
     }
 
     /// How long an `Idempotency-Key` is remembered.

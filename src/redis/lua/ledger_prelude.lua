@@ -3,7 +3,7 @@
 --   P            hash    balance, held, holds, seq
 --   P:holds      hash    hold id -> cjson {a = amount (decimal string), r, k, i}
 --   P:expiry     zset    hold id by expiry (ms)
---   P:journal    stream  one entry per movement, id `seq-0`
+--   P:journal    stream  one entry per movement, id `seq-0` (the latest JOURNAL_MAX if > 0)
 --   P:idem:KEY   hash    fp, hold, charged (PEXPIREd at the idempotency window)
 --   P:topups     hash    top-up idempotency key -> amount
 --   P:closed:ID  string  a hold closed before it was placed (a timed-out reserve); PX hold TTL
@@ -36,7 +36,13 @@ local function journal(now, kind, amount, hold, id, balance, held, r, k, i)
   if r and r ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = r end
   if k and k ~= '' then fields[#fields + 1] = 'key'; fields[#fields + 1] = k end
   if i and i ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = i end
-  redis.call('XADD', JOURNAL, string.format('%d-0', seq), unpack(fields))
+  -- JOURNAL_MAX (a constant the backend prepends, 0: unbounded) keeps the latest entries only:
+  -- Redis memory per account stays flat under load.
+  if JOURNAL_MAX > 0 then
+    redis.call('XADD', JOURNAL, 'MAXLEN', JOURNAL_MAX, string.format('%d-0', seq), unpack(fields))
+  else
+    redis.call('XADD', JOURNAL, string.format('%d-0', seq), unpack(fields))
+  end
 end
 
 -- Close an open hold: 'settle' (charging `actual`, at most what is not held by others),
