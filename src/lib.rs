@@ -102,6 +102,8 @@ pub mod admin;
 pub mod config;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 #[cfg(feature = "axum")]
 mod axum_integration;
