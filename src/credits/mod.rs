@@ -37,6 +37,9 @@
 //! corrected with the settlement ([`Ledger::settle_limited`]); on Redis each step is one script,
 //! one round trip.
 //!
+//! Every backend passes the same [`conformance`] scenarios (exact K of N, never negative,
+//! expiry, idempotency, journal equals books).
+//!
 //! Holds that are never settled (a crashed handler, a leaked future) are settled at their held
 //! amount by [`Ledger::expire_holds`]; [`MemoryLedger::spawn_expiry`] runs it periodically.
 //!
@@ -89,6 +92,7 @@
 
 mod body;
 mod clock;
+pub mod conformance;
 mod ledger;
 mod memory;
 mod pricing;

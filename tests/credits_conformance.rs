@@ -1,0 +1,91 @@
+//! The ledger conformance scenarios (`tollgate::credits::conformance`) on every backend: the
+//! memory ledger on a fake clock, Redis (a real `redis-server`) on the server's clock.
+
+use std::time::{Duration, SystemTime};
+
+use tollgate::credits::{conformance, Clock, ManualClock, MemoryLedger};
+
+/// The memory ledger on a clock the test moves.
+struct Memory(ManualClock);
+
+impl conformance::Fixture for Memory {
+    type Ledger = MemoryLedger;
+
+    async fn ledger(&self, hold_ttl: Duration) -> MemoryLedger {
+        MemoryLedger::builder()
+            .hold_ttl(hold_ttl)
+            .clock(self.0.clone())
+            .build()
+    }
+
+    async fn advance(&self, by: Duration) {
+        self.0.advance(by);
+    }
+
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_ledger_passes_the_conformance_scenarios() {
+    let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    conformance::run(&Memory(clock)).await;
+}
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+mod redis {
+    use std::{
+        sync::atomic::{AtomicU32, Ordering},
+        time::{Duration, SystemTime},
+    };
+
+    use tollgate::{
+        credits::conformance,
+        redis::{RedisBackend, RedisLedger, RedisOptions},
+    };
+
+    use super::redis_server::RedisServer;
+
+    /// Redis on its own clock: a fresh key prefix per scenario, real sleeps past a TTL.
+    struct Redis {
+        server: RedisServer,
+        scenarios: AtomicU32,
+    }
+
+    impl conformance::Fixture for Redis {
+        type Ledger = RedisLedger;
+
+        async fn ledger(&self, hold_ttl: Duration) -> RedisLedger {
+            let n = self.scenarios.fetch_add(1, Ordering::Relaxed);
+            let options = RedisOptions::new()
+                .prefix(format!("conformance-{n}"))
+                .hold_ttl(hold_ttl);
+            RedisBackend::connect_with(&self.server.url(), options)
+                .await
+                .expect("connect")
+                .ledger()
+        }
+
+        async fn advance(&self, by: Duration) {
+            tokio::time::sleep(by).await;
+        }
+
+        fn now(&self) -> SystemTime {
+            SystemTime::now()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_ledger_passes_the_conformance_scenarios() {
+        let fixture = Redis {
+            server: RedisServer::start(),
+            scenarios: AtomicU32::new(0),
+        };
+        conformance::run(&fixture).await;
+    }
+}
