@@ -88,6 +88,8 @@ impl PgServer {
         for _ in 0..5 {
             server.port = free_port();
             if server.spawn() {
+                // Statement counts, for the round-trip tests.
+                server.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
                 return server;
             }
         }
@@ -132,6 +134,17 @@ impl PgServer {
     pub fn pid(&self) -> u32 {
         let text = std::fs::read_to_string(self.dir.join("postmaster.pid")).expect("postmaster.pid");
         text.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    /// Statements run so far that name `schema` (a counted round trip each: the stores' calls),
+    /// leaving out those containing `verify` (the tests' own checks through [`psql`](Self::psql)).
+    pub fn statements(&self, schema: &str) -> u64 {
+        self.psql(&format!(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '%\"{schema}\".%' AND query NOT LIKE '%verify%'"
+        ))
+        .parse()
+        .unwrap()
     }
 
     /// Run SQL through `psql` (for checks that must not go through the code under test).
@@ -241,7 +254,9 @@ fn find_bin() -> Option<PathBuf> {
     if let Ok(out) = Command::new("sh").args(["-c", "command -v initdb"]).output() {
         let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if out.status.success() && !path.is_empty() {
-            return Path::new(&path).parent().map(Path::to_path_buf);
+            // A symlink (`/usr/local/bin/initdb`) leads to the directory of all the binaries.
+            let path = std::fs::canonicalize(&path).unwrap_or_else(|_| PathBuf::from(&path));
+            return path.parent().map(Path::to_path_buf);
         }
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
