@@ -189,11 +189,15 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BackendConfig {
-    /// `memory` (default) or `redis`.
+    /// `memory` (default), `redis` or `postgres`.
     #[serde(default)]
     pub kind: BackendKind,
-    /// The Redis URL, with `kind = "redis"`.
+    /// The Redis URL, with `kind = "redis"`; the PostgreSQL URL
+    /// (`postgres://user@host:port/db`), with `kind = "postgres"`.
     pub url: Option<String>,
+    /// With PostgreSQL: the schema of the tables (default `tollgate`), created and migrated at
+    /// startup.
+    pub schema: Option<String>,
     /// With Redis: refuse (`closed`) or allow (`open`, default) requests when the rate limiter's
     /// store is unreachable. Credits always fail closed.
     #[serde(default)]
@@ -209,6 +213,8 @@ pub enum BackendKind {
     Memory,
     /// Redis, shared by replicas.
     Redis,
+    /// PostgreSQL, shared by replicas: durable books.
+    Postgres,
 }
 
 /// What a limiter does when its store is unreachable.
@@ -511,6 +517,35 @@ impl GatewayConfig {
                     "backend.url: `kind = \"redis\"` needs a url such as redis://127.0.0.1:6379"
                         .into(),
             });
+        }
+        if self.backend.kind == BackendKind::Postgres && self.backend.url.is_none() {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.url: `kind = \"postgres\"` needs a url such as postgres://user@127.0.0.1:5432/db"
+                    .into(),
+            });
+        }
+        if let Some(schema) = &self.backend.schema {
+            if self.backend.kind != BackendKind::Postgres {
+                return Err(ConfigError {
+                    line: None,
+                    message: "backend.schema: only with `kind = \"postgres\"`".into(),
+                });
+            }
+            let valid = !schema.is_empty()
+                && schema.len() <= 63
+                && !schema.starts_with(|c: char| c.is_ascii_digit())
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                return Err(ConfigError {
+                    line: None,
+                    message: format!(
+                        "backend.schema: {schema:?} must be 1 to 63 characters of a-z, 0-9 and _, not starting with a digit"
+                    ),
+                });
+            }
         }
         if let Some(key) = &self.admin.key {
             if key.len() < 16 {

@@ -100,10 +100,10 @@ pub mod usage;
 pub mod admin;
 #[cfg(feature = "config")]
 pub mod config;
-#[cfg(feature = "redis")]
-pub mod redis;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(feature = "axum")]
 mod axum_integration;

@@ -157,8 +157,15 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
     for run in runs {
         applied += run.await.unwrap();
     }
-    assert_eq!(applied, 1, "one replica applies migration 1, the others see it");
-    assert_eq!(backends[0].migrate().await.unwrap(), 0, "nothing left to apply");
+    assert_eq!(
+        applied, 1,
+        "one replica applies migration 1, the others see it"
+    );
+    assert_eq!(
+        backends[0].migrate().await.unwrap(),
+        0,
+        "nothing left to apply"
+    );
     let tables = server.psql(&format!(
         "SELECT string_agg(table_name, ',' ORDER BY table_name) /* verify */ \
          FROM information_schema.tables WHERE table_schema = '{schema}'"
@@ -253,7 +260,7 @@ async fn a_hold_is_closed_once_across_replicas_and_a_settle_never_goes_negative(
             settled.was_open ^ released.was_open,
             "round {round}: closed exactly once"
         );
-        assert_eq!(b.release(&twin).await.unwrap().was_open, false);
+        assert!(!b.release(&twin).await.unwrap().was_open, "closed already");
     }
     // Settling far above the hold takes what is available, never more.
     let other = b
@@ -270,7 +277,11 @@ async fn a_hold_is_closed_once_across_replicas_and_a_settle_never_goes_negative(
         .unwrap();
     let before = a.balance("acct_1").await.unwrap();
     let settlement = a.settle(&hold, 1_000_000).await.unwrap();
-    assert_eq!(settlement.charged, before.available + 5, "up to what is available");
+    assert_eq!(
+        settlement.charged,
+        before.available + 5,
+        "up to what is available"
+    );
     let after = a.balance("acct_1").await.unwrap();
     assert_eq!((after.balance, after.held, after.available), (30, 30, 0));
     assert_eq!(b.settle(&other, 30).await.unwrap().balance, 0);
@@ -313,9 +324,8 @@ async fn an_idempotency_key_is_honoured_across_replicas() {
     assert_eq!(b.balance("acct_1").await.unwrap().balance, 93);
 
     // A released (not charged) first request frees its key: the retry is processed afresh.
-    let request2 = || {
-        ReserveRequest::new("acct_1", 10).idempotency(Some(("retry-2".into(), fingerprint)))
-    };
+    let request2 =
+        || ReserveRequest::new("acct_1", 10).idempotency(Some(("retry-2".into(), fingerprint)));
     let first = a.reserve(request2()).await.unwrap().into_hold().unwrap();
     a.release(&first).await.unwrap();
     let retry = b.reserve(request2()).await.unwrap().into_hold().unwrap();
@@ -419,7 +429,9 @@ async fn the_journal_is_a_table_paged_by_the_admin_api_and_old_rows_may_be_delet
     assert_eq!(first[2]["balance_after"], 99);
     let rest = page("4", 100).await;
     assert_eq!(
-        rest.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(),
+        rest.iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         [5, 6, 7, 8, 9]
     );
     assert_eq!(rest.last().unwrap()["balance_after"], 90);
@@ -572,8 +584,14 @@ async fn a_hold_left_by_a_dead_replica_is_charged_after_its_expiry() {
     {
         let doomed = replica(server, options()).await;
         let ledger = doomed.ledger();
-        let a = ledger.reserve(ReserveRequest::new("acct_1", 30)).await.unwrap();
-        let b = ledger.reserve(ReserveRequest::new("acct_2", 20)).await.unwrap();
+        let a = ledger
+            .reserve(ReserveRequest::new("acct_1", 30))
+            .await
+            .unwrap();
+        let b = ledger
+            .reserve(ReserveRequest::new("acct_2", 20))
+            .await
+            .unwrap();
         doomed.pool().close().await;
         drop((a, b, ledger, doomed)); // the process dies: no settle, no release
     }
@@ -754,8 +772,16 @@ async fn limits_and_credits_across_replicas_are_charged_both_or_neither() {
     let ledger = replicas[0].ledger();
     ledger.top_up("acct_1", 15, "invoice-1").await.unwrap();
     let services = [
-        one_step(&replicas[0], Plan::new().requests_per_minute(20), KeyBy::Account),
-        one_step(&replicas[1], Plan::new().requests_per_minute(20), KeyBy::Key),
+        one_step(
+            &replicas[0],
+            Plan::new().requests_per_minute(20),
+            KeyBy::Account,
+        ),
+        one_step(
+            &replicas[1],
+            Plan::new().requests_per_minute(20),
+            KeyBy::Key,
+        ),
     ];
     let tasks: Vec<_> = (0..60)
         .map(|i| {
@@ -920,7 +946,10 @@ async fn postgres_down_fails_closed_for_credits_and_as_configured_for_limits_the
         started.elapsed()
     );
     assert!(
-        open.check(&[charge("acct_2", 1)]).await.unwrap().is_allowed(),
+        open.check(&[charge("acct_2", 1)])
+            .await
+            .unwrap()
+            .is_allowed(),
         "fail open"
     );
     assert!(

@@ -82,6 +82,7 @@ impl Gateway {
                 assemble(&config, store, ledger, limiter).await?
             }
             BackendKind::Redis => redis_backend(&config).await?,
+            BackendKind::Postgres => postgres_backend(&config).await?,
         };
         Ok(Gateway {
             router,
@@ -147,6 +148,40 @@ async fn redis_backend(config: &GatewayConfig) -> Result<Router, String> {
 #[cfg(not(feature = "redis"))]
 async fn redis_backend(_config: &GatewayConfig) -> Result<Router, String> {
     Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_backend(config: &GatewayConfig) -> Result<Router, String> {
+    use tollgate::{config::FailMode, postgres};
+    let url = config.backend.url.as_deref().unwrap_or_default();
+    let mut options = postgres::PostgresOptions::new()
+        .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
+        .rate_limit_fail(match config.backend.rate_limit_fail {
+            FailMode::Open => postgres::FailMode::Open,
+            FailMode::Closed => postgres::FailMode::Closed,
+        });
+    if let Some(schema) = &config.backend.schema {
+        options = options.schema(schema.as_str()); // validated with the config
+    }
+    let backend = postgres::PostgresBackend::connect_with(url, options)
+        .await
+        .map_err(|e| format!("backend.url: cannot connect to PostgreSQL: {}", e.message()))?;
+    backend
+        .migrate()
+        .await
+        .map_err(|e| format!("backend: PostgreSQL migrations failed: {}", e.message()))?;
+    assemble(
+        config,
+        backend.key_store(),
+        backend.ledger(),
+        backend.limiter(),
+    )
+    .await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_backend(_config: &GatewayConfig) -> Result<Router, String> {
+    Err("backend.kind = \"postgres\" needs the `postgres` feature: cargo run --release --features postgres --example gateway -- ...".into())
 }
 
 /// Load the config into the stores and build the chain.

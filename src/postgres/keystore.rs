@@ -32,7 +32,8 @@ use crate::{
 const ALL: &str = "*";
 
 /// The columns of a key record, in the order [`decode_key`] reads them from `offset`.
-const KEY_COLUMNS: &str = "k.id, k.account, k.status, (extract(epoch FROM k.expires_at) * 1000)::bigint, \
+const KEY_COLUMNS: &str =
+    "k.id, k.account, k.status, (extract(epoch FROM k.expires_at) * 1000)::bigint, \
      k.plan, k.models::text, k.scopes::text, k.ip_allowlist, k.metadata::text";
 
 /// A [`KeyStore`] and [`KeyAdmin`] in PostgreSQL, with a small cache on each replica.
@@ -655,11 +656,16 @@ fn decode_key(row: &PgRow) -> Result<KeyRecord, sqlx::Error> {
         _ => KeyStatus::Revoked,
     };
     if let Some(ms) = row.try_get::<Option<i64>, _>(3)? {
-        record.expires_at = Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        record.expires_at =
+            Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
     }
     record.plan = row.try_get::<Option<&str>, _>(4)?.map(Arc::from);
     if let Some(models) = row.try_get::<Option<&str>, _>(5)? {
-        record.models = Some(parse_list(models).ok_or_else(|| corrupt("key models"))?.into());
+        record.models = Some(
+            parse_list(models)
+                .ok_or_else(|| corrupt("key models"))?
+                .into(),
+        );
     }
     record.scopes = parse_list(row.try_get(6)?).ok_or_else(|| corrupt("key scopes"))?;
     if let Some(ips) = row.try_get::<Option<&str>, _>(7)? {

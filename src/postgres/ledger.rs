@@ -303,7 +303,11 @@ impl PostgresLedger {
         };
         let now_ns = buckets.first().and_then(|b| b.now_ns);
         let (keys, t, _, delta) = Bucket::columns(buckets);
-        let fence = if fence { self.hold_ttl_ms().saturating_mul(2) } else { 0 };
+        let fence = if fence {
+            self.hold_ttl_ms().saturating_mul(2)
+        } else {
+            0
+        };
         let sql = self.sql.close.clone();
         let account = account.to_owned();
         let call = self.shared.call("settle", move |pool| async move {

@@ -126,8 +126,8 @@ impl Params {
 impl PostgresLimiter {
     pub(super) fn new(shared: Arc<Shared>) -> Self {
         let fail = shared.options.rate_limit_fail;
-        let check_sql =
-            shared.sql("SELECT verdict, idx, wait, rels FROM @schema@.rate_limit($1, $2, $3, $4, $5)");
+        let check_sql = shared
+            .sql("SELECT verdict, idx, wait, rels FROM @schema@.rate_limit($1, $2, $3, $4, $5)");
         let settle_sql = shared.sql("SELECT @schema@.gcra_settle($1, $2, $3, $4)");
         PostgresLimiter {
             shared,

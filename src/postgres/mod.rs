@@ -363,7 +363,9 @@ impl PostgresBackend {
         );
         let migrations: Vec<(i64, &'static str, String)> = MIGRATIONS
             .iter()
-            .map(|(version, name, text)| (*version, *name, text.replace("@schema@", &shared.schema)))
+            .map(|(version, name, text)| {
+                (*version, *name, text.replace("@schema@", &shared.schema))
+            })
             .collect();
         let pool = shared.pool.clone();
         let run = async move {

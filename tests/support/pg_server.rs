@@ -51,7 +51,8 @@ impl PgServer {
 
     /// Start a private server (stopped and deleted on drop).
     pub fn start() -> PgServer {
-        let bin = find_bin().expect("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql");
+        let bin = find_bin()
+            .expect("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql");
         let run_as = is_root().then_some("postgres");
         let base = std::env::temp_dir().join(format!(
             "tollgate-pg-{}-{}",
@@ -111,7 +112,14 @@ impl PgServer {
     pub fn stop(&self) {
         let _ = self
             .command("pg_ctl")
-            .args(["-D", self.dir.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .args([
+                "-D",
+                self.dir.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -132,7 +140,8 @@ impl PgServer {
 
     /// The postmaster's process id.
     pub fn pid(&self) -> u32 {
-        let text = std::fs::read_to_string(self.dir.join("postmaster.pid")).expect("postmaster.pid");
+        let text =
+            std::fs::read_to_string(self.dir.join("postmaster.pid")).expect("postmaster.pid");
         text.lines().next().unwrap().trim().parse().unwrap()
     }
 
@@ -209,14 +218,24 @@ impl PgServer {
         let base = self.dir.parent().unwrap();
         let pg_ctl = self.bin.join("pg_ctl");
         let stop = match self.run_as {
-            Some(user) => format!("runuser -u {user} -- {} -D {} -m immediate stop", pg_ctl.display(), self.dir.display()),
-            None => format!("{} -D {} -m immediate stop", pg_ctl.display(), self.dir.display()),
+            Some(user) => format!(
+                "runuser -u {user} -- {} -D {} -m immediate stop",
+                pg_ctl.display(),
+                self.dir.display()
+            ),
+            None => format!(
+                "{} -D {} -m immediate stop",
+                pg_ctl.display(),
+                self.dir.display()
+            ),
         };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {base}",
             pid = std::process::id(),
             base = base.display(),
         );
+        // Never waited for: it is meant to outlive this process.
+        #[allow(clippy::zombie_processes)]
         Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::null())
@@ -251,7 +270,10 @@ fn is_root() -> bool {
 
 /// The directory of `initdb` and `pg_ctl`: on `PATH`, else the newest `/usr/lib/postgresql/*/bin`.
 fn find_bin() -> Option<PathBuf> {
-    if let Ok(out) = Command::new("sh").args(["-c", "command -v initdb"]).output() {
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+    {
         let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if out.status.success() && !path.is_empty() {
             // A symlink (`/usr/local/bin/initdb`) leads to the directory of all the binaries.
