@@ -292,3 +292,142 @@ async fn the_gateway_fails_closed_while_postgres_is_down_and_recovers() {
         "two calls charged, the refused one not: {account}"
     );
 }
+
+fn example_binary() -> std::path::PathBuf {
+    // target/debug/deps/gateway_postgres-<hash> → target/debug/examples/gateway
+    let mut path = std::env::current_exe().unwrap();
+    path.pop();
+    path.pop();
+    path.push("examples");
+    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole `cargo test --all-features` (or `cargo build --all-features --example gateway`) first",
+        path.display()
+    );
+    path
+}
+
+/// A replica killed with `kill -9` while its calls are at the upstream: its holds stay, locked,
+/// and are settled at their held amount once they expire; the books add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_a_replica_killed_mid_call_expire_at_their_held_amount() {
+    use std::io::{BufRead, BufReader};
+    use tollgate::{
+        credits::{EntryKind, JournalQuery, Ledger},
+        postgres::{PostgresBackend, PostgresOptions},
+    };
+
+    // An upstream that answers only after 30 s: the calls are in flight when the replica dies.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            "late"
+        });
+        axum::serve(upstream, app).await.unwrap();
+    });
+
+    let server = pg_server::PgServer::shared();
+    let schema = pg_server::PgServer::schema("killed");
+    let dir = std::env::temp_dir().join(format!("tollgate-killed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    let text = config(&server.url(), &schema).replace(
+        "[backend]",
+        &format!("[server]\nupstream = \"http://{upstream_addr}\"\nhold_ttl_secs = 1\n\n[backend]"),
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut child = std::process::Command::new(example_binary())
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr: std::net::SocketAddr = first
+        .strip_prefix("tollgate gateway listening on http://")
+        .expect(&first)
+        .parse()
+        .unwrap();
+
+    let chat = json!({"model": "mock-small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let chat = chat.clone();
+            tokio::spawn(async move {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+                let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("content-type", "application/json")
+                    .body(chat.to_string().into())
+                    .unwrap();
+                client.request(request).await.map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+
+    let ledger = {
+        let backend = PostgresBackend::connect_with(
+            &server.url(),
+            PostgresOptions::new().schema(schema.as_str()),
+        )
+        .await
+        .unwrap();
+        backend.ledger()
+    };
+    // Wait until the three holds are placed, then kill the replica.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ledger.balance("acct_p").await.unwrap().holds < 3 {
+        assert!(std::time::Instant::now() < deadline, "holds never placed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap();
+    for call in calls {
+        assert!(
+            call.await.unwrap().is_err(),
+            "the connection died with the replica"
+        );
+    }
+    let balance = ledger.balance("acct_p").await.unwrap();
+    assert_eq!(
+        (balance.balance, balance.held, balance.available),
+        (100, 30, 70),
+        "locked, not lost"
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let expired = ledger
+        .expire_holds(std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (expired.holds, expired.charged),
+        (3, 30),
+        "settled at their held amount"
+    );
+    let balance = ledger.balance("acct_p").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (70, 0, 0));
+    let journal = ledger.journal("acct_p", JournalQuery::new()).await.unwrap();
+    let count = |kind: EntryKind| journal.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(
+        (count(EntryKind::Reserve), count(EntryKind::Expire)),
+        (3, 3)
+    );
+    assert!(journal
+        .iter()
+        .all(|e| e.kind != EntryKind::Reserve || e.key_id.as_deref() == Some("key_p")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
