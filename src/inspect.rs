@@ -278,6 +278,15 @@ impl<B> InspectedBody<B> {
         }
     }
 
+    /// The bytes that were read, when [`inspect`] read the body (`None`: the original body,
+    /// unread, or an empty one).
+    pub fn buffered_bytes(&self) -> Option<&Bytes> {
+        match &self.kind {
+            Kind::Buffered { data } => data.as_ref(),
+            Kind::Original { .. } => None,
+        }
+    }
+
     /// Bytes that were read from the original body.
     pub fn buffered(data: Bytes) -> Self {
         InspectedBody {

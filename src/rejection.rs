@@ -79,6 +79,9 @@ pub enum Reason {
     IdempotencyKeyReused,
     /// A request with the same `Idempotency-Key` is still in progress.
     IdempotencyKeyInUse,
+    /// The request with this `Idempotency-Key` was charged, but its answer was not kept (too
+    /// large, cut short, or no longer kept), so it cannot be replayed.
+    IdempotencyReplayUnavailable,
     /// The request body is larger than allowed.
     PayloadTooLarge,
     /// The inner service refused the request as unauthenticated (its own 401).
@@ -124,6 +127,7 @@ impl Reason {
         Reason::Conflict,
         Reason::IdempotencyKeyReused,
         Reason::IdempotencyKeyInUse,
+        Reason::IdempotencyReplayUnavailable,
         Reason::PayloadTooLarge,
         Reason::Unauthorized,
         Reason::Forbidden,
@@ -161,6 +165,7 @@ impl Reason {
             Reason::Conflict => "conflict",
             Reason::IdempotencyKeyReused => "idempotency_key_reused",
             Reason::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Reason::IdempotencyReplayUnavailable => "idempotency_replay_unavailable",
             Reason::PayloadTooLarge => "payload_too_large",
             Reason::Unauthorized => "unauthorized",
             Reason::Forbidden => "permission_denied",
@@ -197,7 +202,9 @@ impl Reason {
             Reason::ValidationFailed | Reason::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Reason::Conflict | Reason::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Reason::Conflict
+            | Reason::IdempotencyKeyInUse
+            | Reason::IdempotencyReplayUnavailable => StatusCode::CONFLICT,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::BadGateway => StatusCode::BAD_GATEWAY,
@@ -235,6 +242,7 @@ impl Reason {
             | Reason::Conflict
             | Reason::IdempotencyKeyReused
             | Reason::IdempotencyKeyInUse
+            | Reason::IdempotencyReplayUnavailable
             | Reason::PayloadTooLarge => "invalid_request_error",
             Reason::Internal | Reason::BadGateway => "server_error",
             Reason::ServiceUnavailable | Reason::BackendUnavailable => "service_unavailable",
@@ -269,6 +277,7 @@ impl Reason {
             Reason::Conflict => "The request conflicts with the current state of the resource.",
             Reason::IdempotencyKeyReused => "This Idempotency-Key was already used with a different request.",
             Reason::IdempotencyKeyInUse => "A request with this Idempotency-Key is still in progress. Retry later.",
+            Reason::IdempotencyReplayUnavailable => "The request with this Idempotency-Key was already processed and charged; its response cannot be replayed. Use a new Idempotency-Key.",
             Reason::PayloadTooLarge => "The request body is too large.",
             Reason::Unauthorized => "The request is not authenticated.",
             Reason::Forbidden => "You do not have permission to access this resource.",

@@ -228,6 +228,15 @@ const TABLE: &[(Reason, u16, &str, &str, &str, u16, u8)] = &[
         10,
     ),
     (
+        Reason::IdempotencyReplayUnavailable,
+        409,
+        "invalid_request_error",
+        "idempotency_replay_unavailable",
+        "IDEMPOTENCY_REPLAY_UNAVAILABLE",
+        409,
+        10,
+    ),
+    (
         Reason::PayloadTooLarge,
         413,
         "invalid_request_error",

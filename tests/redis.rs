@@ -901,3 +901,56 @@ async fn a_huge_tokens_correction_still_settles_the_hold() {
     // The bucket is deep in debt: refused, with a long wait.
     assert!(!limiter.check(&[tokens]).await.unwrap().is_allowed());
 }
+
+/// The same refusal, byte for byte, from the memory and the Redis ledger: a `max_tokens` of
+/// 2^63 is held at `MAX_CREDITS` and refused with the real available balance (Redis used to say
+/// 0 were available), and a top-up past `MAX_CREDITS` is refused by both.
+#[tokio::test]
+async fn a_huge_max_tokens_gets_the_same_answer_as_in_memory() {
+    use http_body_util::BodyExt;
+    use tollgate::credits::{CreditsLayer, MemoryLedger, Price, Pricing, TopUpError, MAX_CREDITS};
+    use tower::{Layer, ServiceExt};
+
+    async fn refusal<L: Ledger + Clone>(ledger: L) -> (u16, serde_json::Value) {
+        ledger.top_up("acct_1", 1_000_000, "initial").await.unwrap();
+        let pricing = Pricing::flat(3).model("gpt-test", Price::flat(1).per_1k_tokens(10));
+        let app = CreditsLayer::new(ledger, pricing).layer(tower::service_fn(
+            |_: http::Request<tollgate::inspect::InspectedBody<axum::body::Body>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+            },
+        ));
+        let mut request = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(format!(
+                r#"{{"model":"gpt-test","max_tokens":{}}}"#,
+                1u64 << 63
+            )))
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(tollgate::Caller::builder("key_1", "acct_1").build());
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    let server = RedisServer::start();
+    let redis = replica(&server, RedisOptions::new()).await.ledger();
+    let memory = MemoryLedger::new();
+    let from_memory = refusal(memory.clone()).await;
+    assert_eq!(from_memory.0, 402);
+    assert!(from_memory.1["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{MAX_CREDITS}")));
+    assert_eq!(refusal(redis.clone()).await, from_memory);
+    assert_eq!(redis.balance("acct_1").await.unwrap().held, 0);
+
+    for ledger_says in [
+        memory.top_up("acct_1", MAX_CREDITS, "too-much").await,
+        redis.top_up("acct_1", MAX_CREDITS, "too-much").await,
+    ] {
+        assert!(matches!(ledger_says, Err(TopUpError::Overflow)));
+    }
+}

@@ -15,13 +15,14 @@ use pin_project_lite::pin_project;
 use super::{
     ledger::{Hold, Ledger, Settlement},
     pricing::Price,
+    replay::Capture,
     service::Shared,
     MemoryLedger, OnDisconnect,
 };
 use crate::{
     body::ResponseBody,
     ratelimit::{corrections, Charge, TokenMeter},
-    usage::{Usage, UsageScanner},
+    usage::{CodedScanner, Usage},
     BackendError,
 };
 
@@ -39,10 +40,16 @@ pub(super) struct Meter<L: Ledger> {
     hold: Option<Hold>,
     price: Price,
     prompt_estimate: u64,
-    scanner: UsageScanner,
+    scanner: CodedScanner,
     sse: bool,
     events: EventCounter,
     tokens: Option<TokenCharges>,
+    /// The account and `Idempotency-Key` whose answer is kept, until the answer's head is known.
+    replay_key: Option<(Arc<str>, Arc<str>)>,
+    /// The answer being kept for the retries of its `Idempotency-Key`.
+    replay: Option<Capture>,
+    /// The request's `max_tokens`: a reported completion above it is clamped.
+    max_tokens: Option<u64>,
 }
 
 impl<L: Ledger> Meter<L> {
@@ -57,10 +64,13 @@ impl<L: Ledger> Meter<L> {
             hold: Some(hold),
             price,
             prompt_estimate,
-            scanner: UsageScanner::new(),
+            scanner: CodedScanner::new(None),
             sse: false,
             events: EventCounter::default(),
             tokens: None,
+            replay_key: None,
+            replay: None,
+            max_tokens: None,
         }
     }
 
@@ -68,6 +78,46 @@ impl<L: Ledger> Meter<L> {
     pub(super) fn with_tokens(mut self, tokens: Option<TokenCharges>) -> Self {
         self.tokens = tokens;
         self
+    }
+
+    /// The request's `max_tokens`, bounding the completion it can be charged.
+    pub(super) fn with_max_tokens(mut self, max_tokens: Option<u64>) -> Self {
+        self.max_tokens = max_tokens;
+        self
+    }
+
+    /// The usage the upstream reported, bounded by what the request could have produced.
+    fn usage(&self, hold: &Hold) -> Option<Usage> {
+        let reported = self.scanner.usage()?;
+        let (usage, clamped) = self.price.clamp_usage(reported, self.max_tokens);
+        if clamped {
+            tracing::warn!(
+                request_id = hold.request_id().unwrap_or("-"),
+                reported_prompt = reported.prompt_tokens,
+                reported_completion = reported.completion_tokens,
+                reported_total = reported.total_tokens,
+                charged_total = usage.total_tokens,
+                "usage above what the request could produce: clamped"
+            );
+        }
+        Some(usage)
+    }
+
+    /// Keep the answer for the retries of this account's `Idempotency-Key`.
+    pub(super) fn with_replay(mut self, replay: Option<(Arc<str>, Arc<str>)>) -> Self {
+        self.replay_key = replay;
+        self
+    }
+
+    /// The answer's head arrived (a success): read its usage through its content coding, and
+    /// start keeping it when it has an `Idempotency-Key`.
+    pub(super) fn response_head(&mut self, status: http::StatusCode, headers: &http::HeaderMap) {
+        let encoding = headers.get(http::header::CONTENT_ENCODING);
+        self.scanner = CodedScanner::new(encoding.map(http::HeaderValue::as_bytes));
+        if let Some((account, key)) = self.replay_key.take() {
+            let store = self.shared.replays.clone();
+            self.replay = Some(Capture::new(store, account, key, status, headers));
+        }
     }
 
     /// Settle `hold` at `charge`, with the tokens limits corrected from `usage` in the same
@@ -96,6 +146,9 @@ impl<L: Ledger> Meter<L> {
     }
 
     fn feed(&mut self, chunk: &[u8]) {
+        if let Some(replay) = &mut self.replay {
+            replay.feed(chunk);
+        }
         self.scanner.feed(chunk);
         if self.sse {
             self.events.feed(chunk);
@@ -105,7 +158,11 @@ impl<L: Ledger> Meter<L> {
     /// The body ended: charge the usage it reported, or the hold when it reported none.
     fn finish(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let usage = self.scanner.usage();
+        // Kept before the hold closes: a retry that sees the charge finds the answer.
+        if let Some(replay) = self.replay.take() {
+            replay.finish();
+        }
+        let usage = self.usage(&hold);
         let charge = match &usage {
             Some(usage) => self.price.cost(usage),
             None => hold.amount(),
@@ -115,6 +172,7 @@ impl<L: Ledger> Meter<L> {
 
     /// The upstream failed: charge nothing.
     pub(super) fn release(&mut self) {
+        self.replay = None;
         let Some(hold) = self.hold.take() else { return };
         drive(self.shared.ledger.release(&hold), &hold, "release");
     }
@@ -122,10 +180,15 @@ impl<L: Ledger> Meter<L> {
     /// The response was abandoned (client gone, body error): charge per [`OnDisconnect`].
     fn abandon(&mut self) {
         let Some(hold) = self.hold.take() else { return };
-        let usage = self.scanner.usage();
+        if let Some(replay) = self.replay.take() {
+            replay.abandon();
+        }
+        let usage = self.usage(&hold);
         let charge = match (self.shared.on_disconnect, &usage) {
-            (OnDisconnect::ChargeHold, _) => hold.amount(),
-            (OnDisconnect::UsageSoFar, Some(usage)) => self.price.cost(usage),
+            // The upstream already reported what the call used (OpenAI sends the usage event
+            // last, after the whole answer): that is evidence, whatever the policy.
+            (_, Some(usage)) => self.price.cost(usage),
+            (OnDisconnect::ChargeHold, None) => hold.amount(),
             (OnDisconnect::UsageSoFar, None) => {
                 let estimate = self
                     .price

@@ -7,6 +7,13 @@ use crate::{
     BackendError, LimitKind,
 };
 
+/// The most credits a balance, a top-up, a hold or a charge can be, on every backend:
+/// 2^53 − 1 (9,007,199,254,740,991), the largest integer a double holds exactly (Redis scripts
+/// and most JSON clients read numbers as doubles). A top-up past it is refused
+/// ([`TopUpError::Overflow`]); a hold is never larger (a request that would need more is held
+/// at this amount, and refused as any hold above the balance is).
+pub const MAX_CREDITS: u64 = (1 << 53) - 1;
+
 /// Prepaid balances in credits: holds placed before a call, settled on real usage after it, and
 /// an append-only journal of every movement.
 ///
@@ -594,7 +601,7 @@ pub enum TopUpError {
         /// The amount of the top-up that used the key.
         amount: u64,
     },
-    /// The balance would exceed `u64::MAX` credits.
+    /// The balance would exceed [`MAX_CREDITS`].
     Overflow,
     /// The ledger could not answer.
     Backend(BackendError),

@@ -14,6 +14,7 @@ use std::{
 
 use super::{
     clock::{Clock, SystemClock},
+    ledger::MAX_CREDITS,
     ledger::{
         Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
         Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
@@ -343,6 +344,7 @@ impl MemoryLedger {
         account.balance = account
             .balance
             .checked_add(amount)
+            .filter(|balance| *balance <= MAX_CREDITS)
             .ok_or(TopUpError::Overflow)?;
         let key: Arc<str> = Arc::from(key);
         account.top_ups.insert(key.clone(), amount);

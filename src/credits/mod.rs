@@ -16,18 +16,25 @@
 //!    body dropped before its end (client disconnected) is charged the hold, or the usage so far
 //!    ([`OnDisconnect`]); never zero, never twice.
 //!
-//! A retried request with the same `Idempotency-Key` header (per account, within the ledger's
-//! window) is charged once, as Stripe does: the same request again after the first was charged is
-//! let through uncharged with `idempotent-replayed: true`; while the first is still running it
-//! is 409 `idempotency_key_in_use`; the key with a different request (method, path, model and
-//! body length) is 422 `idempotency_key_reused`. A first request that was released (an upstream
-//! error) frees its key, so the retry is processed and charged normally. A replay calls the
-//! inner service again (a streamed answer cannot be stored and replayed), uncharged: the window
-//! ([`MemoryLedgerBuilder::idempotency_window`]) bounds how long that lasts.
-//!
 //! Successful responses carry [`x-credits-held`](CREDITS_HELD) and
 //! [`x-credits-balance`](CREDITS_BALANCE). The final charge is known only when the body ends,
 //! after the headers were sent: it is in the [journal](Ledger::journal).
+//!
+//! # Idempotency-Key
+//!
+//! A retried request with the same `Idempotency-Key` header (per account, within the ledger's
+//! window, [`MemoryLedgerBuilder::idempotency_window`]) is charged once and **never sent to the
+//! inner service twice**, as Stripe does: the request is fingerprinted whole (method, path and
+//! query, and a digest of every byte of its body; a JSON body with a key is always read). The
+//! same request again after the first was charged gets the first answer, kept as it streamed
+//! (status, content headers and the whole JSON or SSE body), with `idempotent-replayed: true`
+//! and no charge. An answer larger than [`CreditsLayer::replay_limit`], cut short before its end,
+//! or no longer kept (the store holds [`CreditsLayer::replay_capacity`] bytes, oldest out first;
+//! it lives in the process, so another replica does not have it) is refused with 409
+//! `idempotency_replay_unavailable`: it was charged, and a new request needs a new key. While the
+//! first is still running a retry is 409 `idempotency_key_in_use`; the key with a different
+//! request is 422 `idempotency_key_reused`. A first request that was released (an upstream
+//! error) frees its key, so the retry is processed and charged normally.
 //!
 //! Requests without a [`Caller`] (no authentication layer in front) are refused with 401
 //! `missing_api_key`, or let through free with [`CreditsLayer::allow_anonymous`].
@@ -96,6 +103,7 @@ pub mod conformance;
 mod ledger;
 mod memory;
 mod pricing;
+mod replay;
 mod service;
 
 pub use body::MeteredBody;
@@ -103,10 +111,11 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ledger::{
     reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,
     JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-    TopUp, TopUpError,
+    TopUp, TopUpError, MAX_CREDITS,
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
-pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS};
+pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};
+pub use replay::{DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT};
 pub use service::{
     Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,

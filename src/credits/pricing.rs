@@ -7,6 +7,10 @@ use crate::{inspect::LlmRequest, usage::Usage};
 /// The default `max_tokens` assumed for the hold when a request names none: 4096.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
+/// The most tokens one call is believed to have used when its price sets no
+/// [`usage_ceiling`](Price::usage_ceiling): 2,000,000 (above the largest context windows).
+pub const DEFAULT_USAGE_CEILING: u64 = 2_000_000;
+
 /// The price of one call: a flat part and per-token rates, in credits.
 ///
 /// The cost of a call with `p` prompt tokens and `c` completion tokens is
@@ -38,6 +42,9 @@ pub struct Price {
     pub per_1k_prompt: u64,
     /// Credits per 1000 completion tokens.
     pub per_1k_completion: u64,
+    /// The most tokens (prompt and completion) one call can use (`None`:
+    /// [`DEFAULT_USAGE_CEILING`]). See [`Price::usage_ceiling`].
+    pub usage_ceiling: Option<u64>,
 }
 
 impl Price {
@@ -50,7 +57,56 @@ impl Price {
             per_request: credits,
             per_1k_prompt: 0,
             per_1k_completion: 0,
+            usage_ceiling: None,
         }
+    }
+
+    /// The most tokens one call of this model can use, prompt and completion together (its
+    /// context window). A reported usage above what the request could have produced is clamped
+    /// before it is charged: completion tokens to the request's `max_tokens` (or
+    /// `max_completion_tokens`) when it names one, everything to this ceiling, and the anomaly is
+    /// logged (`usage above what the request could produce`). One absurd report from an
+    /// upstream cannot take a whole balance.
+    ///
+    /// ```
+    /// use tollgate::{credits::Price, usage::Usage};
+    ///
+    /// let price = Price::flat(0).per_1k_tokens(1000).usage_ceiling(128_000);
+    /// let absurd = Usage { prompt_tokens: 10, completion_tokens: u64::MAX, total_tokens: u64::MAX };
+    /// let (usage, clamped) = price.clamp_usage(absurd, Some(100));
+    /// assert!(clamped);
+    /// assert_eq!(usage, Usage { prompt_tokens: 10, completion_tokens: 100, total_tokens: 110 });
+    /// assert_eq!(price.cost(&usage), 110);
+    /// ```
+    pub const fn usage_ceiling(mut self, tokens: u64) -> Self {
+        self.usage_ceiling = Some(tokens);
+        self
+    }
+
+    /// `usage` bounded by what a request asking for `max_tokens` could have produced (see
+    /// [`usage_ceiling`](Self::usage_ceiling)), and whether it had to be.
+    pub fn clamp_usage(&self, usage: Usage, max_tokens: Option<u64>) -> (Usage, bool) {
+        let ceiling = self.usage_ceiling.unwrap_or(DEFAULT_USAGE_CEILING);
+        let completion = usage
+            .completion_tokens
+            .min(max_tokens.unwrap_or(u64::MAX))
+            .min(ceiling);
+        let prompt = usage.prompt_tokens.min(ceiling - completion);
+        let counted = prompt + completion;
+        // Tokens beyond prompt + completion (priced at the completion rate) are completion
+        // tokens too: bounded by the same `max_tokens`.
+        let extra_bound = max_tokens.map_or(ceiling, |m| m.saturating_sub(completion));
+        let total = usage
+            .total_tokens
+            .min(counted.saturating_add(extra_bound))
+            .min(ceiling)
+            .max(counted);
+        let clamped = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: total,
+        };
+        (clamped, clamped != usage)
     }
 
     /// One rate for prompt and completion tokens, credits per 1000 tokens.
@@ -218,7 +274,9 @@ impl Pricing {
         } else {
             price.per_request
         };
-        self.max_hold.map_or(hold, |max| hold.min(max))
+        self.max_hold
+            .map_or(hold, |max| hold.min(max))
+            .min(super::MAX_CREDITS)
     }
 
     /// Whether pricing a request can depend on its body (a model price or a token rate).
@@ -281,6 +339,10 @@ pub struct ModelPricing {
     /// Credits per 1000 completion tokens, overriding `credits_per_1k_tokens`.
     #[cfg_attr(feature = "config", serde(default))]
     pub credits_per_1k_completion_tokens: Option<u64>,
+    /// The most tokens one call can use, prompt and completion together (see
+    /// [`Price::usage_ceiling`]); `None`: [`DEFAULT_USAGE_CEILING`].
+    #[cfg_attr(feature = "config", serde(default))]
+    pub usage_ceiling: Option<u64>,
 }
 
 impl ModelPricing {
@@ -296,12 +358,18 @@ impl ModelPricing {
             credits_per_1k_tokens,
             credits_per_1k_prompt_tokens: None,
             credits_per_1k_completion_tokens: None,
+            usage_ceiling: None,
         }
     }
 
     /// The entry's price.
     pub fn price(&self) -> Price {
-        Price::flat(self.credits_per_request)
+        let price = Price::flat(self.credits_per_request);
+        let price = match self.usage_ceiling {
+            Some(tokens) => price.usage_ceiling(tokens),
+            None => price,
+        };
+        price
             .per_1k_prompt_tokens(
                 self.credits_per_1k_prompt_tokens
                     .unwrap_or(self.credits_per_1k_tokens),

@@ -19,7 +19,8 @@ use super::{
     body::{Meter, MeteredBody, TokenCharges},
     ledger::{Admission, AdmissionFuture, Fingerprint, Hold, Ledger, Reservation, ReserveRequest},
     pricing::{Price, Pricing},
-    MemoryLedger,
+    replay::{Answer, ReplayStore, Stored, DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT},
+    MemoryLedger, DEFAULT_IDEMPOTENCY_WINDOW,
 };
 use crate::{
     body::ResponseBody,
@@ -71,7 +72,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OnDisconnect {
-    /// The whole hold (the default): the upstream may have done all the work anyway.
+    /// The whole hold (the default): the upstream may have done all the work anyway. A stream
+    /// cut after its `usage` object went by is charged that usage, as under every policy.
     #[default]
     ChargeHold,
     /// The usage seen so far: the `usage` object if it already went by, else the price of the
@@ -87,6 +89,7 @@ pub(super) struct Shared<L: Ledger> {
     pub(super) allow_anonymous: bool,
     pub(super) body_limit: usize,
     pub(super) limits: Option<Arc<Limits<L>>>,
+    pub(super) replays: ReplayStore,
 }
 
 /// The rate limits charged in the same step as the hold ([`CreditsLayer::rate_limit`]).
@@ -189,6 +192,7 @@ pub struct CreditsLayer<L: Ledger = MemoryLedger> {
     allow_anonymous: bool,
     body_limit: usize,
     limits: Option<Arc<Limits<L>>>,
+    replays: ReplayStore,
 }
 
 impl<L: Ledger + Clone> CreditsLayer<L> {
@@ -201,6 +205,7 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
             allow_anonymous: false,
             body_limit: DEFAULT_BODY_LIMIT,
             limits: None,
+            replays: default_replays(),
         }
     }
 
@@ -221,6 +226,34 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// refused with 413 `payload_too_large`.
     pub fn body_limit(mut self, limit: usize) -> Self {
         self.body_limit = limit;
+        self
+    }
+
+    /// The largest answer kept for the retries of an `Idempotency-Key` (default
+    /// [`DEFAULT_REPLAY_LIMIT`], 1 MiB). A retry of a request whose answer was larger is refused
+    /// with 409 `idempotency_replay_unavailable`, never sent upstream again. See
+    /// [the module docs](super#idempotency-key).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tollgate::credits::{CreditsLayer, MemoryLedger, Pricing};
+    ///
+    /// let layer = CreditsLayer::new(MemoryLedger::new(), Pricing::flat(1))
+    ///     .replay_limit(256 * 1024)
+    ///     .replay_capacity(16 << 20);
+    /// # let _ = layer;
+    /// ```
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.replays = ReplayStore::new(bytes, self.replays.capacity(), DEFAULT_IDEMPOTENCY_WINDOW);
+        self
+    }
+
+    /// The bytes of answers kept for idempotent retries, all accounts together (default
+    /// [`DEFAULT_REPLAY_CAPACITY`], 64 MiB); the oldest go first. See
+    /// [`replay_limit`](Self::replay_limit).
+    pub fn replay_capacity(mut self, bytes: usize) -> Self {
+        self.replays = ReplayStore::new(self.replays.limit, bytes, DEFAULT_IDEMPOTENCY_WINDOW);
         self
     }
 
@@ -279,6 +312,7 @@ impl<S, L: Ledger + Clone> Layer<S> for CreditsLayer<L> {
                 allow_anonymous: self.allow_anonymous,
                 body_limit: self.body_limit,
                 limits: self.limits.clone(),
+                replays: self.replays.clone(),
             }),
         }
     }
@@ -293,6 +327,7 @@ impl<L: Ledger + Clone> Clone for CreditsLayer<L> {
             allow_anonymous: self.allow_anonymous,
             body_limit: self.body_limit,
             limits: self.limits.clone(),
+            replays: self.replays.clone(),
         }
     }
 }
@@ -305,6 +340,7 @@ impl<L: Ledger + fmt::Debug> fmt::Debug for CreditsLayer<L> {
             .field("on_disconnect", &self.on_disconnect)
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
+            .field("replays", &self.replays)
             .field("rate_limit", &self.limits.as_ref().map(|l| &l.config.plans))
             .finish()
     }
@@ -351,7 +387,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The ready service goes into the future; a clone stays for the next call.
         let clone = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, clone);
@@ -382,6 +418,12 @@ where
                 shared,
             };
         }
+        // Metered: the usage must be readable, so the answer is asked for uncompressed (the
+        // client still gets a valid body; gzip and deflate are decoded for scanning anyway).
+        request.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let idempotency_key = match caller.as_ref().map(|_| idempotency_key(&request)) {
             Some(Err(rejection)) => return refused(rejection),
             Some(Ok(key)) => key,
@@ -405,7 +447,9 @@ where
             grpc,
             limits,
         };
-        if (priced || tokens) && wants_inspection(&request) {
+        // A request with an `Idempotency-Key` is read too: its whole body is fingerprinted.
+        let keyed = pending.idempotency_key.is_some();
+        if (priced || tokens || keyed) && wants_inspection(&request) {
             // Both bounds apply: the rate limit's (when it reads the body) and ours.
             let limit = match (&shared.limits, tokens) {
                 (Some(limits), true) if priced => shared.body_limit.min(limits.config.body_limit),
@@ -437,11 +481,23 @@ struct Pending {
 }
 
 /// What settlement needs to know about a request.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Plan {
     price: Price,
     prompt_estimate: u64,
     grpc: bool,
+    /// The account and `Idempotency-Key` whose answer is kept for its retries.
+    replay: Option<(Arc<str>, Arc<str>)>,
+    /// The request's `max_tokens`.
+    max_tokens: Option<u64>,
+}
+
+fn default_replays() -> ReplayStore {
+    ReplayStore::new(
+        DEFAULT_REPLAY_LIMIT,
+        DEFAULT_REPLAY_CAPACITY,
+        DEFAULT_IDEMPOTENCY_WINDOW,
+    )
 }
 
 fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejection> {
@@ -522,26 +578,44 @@ where
     let model = llm.and_then(|l| l.model.as_deref());
     let price = shared.pricing.price_for(request.uri().path(), model);
     let amount = shared.pricing.hold_for(&price, llm);
+    let replay = pending
+        .idempotency_key
+        .as_ref()
+        .map(|key| (caller.account_id_arc().clone(), key.clone()));
     let idempotency = pending.idempotency_key.map(|key| {
-        let body_len = match llm {
-            Some(llm) => llm.body_len.to_string(),
-            None => request
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-        };
         let target = request
             .uri()
             .path_and_query()
             .map_or(request.uri().path(), |pq| pq.as_str());
-        let fingerprint = Fingerprint::of(&[
-            request.method().as_str().as_bytes(),
-            target.as_bytes(),
-            model.unwrap_or("").as_bytes(),
-            body_len.as_bytes(),
-        ]);
+        // The whole request: method, target and every byte of the body that was read. A body
+        // that is not JSON is not read: its type and declared length stand for it.
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .map_or(&b""[..], |v: &HeaderValue| v.as_bytes())
+        };
+        let fingerprint = match request.body().buffered_bytes() {
+            Some(body) => Fingerprint::of(&[
+                request.method().as_str().as_bytes(),
+                target.as_bytes(),
+                b"body",
+                body,
+            ]),
+            None if request.extensions().get::<LlmRequest>().is_some() => Fingerprint::of(&[
+                request.method().as_str().as_bytes(),
+                target.as_bytes(),
+                b"body",
+                b"",
+            ]),
+            None => Fingerprint::of(&[
+                request.method().as_str().as_bytes(),
+                target.as_bytes(),
+                b"unread",
+                header(header::CONTENT_TYPE),
+                header(header::CONTENT_LENGTH),
+            ]),
+        };
         (key, fingerprint)
     });
     let request_id = request
@@ -553,6 +627,8 @@ where
         price,
         prompt_estimate: llm.map_or(0, LlmRequest::estimated_prompt_tokens),
         grpc: pending.grpc,
+        replay,
+        max_tokens: llm.and_then(|l| l.max_tokens),
     };
     let reserve = ReserveRequest::new(caller.account_id_arc().clone(), amount)
         .request_id(request_id)
@@ -601,6 +677,11 @@ pin_project! {
         Refused {
             rejection: Option<Rejection>,
             grpc: bool,
+        },
+        // The kept first answer of an idempotent request.
+        Replay {
+            answer: Option<Arc<Answer>>,
+            decision: Option<Decision>,
         },
         Passthrough {
             #[pin]
@@ -665,6 +746,20 @@ where
                 KindProj::Refused { rejection, grpc } => {
                     let rejection = rejection.take().expect(POLLED_AFTER_COMPLETION);
                     return Poll::Ready(Ok(render(&rejection, *grpc)));
+                }
+                KindProj::Replay { answer, decision } => {
+                    let answer = answer.take().expect(POLLED_AFTER_COMPLETION);
+                    let mut response = Response::new(MeteredBody::new(
+                        ResponseBody::full(answer.body.clone()),
+                        None,
+                    ));
+                    *response.status_mut() = answer.status;
+                    *response.headers_mut() = answer.headers.clone();
+                    response
+                        .headers_mut()
+                        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                    limit_headers(this.shared, response.headers_mut(), decision.as_ref());
+                    return Poll::Ready(Ok(response));
                 }
                 KindProj::Passthrough {
                     future,
@@ -749,7 +844,7 @@ where
                             service,
                             request,
                             reservation,
-                            *plan,
+                            plan.clone(),
                             None,
                             None,
                         ),
@@ -778,7 +873,7 @@ where
                             service,
                             request,
                             reservation,
-                            *plan,
+                            plan.clone(),
                             Some(decision),
                             tokens.take(),
                         ),
@@ -825,6 +920,7 @@ where
                             .headers
                             .insert(CREDITS_BALANCE, HeaderValue::from(hold.available_after()));
                     }
+                    meter.response_head(parts.status, &parts.headers);
                     meter.set_sse(parts.headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
                         ct.as_bytes()
                             .get(..17)
@@ -857,21 +953,45 @@ where
     match reservation {
         Reservation::Held(hold) => {
             let meter = Meter::new(shared.clone(), hold, plan.price, plan.prompt_estimate)
-                .with_tokens(tokens);
+                .with_tokens(tokens)
+                .with_max_tokens(plan.max_tokens)
+                .with_replay(plan.replay);
             Kind::Calling {
                 future: service.call(request),
                 meter: Some(meter),
                 decision,
             }
         }
+        // Already charged: the first answer again, never a new call upstream.
         Reservation::Replayed => {
-            let meter = tokens
-                .zip(shared.limits.as_ref())
-                .map(|(tokens, limits)| limits.limiter.meter(tokens.charges, tokens.estimate));
-            Kind::Passthrough {
-                future: service.call(request),
-                replayed: true,
-                decision: decision.map(|decision| (decision, meter)),
+            let stored = plan
+                .replay
+                .as_ref()
+                .and_then(|(account, key)| shared.replays.get(account, key));
+            match stored {
+                Some(Stored::Answer(answer)) => Kind::Replay {
+                    answer: Some(answer),
+                    decision,
+                },
+                unavailable => {
+                    let why = match unavailable {
+                        Some(Stored::Unavailable(why)) => why,
+                        _ => "is no longer kept",
+                    };
+                    Kind::Refused {
+                        rejection: Some(
+                            Rejection::new(Reason::IdempotencyReplayUnavailable)
+                                // The same request can never be replayed: a new key is needed.
+                                .with_should_retry(false)
+                                .with_message(
+                                format!(
+                                    "The request with this Idempotency-Key was already processed and charged, but its response {why}, so it cannot be replayed. Send a new request with a new Idempotency-Key."
+                                ),
+                            ),
+                        ),
+                        grpc: plan.grpc,
+                    }
+                }
             }
         }
     }

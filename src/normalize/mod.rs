@@ -515,11 +515,19 @@ where
                 .ok()
                 .map(|c| c.to_bytes())
         };
+        // A 4xx already in the format passes (with the retry guidance every error carries); a
+        // 5xx never does: its text may reveal the upstream's internals.
         if let Some(bytes) = &bytes {
-            if !bytes.is_empty() && config.format.recognizes(content_type.as_deref(), bytes) {
+            if status.is_client_error()
+                && !bytes.is_empty()
+                && config.format.recognizes(content_type.as_deref(), bytes)
+            {
+                let mut parts = parts;
+                retry_guidance(&mut parts.headers, status);
                 return Response::from_parts(parts, ResponseBody::full(bytes.clone()));
             }
         }
+        let upstream_wait = retry_after(&parts.headers);
         let rejection = match bytes {
             // tower-http's TimeoutLayer answers 408 with an empty body: the upstream timed out.
             Some(bytes) if status == StatusCode::REQUEST_TIMEOUT && bytes.is_empty() => {
@@ -530,10 +538,47 @@ where
             }
             _ => Rejection::from_status(status, None),
         };
+        let rejection = match upstream_wait {
+            Some(wait) => rejection.with_retry_after(wait),
+            None => rejection,
+        };
         let mut rendered = config.render(&rejection, &info.context(), Some(parts.headers));
         rendered.extensions_mut().extend(parts.extensions);
         rendered
     })
+}
+
+/// The upstream's `retry-after`, in whole seconds (an HTTP date is not trusted: clocks differ).
+fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let seconds: u64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // A day at most: an upstream cannot park a client for longer.
+    Some(std::time::Duration::from_secs(seconds.min(86_400)))
+}
+
+/// `x-should-retry` (from the status, unless the upstream said) and `retry-after-ms` beside an
+/// upstream `retry-after`, as on every error the chain renders.
+fn retry_guidance(headers: &mut http::HeaderMap, status: StatusCode) {
+    if !headers.contains_key("x-should-retry") {
+        let retry = crate::rejection::should_retry(status);
+        headers.insert(
+            "x-should-retry",
+            http::HeaderValue::from_static(if retry { "true" } else { "false" }),
+        );
+    }
+    if let Some(wait) = retry_after(headers) {
+        if !headers.contains_key("retry-after-ms") {
+            headers.insert(
+                "retry-after-ms",
+                http::HeaderValue::from(crate::rejection::ceil_millis(wait)),
+            );
+        }
+    }
 }
 
 /// The inner error text, when it is short, printable and not markup.

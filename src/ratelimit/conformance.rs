@@ -213,6 +213,19 @@ pub fn vectors() -> Vec<Vector> {
                 ok(&[1], None, Some(0)),
             ],
         },
+        Vector {
+            name: "absurd-debt-is-capped-at-one-window",
+            limits: vec![(Tokens, Quota::per_minute(n(60)))],
+            steps: vec![
+                ok(&[1], None, Some(59)),
+                // An absurd reported usage: the debt stops one window past empty (120 s ahead),
+                // so the next token conforms after 61 s, not after centuries.
+                Step::Settle(i64::MAX),
+                refused(&[1], Tokens, 61_000, None, Some(0)),
+                ms(61_000),
+                ok(&[1], None, Some(0)),
+            ],
+        },
     ]
 }
 

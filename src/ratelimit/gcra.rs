@@ -70,12 +70,24 @@ impl Gcra {
         }
     }
 
+    /// The most a bucket can owe: one window beyond empty (`tat − now ≤ 2 × t × burst`), so
+    /// that one absurd correction refuses the subject for at most one window.
+    pub(crate) fn max_debt(self) -> u64 {
+        self.t.saturating_mul(self.burst).saturating_mul(2)
+    }
+
     /// Apply a correction of `delta` cells after the fact: more cells are consumed
-    /// unconditionally (the work is done), fewer are given back, never beyond a full bucket.
+    /// unconditionally (the work is done), at most [`max_debt`](Self::max_debt) ahead of `now`;
+    /// fewer are given back, never beyond a full bucket.
     pub(crate) fn correct(self, tat: Option<u64>, now: u64, delta: i64) -> Option<u64> {
         let cells = self.t.saturating_mul(delta.unsigned_abs());
         match (tat, delta >= 0) {
-            (tat, true) => Some(tat.unwrap_or(now).max(now).saturating_add(cells)),
+            (tat, true) => Some(
+                tat.unwrap_or(now)
+                    .max(now)
+                    .saturating_add(cells)
+                    .min(now.saturating_add(self.max_debt())),
+            ),
             // A bucket that is not tracked is full: nothing to give back.
             (None, false) => None,
             (Some(tat), false) => Some(tat.saturating_sub(cells).max(now)),

@@ -261,8 +261,9 @@ impl Decision {
 ///   buckets (or `TooLarge` when a cost exceeds a full bucket). Concurrent checks on the same
 ///   buckets are linearizable.
 /// - [`settle`](Limiter::settle) applies corrections without refusing: a positive delta sets
-///   `tat = max(tat, now) + t × delta` (the bucket may go into debt, which delays later
-///   requests), a negative one sets `tat = max(tat − t × |delta|, now)` (a refund, never beyond a
+///   `tat = min(max(tat, now) + t × delta, now + 2 × t × burst)` (the bucket may go into debt,
+///   which delays later requests, by at most one window: an absurd reported usage cannot lock a
+///   subject out for longer), a negative one sets `tat = max(tat − t × |delta|, now)` (a refund, never beyond a
 ///   full bucket). A refund exactly undoes a charge made in the same window.
 /// - A bucket with `tat ≤ now` is full and indistinguishable from an untracked one, so a backend
 ///   may forget it (the memory backend evicts it, Redis lets the key expire at `tat`).

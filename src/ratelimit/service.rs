@@ -178,6 +178,8 @@ pub(crate) fn estimate(llm: Option<&LlmRequest>, default_max_tokens: u64) -> u64
     llm.map_or(0, |llm| {
         llm.estimated_prompt_tokens()
             .saturating_add(llm.max_tokens.unwrap_or(default_max_tokens))
+            // Exact in every backend's arithmetic (Redis scripts use doubles).
+            .min(crate::credits::MAX_CREDITS)
     })
 }
 

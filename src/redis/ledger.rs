@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The largest balance the ledger keeps: Lua numbers are doubles, exact up to 2⁵³.
-pub const MAX_BALANCE: u64 = (1 << 53) - 1;
+pub const MAX_BALANCE: u64 = crate::credits::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 

@@ -50,13 +50,14 @@ end
 -- Corrections, never refused: a positive delta consumes (possibly into debt), a negative one
 -- gives back, never beyond a full bucket.
 local function gcra_settle(keys, a, now_s, now_ns)
-  local t, _, delta = gcra_params(keys, a)
+  local t, burst, delta = gcra_params(keys, a)
   for i = 1, #keys do
     local v = redis.call('EXISTS', keys[i])
     local rel = gcra_rel(keys[i], now_s, now_ns)
     local d = delta[i]
     if d >= 0 then
-      gcra_store(keys[i], rel + t[i] * d, now_s, now_ns)
+      -- At most one window of debt beyond an empty bucket (as the memory limiter).
+      gcra_store(keys[i], math.min(rel + t[i] * d, 2 * t[i] * burst[i]), now_s, now_ns)
     elseif v == 1 then
       gcra_store(keys[i], math.max(rel + t[i] * d, 0), now_s, now_ns)
     end
