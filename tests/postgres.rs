@@ -1003,3 +1003,54 @@ async fn postgres_down_fails_closed_for_credits_and_as_configured_for_limits_the
         .unwrap()
         .is_allowed());
 }
+
+/// A settle that meets a stopped server is made once the server is back (the usage is charged,
+/// not the hold at its expiry), and after a restart the pool's dead connections cost no request
+/// an error: a call on one is tried again at once on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_lost_to_an_outage_is_made_when_the_server_is_back() {
+    let server = PgServer::start();
+    let fast = PostgresOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .statement_timeout(Duration::from_millis(300));
+    let backend = replica(&server, fast).await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    // Several pooled connections, all of which the restart will kill.
+    let holds: Vec<Hold> = futures_util::future::join_all(
+        (0..4).map(|_| ledger.reserve(ReserveRequest::new("acct_1", 10))),
+    )
+    .await
+    .into_iter()
+    .map(|r| r.unwrap().into_hold().unwrap())
+    .collect();
+
+    server.stop();
+    assert!(
+        ledger.settle(&holds[0], 3).await.is_err(),
+        "the server is down"
+    );
+    server.restart();
+    // The background settle is made once the server answers: charged 3, not the 10 held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
+        if let Some(settle) = journal.iter().find(|e| e.kind == EntryKind::Settle) {
+            assert_eq!((settle.amount, settle.hold_id), (3, Some(holds[0].id())));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the settle was never made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other pooled connections died with the server: every call still succeeds.
+    for hold in &holds[1..] {
+        let settlement = ledger
+            .settle(hold, 10)
+            .await
+            .expect("a dead connection is replaced");
+        assert!(settlement.was_open);
+    }
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held), (100 - 3 - 30, 0));
+    assert_books(&ledger, "acct_1").await;
+}

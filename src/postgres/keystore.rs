@@ -375,9 +375,12 @@ impl KeyStore for PostgresKeyStore {
         let generation = self.cache.generation.load(Ordering::Acquire);
         let sql = self.sql.lookup.clone();
         let bytes = digest.as_bytes().to_vec();
-        let call = self.shared.call("key lookup", move |pool| async move {
-            let row = sqlx::query(sql).bind(bytes).fetch_optional(&pool).await?;
-            row.map(|row| decode_lookup(&row)).transpose()
+        let call = self.shared.call_retrying("key lookup", move |pool, _| {
+            let query = sqlx::query(sql.clone()).bind(bytes.clone());
+            async move {
+                let row = query.fetch_optional(&pool).await?;
+                row.map(|row| decode_lookup(&row)).transpose()
+            }
         });
         let cache = Arc::clone(&self.cache);
         let digest = *digest;

@@ -17,7 +17,7 @@ use crate::{
     credits::{
         reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
         JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-        TopUp, TopUpError,
+        TopUp, TopUpError, MAX_CREDITS,
     },
     ratelimit::{Charge, Correction, Decision, Limiter, Outcome},
     BackendError,
@@ -45,10 +45,10 @@ impl Statements {
             ),
             close: shared.sql(
                 "SELECT charged, balance, was_open FROM @schema@.close(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             ),
             top_up: shared.sql(
-                "SELECT status, balance, held, holds FROM @schema@.top_up($1, $2, $3)",
+                "SELECT status, balance, held, holds FROM @schema@.top_up($1, $2, $3, $4)",
             ),
             balance: shared.sql(
                 "SELECT balance, held, holds FROM @schema@.balances WHERE account = $1",
@@ -78,7 +78,8 @@ impl Statements {
 ///
 /// A reserve whose answer is lost (a timeout, a dropped connection) may have committed: the
 /// ledger then releases the hold by its id in the background, and fences the id so that a
-/// reserve still in flight places nothing. Amounts are limited to `i64::MAX`.
+/// reserve still in flight places nothing. Amounts are limited to [`MAX_CREDITS`], as on every
+/// backend.
 ///
 /// Built by [`PostgresBackend::ledger`](super::PostgresBackend::ledger).
 ///
@@ -148,6 +149,21 @@ impl PostgresLedger {
     /// the rate-limit cells charged with it) and fence its id; retried in the background until
     /// the hold's TTL has passed.
     fn compensate(&self, account: Arc<str>, id: i64, refunds: Vec<Bucket>) {
+        self.close_in_background(account, id, "release", 0, true, refunds);
+    }
+
+    /// Close a hold in the background, retrying until the hold's TTL has passed: after a close
+    /// that failed (PostgreSQL down) or a reserve whose answer was lost. A hold is closed once,
+    /// so trying again is safe; the corrections are applied only by the call that closes it.
+    fn close_in_background(
+        &self,
+        account: Arc<str>,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        corrections: Vec<Bucket>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -156,23 +172,23 @@ impl PostgresLedger {
         runtime.spawn(async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                let close = ledger.close_correcting(
+                tokio::time::sleep(delay).await;
+                let close = ledger.close_once(
                     &account,
                     id,
-                    "release",
-                    0,
-                    true,
-                    Corrections::IfOpen(refunds.clone()),
+                    how,
+                    actual,
+                    fence,
+                    Corrections::IfOpen(corrections.clone()),
                 );
                 match close.await {
                     Ok(_) => return,
                     Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                        tracing::debug!(%error, "releasing a reserve whose answer was lost: retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
+                        tracing::debug!(%error, how, "closing a hold in the background: retrying");
+                        delay = (delay * 2).min(Duration::from_secs(2));
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not release a reserve whose answer was lost; it expires at its hold TTL");
+                        tracing::warn!(%error, how, "could not close a hold; it expires at its hold TTL");
                         return;
                     }
                 }
@@ -208,30 +224,30 @@ impl PostgresLedger {
         let window = millis(self.shared.options.idempotency_window);
         let request_id = request.request_id.as_deref().map(str::to_owned);
         let key_id = request.key_id.as_deref().map(str::to_owned);
-        let call = self.shared.call("reserve", move |pool| async move {
-            sqlx::query(sql)
-                .bind(&*account)
+        // Tried again with the same hold id: a reserve that did commit answers `held` again.
+        let call = self.shared.call_retrying("reserve", move |pool, _| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.to_string())
                 .bind(id)
                 .bind(to_i64(amount))
                 .bind(ttl)
                 .bind(window)
-                .bind(ikey)
-                .bind(fingerprint)
-                .bind(request_id)
-                .bind(key_id)
-                .bind(keys)
-                .bind(t)
-                .bind(burst)
-                .bind(cost)
-                .bind(now_ns)
-                .fetch_one(&pool)
-                .await
+                .bind(ikey.clone())
+                .bind(fingerprint.clone())
+                .bind(request_id.clone())
+                .bind(key_id.clone())
+                .bind(keys.clone())
+                .bind(t.clone())
+                .bind(burst.clone())
+                .bind(cost.clone())
+                .bind(now_ns);
+            async move { query.fetch_one(&pool).await }
         });
         let ledger = self.clone();
         let request_arc = request.request_id;
         let account = request.account;
         Box::pin(async move {
-            if amount > i64::MAX as u64 {
+            if amount > MAX_CREDITS {
                 return Err(ReserveError::Insufficient {
                     required: amount,
                     available: 0,
@@ -286,8 +302,37 @@ impl PostgresLedger {
         self.close_correcting(account, id, how, actual, false, Corrections::None)
     }
 
-    /// Close a hold and apply rate-limit corrections to `buckets`, in one statement.
+    /// Close a hold and apply rate-limit corrections to `buckets`, in one statement. When it
+    /// fails, the close goes on in the background until it is made (the answer is still the
+    /// error): a settle lost to an outage charges the usage, not the hold at its expiry.
     fn close_correcting(
+        &self,
+        account: &str,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        corrections: Corrections,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        let buckets = match &corrections {
+            Corrections::None => Vec::new(),
+            Corrections::Always(buckets) | Corrections::IfOpen(buckets) => buckets.clone(),
+        };
+        let call = self.close_once(account, id, how, actual, fence, corrections);
+        let ledger = self.clone();
+        let account: Arc<str> = account.into();
+        Box::pin(async move {
+            let result = call.await;
+            if result.is_err() {
+                ledger.close_in_background(account, id, how, actual, fence, buckets);
+            }
+            result
+        })
+    }
+
+    /// One close statement (tried again at once only on a broken connection; a retry applies the
+    /// corrections only if it is the call that closes the hold).
+    fn close_once(
         &self,
         account: &str,
         id: i64,
@@ -302,7 +347,7 @@ impl PostgresLedger {
             Corrections::IfOpen(buckets) => ("if_open", buckets),
         };
         let now_ns = buckets.first().and_then(|b| b.now_ns);
-        let (keys, t, _, delta) = Bucket::columns(buckets);
+        let (keys, t, burst, delta) = Bucket::columns(buckets);
         let fence = if fence {
             self.hold_ttl_ms().saturating_mul(2)
         } else {
@@ -310,20 +355,20 @@ impl PostgresLedger {
         };
         let sql = self.sql.close.clone();
         let account = account.to_owned();
-        let call = self.shared.call("settle", move |pool| async move {
-            sqlx::query(sql)
-                .bind(account)
+        let call = self.shared.call_retrying("settle", move |pool, attempt| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.clone())
                 .bind(id)
                 .bind(how)
-                .bind(to_i64(actual))
+                .bind(to_i64(actual.min(MAX_CREDITS)))
                 .bind(fence)
-                .bind(when)
-                .bind(keys)
-                .bind(t)
-                .bind(delta)
-                .bind(now_ns)
-                .fetch_one(&pool)
-                .await
+                .bind(if attempt == 0 { when } else { "if_open" })
+                .bind(keys.clone())
+                .bind(t.clone())
+                .bind(burst.clone())
+                .bind(delta.clone())
+                .bind(now_ns);
+            async move { query.fetch_one(&pool).await }
         });
         Box::pin(async move {
             let row = call.await?;
@@ -446,6 +491,7 @@ impl Ledger for PostgresLedger {
                 .bind(account)
                 .bind(to_i64(amount))
                 .bind(key)
+                .bind(to_i64(MAX_CREDITS))
                 .fetch_one(&pool)
                 .await?;
             let status: String = row.try_get(0)?;
@@ -453,7 +499,7 @@ impl Ledger for PostgresLedger {
             Ok((status, numbers.map(|n| to_u64(n.unwrap_or(0)))))
         });
         Box::pin(async move {
-            if amount > i64::MAX as u64 {
+            if amount > MAX_CREDITS {
                 return Err(TopUpError::Overflow);
             }
             let (status, [balance, held, holds]) = call.await?;
@@ -470,14 +516,17 @@ impl Ledger for PostgresLedger {
     fn balance(&self, account: &str) -> Self::BalanceFuture {
         let sql = self.sql.balance.clone();
         let account = account.to_owned();
-        Box::pin(self.shared.call("balance", move |pool| async move {
-            let row = sqlx::query(sql).bind(account).fetch_optional(&pool).await?;
-            let Some(row) = row else {
-                return Ok(Balance::default());
-            };
-            let (balance, held, holds): (i64, i64, i64) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-            Ok(Balance::new(to_u64(balance), to_u64(held), to_u64(holds)))
+        Box::pin(self.shared.call_retrying("balance", move |pool, _| {
+            let query = sqlx::query(sql.clone()).bind(account.clone());
+            async move {
+                let row = query.fetch_optional(&pool).await?;
+                let Some(row) = row else {
+                    return Ok(Balance::default());
+                };
+                let (balance, held, holds): (i64, i64, i64) =
+                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                Ok(Balance::new(to_u64(balance), to_u64(held), to_u64(holds)))
+            }
         }))
     }
 
@@ -486,14 +535,15 @@ impl Ledger for PostgresLedger {
         let account = account.to_owned();
         let after = query.after.map_or(0, to_i64);
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-        Box::pin(self.shared.call("journal", move |pool| async move {
-            let rows = sqlx::query(sql)
-                .bind(account)
+        Box::pin(self.shared.call_retrying("journal", move |pool, _| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.clone())
                 .bind(after)
-                .bind(limit)
-                .fetch_all(&pool)
-                .await?;
-            rows.iter().map(entry).collect()
+                .bind(limit);
+            async move {
+                let rows = query.fetch_all(&pool).await?;
+                rows.iter().map(entry).collect()
+            }
         }))
     }
 

@@ -128,7 +128,7 @@ impl PostgresLimiter {
         let fail = shared.options.rate_limit_fail;
         let check_sql = shared
             .sql("SELECT verdict, idx, wait, rels FROM @schema@.rate_limit($1, $2, $3, $4, $5)");
-        let settle_sql = shared.sql("SELECT @schema@.gcra_settle($1, $2, $3, $4)");
+        let settle_sql = shared.sql("SELECT @schema@.gcra_settle($1, $2, $3, $4, $5)");
         PostgresLimiter {
             shared,
             fail,
@@ -253,12 +253,13 @@ impl Limiter for PostgresLimiter {
             return Box::pin(std::future::ready(Ok(())));
         }
         let now_ns = self.frozen_ns();
-        let (keys, t, _, delta) = Bucket::columns(self.corrections(corrections));
+        let (keys, t, burst, delta) = Bucket::columns(self.corrections(corrections));
         let sql = self.settle_sql.clone();
         let call = self.shared.call("rate limit", move |pool| async move {
             sqlx::query(sql)
                 .bind(keys)
                 .bind(t)
+                .bind(burst)
                 .bind(delta)
                 .bind(now_ns)
                 .execute(&pool)

@@ -258,6 +258,59 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// [`call`](Self::call) for a statement that is safe to run twice (a read, or a ledger call
+    /// that carries its hold's id): tried again, within the same deadline, when it failed on the
+    /// connection (a pooled connection the server closed while it was down or restarting),
+    /// up to 4 times. `f` is told the attempt (0 first).
+    fn call_retrying<T, F, Fut>(
+        self: &Arc<Self>,
+        what: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    where
+        F: Fn(PgPool, u32) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let deadline = self.deadline();
+        async move {
+            let run = async {
+                let mut attempt = 0;
+                loop {
+                    match f(pool.clone(), attempt).await {
+                        Err(error) if attempt < 3 && is_connection_error(&error) => {
+                            tracing::debug!(%error, what, "postgres connection lost: trying again");
+                            attempt += 1;
+                        }
+                        result => return result,
+                    }
+                }
+            };
+            match tokio::time::timeout(deadline, run).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) => Err(backend_error(what, &error)),
+                Err(_) => Err(BackendError::new(format!(
+                    "postgres {what}: no answer within {deadline:?}"
+                ))),
+            }
+        }
+    }
+}
+
+/// Whether `error` is the connection's (broken, closed by the server, the server shutting down
+/// or starting), not the statement's.
+fn is_connection_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
 use sqlx::SqlSafeStr as _;
 
 /// A sqlx error as a [`BackendError`] (its text goes to the log only).

@@ -185,9 +185,9 @@ RETURNS void LANGUAGE sql AS $$
     ON CONFLICT (key) DO UPDATE SET tat = excluded.tat;
 $$;
 
--- Corrections, never refused: a positive delta consumes (possibly into debt), a negative one
--- gives back, never beyond a full bucket.
-CREATE FUNCTION @schema@.gcra_settle(p_keys text[], p_t bigint[], p_delta bigint[], p_now bigint)
+-- Corrections, never refused: a positive delta consumes (possibly into debt, at most one window
+-- beyond an empty bucket: 2 × t × burst), a negative one gives back, never beyond a full bucket.
+CREATE FUNCTION @schema@.gcra_settle(p_keys text[], p_t bigint[], p_burst bigint[], p_delta bigint[], p_now bigint)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     n int := coalesce(array_length(p_keys, 1), 0);
@@ -205,7 +205,8 @@ BEGIN
       LEFT JOIN @schema@.rate_buckets b ON b.key = u.k;
     FOR i IN 1..n LOOP
         IF p_delta[i] >= 0 THEN
-            next := next || least(greatest(coalesce(cur[i], 0), 0) + p_t[i]::numeric * p_delta[i], 1e18)::bigint;
+            next := next || least(greatest(coalesce(cur[i], 0), 0) + p_t[i]::numeric * p_delta[i],
+                                  2 * p_t[i]::numeric * p_burst[i], 1e18)::bigint;
             touch := touch || true;
         ELSIF cur[i] IS NOT NULL THEN
             next := next || greatest(greatest(cur[i], 0) + p_t[i]::numeric * p_delta[i], 0)::bigint;
@@ -363,7 +364,7 @@ $$;
 -- closing a hold that is not open forbids placing it later. Returns charged, balance, was_open.
 CREATE FUNCTION @schema@.close(
     p_account text, p_id bigint, p_how text, p_actual bigint, p_fence_ms bigint, p_when text,
-    p_keys text[], p_t bigint[], p_delta bigint[], p_now_ns bigint,
+    p_keys text[], p_t bigint[], p_burst bigint[], p_delta bigint[], p_now_ns bigint,
     OUT charged bigint, OUT balance bigint, OUT was_open boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -387,15 +388,15 @@ BEGIN
         VALUES (p_id, now_ts + p_fence_ms * interval '1 millisecond') ON CONFLICT DO NOTHING;
     END IF;
     IF coalesce(array_length(p_keys, 1), 0) > 0 AND (p_when = 'always' OR c IS NOT NULL) THEN
-        PERFORM @schema@.gcra_settle(p_keys, p_t, p_delta, p_now_ns);
+        PERFORM @schema@.gcra_settle(p_keys, p_t, p_burst, p_delta, p_now_ns);
     END IF;
 END
 $$;
 
--- Add credits, idempotently. Status 'applied' | 'duplicate' (with the balance), 'reused' (with
--- the first top-up's amount in `balance`) or 'overflow'.
+-- Add credits, idempotently, up to a balance of `p_max`. Status 'applied' | 'duplicate' (with the
+-- balance), 'reused' (with the first top-up's amount in `balance`) or 'overflow'.
 CREATE FUNCTION @schema@.top_up(
-    p_account text, p_amount bigint, p_key text,
+    p_account text, p_amount bigint, p_key text, p_max bigint,
     OUT status text, OUT balance bigint, OUT held bigint, OUT holds bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -417,7 +418,7 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    IF a.balance::numeric + p_amount > 9223372036854775807 THEN status := 'overflow'; RETURN; END IF;
+    IF a.balance::numeric + p_amount > p_max THEN status := 'overflow'; RETURN; END IF;
     a.balance := a.balance + p_amount;
     a.seq := a.seq + 1;
     UPDATE @schema@.balances SET balance = a.balance, seq = a.seq WHERE account = p_account;
