@@ -487,6 +487,13 @@ impl GatewayConfig {
                     ));
                 }
             }
+            // `[]` would read as "no IP" on a key but "every IP" for `[server] ip_allow`.
+            if key.ip_allowlist.as_ref().is_some_and(IpSet::is_empty) {
+                return Err(at(
+                    key.id.span(),
+                    format!("keys[{i}].ip_allowlist: name at least one network (omit it to allow every IP, or set `status = \"disabled\"` to allow none)"),
+                ));
+            }
             let digest = match (&key.key, key.sha256) {
                 (Some(plain), None) => {
                     let k = plain.get_ref();
@@ -615,6 +622,14 @@ mod tests {
         );
         assert!(err("[server]\nupstream = \"ftp://x\"\n").starts_with("line 2: upstream: "));
         assert!(err("[server\n").starts_with("line 1: "));
+    }
+
+    #[test]
+    fn an_empty_key_allowlist_is_refused() {
+        assert_eq!(
+            err("[[plans]]\nname = \"p\"\n[[accounts]]\nid = \"a\"\nplan = \"p\"\n[[keys]]\nid = \"k\"\naccount = \"a\"\nkey = \"sk-demo-0123456789\"\nip_allowlist = []\n"),
+            "line 7: keys[0].ip_allowlist: name at least one network (omit it to allow every IP, or set `status = \"disabled\"` to allow none)"
+        );
     }
 
     #[test]

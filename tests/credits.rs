@@ -186,20 +186,22 @@ async fn sse_usage_in_the_final_chunk_is_settled() {
 #[tokio::test]
 async fn usage_above_the_hold_is_charged_up_to_the_available_balance_never_below_zero() {
     let ledger = ledger_with("acct_1", 15).await;
-    // Hold: max_tokens 100 → 1 + ceil(100 × 10 / 1000) = 2; usage costs 5; only 15 on the account.
+    // Hold: max_tokens 250 → 1 + ceil(250 × 10 / 1000) = 4; the usage (100 prompt tokens more
+    // than estimated) costs 5; only 15 on the account.
     let app = CreditsLayer::new(ledger.clone(), pricing()).layer(service_fn(|_: Upstream| async {
         Ok::<_, Infallible>(json_ok(USAGE_JSON))
     }));
     let response = app
         .clone()
-        .oneshot(chat(r#"{"model":"gpt-test","max_tokens":100}"#))
+        .oneshot(chat(r#"{"model":"gpt-test","max_tokens":250}"#))
         .await
         .unwrap();
-    assert_eq!(response.headers()["x-credits-held"], "2");
+    assert_eq!(response.headers()["x-credits-held"], "4");
     body_json(response).await;
     assert_eq!(balance(&ledger, "acct_1").await.balance, 10);
 
-    // Now the upstream reports a usage worth 1 + 2000 credits: everything left is taken, no more.
+    // Now the upstream reports a usage worth 1 + 1001 credits (100,000 prompt tokens; the
+    // completion clamped to max_tokens): everything left is taken, no more.
     let app = CreditsLayer::new(ledger.clone(), pricing()).layer(service_fn(|_: Upstream| async {
         Ok::<_, Infallible>(json_ok(
             r#"{"usage":{"prompt_tokens":100000,"completion_tokens":100000,"total_tokens":200000}}"#,

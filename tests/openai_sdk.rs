@@ -2,10 +2,12 @@
 //!
 //! Each refusal must raise the SDK's matching exception with `code`, `type`, `param` and
 //! `request_id` filled; plain and streamed completions must work; the SDK's retry on 429 must
-//! wait as the headers say. `.ci/run` installs the SDK.
+//! wait as the headers say. The test provisions the SDK itself (`support/python.rs`).
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/python.rs"]
+mod python;
 
 use serde_json::Value;
 
@@ -109,7 +111,7 @@ fn assert_raised(
 async fn the_openai_sdk_sees_every_refusal_as_its_exception() {
     let running = gateway::start(CONFIG).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_cases.py");
-    let output = tokio::process::Command::new("python3")
+    let output = tokio::process::Command::new(python::python_with_openai())
         .arg(script)
         .arg(format!("http://{}", running.addr))
         .output()
@@ -117,7 +119,7 @@ async fn the_openai_sdk_sees_every_refusal_as_its_exception() {
         .expect("python3 runs");
     assert!(
         output.status.success(),
-        "the SDK script failed (is `pip install openai` done?):\n{}",
+        "the SDK script failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let out: Value = serde_json::from_slice(&output.stdout).unwrap();

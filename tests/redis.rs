@@ -358,6 +358,86 @@ async fn revocation_on_one_replica_refuses_on_the_other_within_a_second() {
     assert_eq!(a.key("key_1").await.unwrap().unwrap().scopes, ["chat"]);
 }
 
+/// Revocation is final on Redis too, checked inside the key-admin script: through the admin
+/// router, a revoked key cannot be disabled or enabled (409, the exact message), and both
+/// replicas still see it revoked.
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn revocation_is_final_through_the_admin_router() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let server = RedisServer::start();
+    let a = replica(&server, RedisOptions::new()).await;
+    let b = replica(&server, RedisOptions::new()).await.key_store();
+    let store = a.key_store();
+    store
+        .put_account(AccountRecord::new("acct_1", "free"))
+        .await
+        .unwrap();
+    let app = axum::Router::new().nest(
+        "/admin",
+        tollgate::admin::router(store.clone(), a.ledger(), "admin-key-0123456789").build(),
+    );
+    let post = |path: String, body: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            let mut req =
+                http::Request::post(path).header("authorization", "Bearer admin-key-0123456789");
+            if body.is_some() {
+                req = req.header("content-type", "application/json");
+            }
+            let req = req
+                .body(axum::body::Body::from(body.unwrap_or_default()))
+                .unwrap();
+            let res = app.oneshot(req).await.unwrap();
+            let status = res.status().as_u16();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            (status, body)
+        }
+    };
+    let (status, _) = post(
+        "/admin/keys".into(),
+        Some(r#"{"account": "acct_1", "id": "key_1"}"#),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body) = post("/admin/keys/key_1/revoke".into(), None).await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({"id": "key_1", "status": "revoked"}))
+    );
+    for (route, verb) in [("disable", "disabled"), ("enable", "enabled")] {
+        let (status, body) = post(format!("/admin/keys/key_1/{route}"), None).await;
+        assert_eq!(status, 409);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {
+                "message": format!(
+                    "The key `key_1` is revoked, and revocation is final: it cannot be {verb}."
+                ),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "conflict",
+            }})
+        );
+    }
+    // The script refuses a whole-record update that would bring it back, too.
+    let mut record = store.key("key_1").await.unwrap().unwrap();
+    record.status = KeyStatus::Active;
+    assert!(matches!(
+        store.update_key(record).await,
+        Err(tollgate::auth::KeyAdminError::Revoked(id)) if &*id == "key_1"
+    ));
+    for replica in [&store, &b] {
+        assert_eq!(
+            replica.key("key_1").await.unwrap().unwrap().status,
+            KeyStatus::Revoked
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_hold_left_by_a_killed_replica_is_charged_after_its_expiry() {
     let server = RedisServer::start();
@@ -953,4 +1033,67 @@ async fn a_huge_max_tokens_gets_the_same_answer_as_in_memory() {
     ] {
         assert!(matches!(ledger_says, Err(TopUpError::Overflow)));
     }
+}
+
+/// Callers that give up mid-call (a client gone, a load balancer's timeout) are not Redis
+/// failures: the breaker stays closed for everyone else, and every hold whose caller left is
+/// released at once, not left to expire at its held amount.
+#[tokio::test]
+async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
+    let server = RedisServer::start();
+    // A breaker that would open after 3 failures.
+    let ledger = replica(&server, fast()).await.ledger();
+    ledger.top_up("acct_1", 1_000, "initial").await.unwrap();
+    use futures_util::FutureExt;
+    for _ in 0..200 {
+        // Each caller sends its reserve and gives up at once: polled once, then dropped.
+        let reserve = ledger.reserve(ReserveRequest::new("acct_1", 5));
+        assert!(
+            reserve.now_or_never().is_none(),
+            "a network call is not ready at once"
+        );
+    }
+    // The abandoned reserves finish on their own and are released: nothing stays held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let journal = ledger
+            .journal("acct_1", JournalQuery::new().limit(10_000))
+            .await
+            .unwrap();
+        let released = journal
+            .iter()
+            .filter(|e| e.kind == EntryKind::Release)
+            .count();
+        if released == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{released} of 200 abandoned holds released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!(
+        (balance.balance, balance.held, balance.holds),
+        (1_000, 0, 0)
+    );
+    // The breaker never opened: a new caller is served at once.
+    let hold = ledger
+        .reserve(ReserveRequest::new("acct_1", 5))
+        .await
+        .expect("the breaker is closed")
+        .into_hold()
+        .unwrap();
+    ledger.settle(&hold, 5).await.unwrap();
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held), (995, 0));
+    // The journal: the top-up, then reserve + release pairs, and one reserve + settle.
+    let journal = ledger
+        .journal("acct_1", JournalQuery::new().limit(10_000))
+        .await
+        .unwrap();
+    let count = |kind| journal.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count(EntryKind::Reserve), count(EntryKind::Release) + 1);
+    assert_eq!(count(EntryKind::Settle), 1);
 }

@@ -84,6 +84,15 @@ async fn main() -> ExitCode {
     }
     match gateway.serve(listener, shutdown_signal()).await {
         Ok(()) => {
+            // Holds of requests that just ended are settled before the process exits.
+            let left =
+                tollgate::credits::finish_settlements(std::time::Duration::from_secs(10)).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "settlements still running at exit; their holds will expire"
+                );
+            }
             println!("tollgate gateway stopped");
             ExitCode::SUCCESS
         }

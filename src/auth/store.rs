@@ -85,7 +85,9 @@ pub struct KeyRecord {
     pub models: Option<Arc<[String]>>,
     /// Free-form scopes.
     pub scopes: Vec<String>,
-    /// The client IPs the key may be used from; `None` for any.
+    /// The client IPs the key may be used from; `None` for any. An empty set admits no address;
+    /// the admin API and the gateway configuration refuse an empty list, so that `[]` never
+    /// means "no IP" on a key and "every IP" on the global list.
     pub ip_allowlist: Option<IpSet>,
     /// Free-form metadata.
     pub metadata: BTreeMap<String, String>,
@@ -365,6 +367,8 @@ pub enum KeyAdminError {
     UnknownAccount(Arc<str>),
     /// A key with this id, or with the same digest, exists already.
     DuplicateKey(Arc<str>),
+    /// The key is revoked, and revocation is final: it cannot be disabled or enabled again.
+    Revoked(Arc<str>),
     /// The store failed.
     Backend(BackendError),
 }
@@ -375,6 +379,9 @@ impl fmt::Display for KeyAdminError {
             KeyAdminError::UnknownKey(id) => write!(f, "no key has the id `{id}`"),
             KeyAdminError::UnknownAccount(id) => write!(f, "no account has the id `{id}`"),
             KeyAdminError::DuplicateKey(id) => write!(f, "the key `{id}` exists already"),
+            KeyAdminError::Revoked(id) => {
+                write!(f, "the key `{id}` is revoked, and revocation is final")
+            }
             KeyAdminError::Backend(e) => e.fmt(f),
         }
     }
@@ -389,7 +396,8 @@ impl From<BackendError> for KeyAdminError {
 }
 
 impl From<KeyAdminError> for Rejection {
-    /// 404 for an unknown key or account, 409 for a duplicate, 503 for a backend failure.
+    /// 404 for an unknown key or account, 409 for a duplicate or a revoked key, 503 for a backend
+    /// failure.
     fn from(error: KeyAdminError) -> Self {
         match error {
             KeyAdminError::UnknownKey(_) | KeyAdminError::UnknownAccount(_) => {
@@ -397,7 +405,7 @@ impl From<KeyAdminError> for Rejection {
                     .with_message(error.to_string())
                     .with_status(StatusCode::NOT_FOUND)
             }
-            KeyAdminError::DuplicateKey(_) => {
+            KeyAdminError::DuplicateKey(_) | KeyAdminError::Revoked(_) => {
                 Rejection::new(Reason::Conflict).with_message(error.to_string())
             }
             KeyAdminError::Backend(e) => e.into(),
@@ -502,12 +510,18 @@ pub trait KeyAdmin: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<KeyRecord>, KeyAdminError>> + Send;
 
     /// Replace a key's record (plan override, models, allowlist, expiry, ...), keeping its digest.
+    ///
+    /// A revoked key stays revoked: a record with another status fails with
+    /// [`KeyAdminError::Revoked`] and changes nothing.
     fn update_key(
         &self,
         record: KeyRecord,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send;
 
     /// Enable, disable or revoke a key.
+    ///
+    /// Revocation is final: moving a revoked key to any other status fails with
+    /// [`KeyAdminError::Revoked`] and changes nothing (revoking it again succeeds).
     fn set_key_status(
         &self,
         id: &str,
@@ -647,7 +661,11 @@ impl State {
             .ok_or_else(|| KeyAdminError::UnknownKey(id.into()))?;
         let (digest, mut record) = (*digest, record.clone());
         let previous_account = record.account_id.clone();
+        let was_revoked = record.status == KeyStatus::Revoked;
         f(&mut record);
+        if was_revoked && record.status != KeyStatus::Revoked {
+            return Err(KeyAdminError::Revoked(record.id));
+        }
         let lookup = self
             .build(&record)
             .ok_or_else(|| KeyAdminError::UnknownAccount(record.account_id.clone()))?;

@@ -4,8 +4,12 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll, Waker},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -226,7 +230,11 @@ where
         Poll::Ready(result) => log(result),
         Poll::Pending => match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(async move { log(future.await) });
+                let running = Running::start();
+                handle.spawn(async move {
+                    log(future.await);
+                    drop(running);
+                });
             }
             Err(_) => tracing::warn!(
                 hold = hold.id(),
@@ -234,6 +242,62 @@ where
                 "no tokio runtime to close a credit hold; it will expire"
             ),
         },
+    }
+}
+
+/// Settlements running in the background (a remote ledger's settle, release or expiry of a hold
+/// whose body ended or was dropped).
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// One background settlement, counted while it runs.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many settlements are still running in the background in this process.
+///
+/// A response body that ends (or is dropped) closes its hold at once with an in-memory ledger;
+/// with a remote one (Redis, a database) the settlement is a call that runs on its own task.
+pub fn pending_settlements() -> usize {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Wait until every background settlement of this process has finished, at most `timeout`;
+/// returns how many are still running (0: all done). Call it at graceful shutdown, after the
+/// server stopped accepting and in-flight requests finished, so that no hold is left to expire
+/// at its held amount (which would overcharge a stream that was settled as it ended).
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+///
+/// // ... the server stopped ...
+/// let left = tollgate::credits::finish_settlements(Duration::from_secs(10)).await;
+/// assert_eq!(left, 0);
+/// # }
+/// ```
+pub async fn finish_settlements(timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = pending_settlements();
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -106,7 +106,7 @@ mod pricing;
 mod replay;
 mod service;
 
-pub use body::MeteredBody;
+pub use body::{finish_settlements, pending_settlements, MeteredBody};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ledger::{
     reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,

@@ -47,7 +47,7 @@ impl Conn {
         let breaker = Arc::clone(&self.breaker);
         let manager = self.manager.clone();
         let timeout = self.timeout;
-        async move {
+        let work = async move {
             let permit = breaker.permit().map_err(|retry_after| {
                 BackendError::new(format!("redis {what}: circuit open"))
                     .with_retry_after(retry_after)
@@ -69,6 +69,19 @@ impl Conn {
                             .with_retry_after(retry_after),
                     )
                 }
+            }
+        };
+        // The call runs to its end on its own task: a caller that gives up (a client gone, a
+        // dropped response) neither cancels it half-way nor counts as a Redis failure, so
+        // clients dropping requests cannot open the breaker for everyone else.
+        async move {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => runtime.spawn(work).await.unwrap_or_else(|_| {
+                    Err(BackendError::new(format!(
+                        "redis {what}: the runtime is shutting down"
+                    )))
+                }),
+                Err(_) => work.await,
             }
         }
     }
@@ -164,7 +177,8 @@ impl Breaker {
     }
 }
 
-/// One call's right to go out. Dropped without an answer (the caller gave up), it counts as a
+/// One call's right to go out. Calls run on their own task, so a permit is dropped without an
+/// answer only when that task is cancelled (the runtime shutting down); that counts as a
 /// failure, so a lost probe cannot leave the breaker half-open for ever.
 struct Permit<'a> {
     breaker: &'a Breaker,

@@ -244,6 +244,7 @@ impl RedisKeyStore {
                 Some("duplicate") => Err(KeyAdminError::DuplicateKey("".into())),
                 Some("unknown_account") => Err(KeyAdminError::UnknownAccount("".into())),
                 Some("unknown_key") => Err(KeyAdminError::UnknownKey("".into())),
+                Some("revoked") => Err(KeyAdminError::Revoked("".into())),
                 _ => Err(BackendError::new("redis key admin: unexpected reply").into()),
             }
         }
@@ -462,6 +463,7 @@ fn named(error: KeyAdminError, key: &Arc<str>, account: &Arc<str>) -> KeyAdminEr
     match error {
         KeyAdminError::DuplicateKey(_) => KeyAdminError::DuplicateKey(key.clone()),
         KeyAdminError::UnknownKey(_) => KeyAdminError::UnknownKey(key.clone()),
+        KeyAdminError::Revoked(_) => KeyAdminError::Revoked(key.clone()),
         KeyAdminError::UnknownAccount(_) => KeyAdminError::UnknownAccount(account.clone()),
         other => other,
     }

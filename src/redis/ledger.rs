@@ -195,7 +195,8 @@ impl RedisLedger {
         });
         let ledger = self.clone();
         let account = request.account;
-        Box::pin(async move {
+        let abandoned_refunds = refunds.clone();
+        let work = async move {
             if amount > MAX_BALANCE {
                 return Err(ReserveError::Insufficient {
                     required: amount,
@@ -228,6 +229,28 @@ impl RedisLedger {
                 Some("in_use") => Err(ReserveError::KeyInUse),
                 _ => Err(BackendError::new("redis reserve: unexpected reply").into()),
             }
+        };
+        // Finished even when the caller gives up; a hold nobody will use is released at once
+        // (with the rate-limit cells charged with it), never left to expire at its held amount.
+        let ledger = self.clone();
+        Box::pin(async move {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return work.await;
+            };
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            runtime.spawn(async move {
+                let reserved = work.await;
+                if let Err(Ok(Reserved::Held(hold, _))) = answer.send(reserved) {
+                    tracing::debug!(
+                        hold = hold.id(),
+                        "reserve abandoned by its caller: released"
+                    );
+                    ledger.compensate(hold.account_arc().clone(), hold.id(), abandoned_refunds);
+                }
+            });
+            answered.await.unwrap_or_else(|_| {
+                Err(BackendError::new("redis reserve: the runtime is shutting down").into())
+            })
         })
     }
 

@@ -3,7 +3,8 @@
 -- update: ARGV[3] id, ARGV[4] account, ARGV[5..] field/value pairs (the record replaced)
 -- status: ARGV[3] id, ARGV[4] status
 -- rotate: ARGV[3] id, ARGV[4] new digest
--- Returns {'ok', digest...} | {'unknown_key'} | {'unknown_account'} | {'duplicate'}
+-- Returns {'ok', digest...} | {'unknown_key'} | {'unknown_account'} | {'duplicate'} | {'revoked'}
+-- Revocation is final: update and status refuse to give a revoked key another status.
 local p, op = ARGV[1], ARGV[2]
 local function fields(from)
   local out = {}
@@ -23,12 +24,21 @@ end
 local id = ARGV[3]
 local digest = redis.call('GET', p .. 'keyid:' .. id)
 if not digest then return { 'unknown_key' } end
+local revoked = redis.call('HGET', p .. 'key:' .. digest, 'status') == 'revoked'
 if op == 'update' then
   if redis.call('EXISTS', p .. 'account:' .. ARGV[4]) == 0 then return { 'unknown_account' } end
+  if revoked then
+    local status
+    for i = 5, #ARGV - 1, 2 do
+      if ARGV[i] == 'status' then status = ARGV[i + 1] end
+    end
+    if status ~= 'revoked' then return { 'revoked' } end
+  end
   redis.call('DEL', p .. 'key:' .. digest)
   redis.call('HSET', p .. 'key:' .. digest, unpack(fields(5)))
   return { 'ok', digest }
 elseif op == 'status' then
+  if revoked and ARGV[4] ~= 'revoked' then return { 'revoked' } end
   redis.call('HSET', p .. 'key:' .. digest, 'status', ARGV[4])
   return { 'ok', digest }
 elseif op == 'rotate' then
