@@ -61,7 +61,10 @@ async fn request_one_step<Lim: Limiter, L: Ledger + Clone>(limiter: &Lim, ledger
     ledger.settle_limited(limiter, &hold, 1, &[]).await.unwrap();
 }
 
-async fn backend(server: &pg_server::PgServer, schema: &str) -> tollgate::postgres::PostgresBackend {
+async fn backend(
+    server: &pg_server::PgServer,
+    schema: &str,
+) -> tollgate::postgres::PostgresBackend {
     let backend = tollgate::postgres::PostgresBackend::connect_with(
         &server.url(),
         tollgate::postgres::PostgresOptions::new().schema(schema),

@@ -549,6 +549,22 @@ async fn revocation_on_one_replica_refuses_on_the_other_within_a_second() {
     assert_eq!(record.scopes, ["chat"]);
     assert_eq!(record.ip_allowlist.unwrap().to_string(), "10.0.0.0/8");
 
+    // Revocation is final, on every path.
+    assert!(matches!(
+        a.set_key_status("key_1", KeyStatus::Active).await,
+        Err(KeyAdminError::Revoked(id)) if &*id == "key_1"
+    ));
+    let mut revived = a.key("key_1").await.unwrap().unwrap();
+    revived.status = KeyStatus::Disabled;
+    assert!(matches!(
+        a.update_key(revived).await,
+        Err(KeyAdminError::Revoked(id)) if &*id == "key_1"
+    ));
+    assert_eq!(
+        b.lookup(&new.digest()).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+
     // The admin errors: unknown, duplicate.
     assert!(matches!(
         a.revoke_key("key_9").await,

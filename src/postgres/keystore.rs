@@ -524,7 +524,7 @@ impl KeyAdmin for PostgresKeyStore {
                 .await
         });
         async move {
-            match call.await? {
+            match call.await.map_err(|e| named(e, &id, &id))? {
                 0 => Err(KeyAdminError::UnknownKey(id)),
                 _ => Ok(()),
             }
@@ -571,6 +571,8 @@ fn admin_error(what: &str, error: &sqlx::Error) -> KeyAdminError {
         match db.code().as_deref() {
             Some("23505") => return KeyAdminError::DuplicateKey("".into()),
             Some("23503") => return KeyAdminError::UnknownAccount("".into()),
+            // Raised by the `revocation_is_final` trigger.
+            Some("TGRVK") => return KeyAdminError::Revoked("".into()),
             _ => {}
         }
     }
@@ -582,6 +584,7 @@ fn named(error: KeyAdminError, key: &Arc<str>, account: &Arc<str>) -> KeyAdminEr
     match error {
         KeyAdminError::DuplicateKey(_) => KeyAdminError::DuplicateKey(key.clone()),
         KeyAdminError::UnknownKey(_) => KeyAdminError::UnknownKey(key.clone()),
+        KeyAdminError::Revoked(_) => KeyAdminError::Revoked(key.clone()),
         KeyAdminError::UnknownAccount(_) => KeyAdminError::UnknownAccount(account.clone()),
         other => other,
     }

@@ -49,7 +49,11 @@ pub fn python_with_openai() -> PathBuf {
                 ])
                 .status()
                 .expect("the venv's python runs");
-            assert!(installed.success(), "pip install openai into {} failed", venv.display());
+            assert!(
+                installed.success(),
+                "pip install openai into {} failed",
+                venv.display()
+            );
             assert!(imports(&python), "openai does not import after its install");
             python
         })

@@ -113,6 +113,19 @@ CREATE TABLE @schema@.api_keys (
 );
 CREATE INDEX api_keys_by_account ON @schema@.api_keys (account);
 
+-- Revocation is final, whoever writes: a revoked key never gets another status.
+CREATE FUNCTION @schema@.revocation_is_final() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'revoked' AND NEW.status <> 'revoked' THEN
+        RAISE EXCEPTION 'the key % is revoked, and revocation is final', OLD.id
+            USING ERRCODE = 'TGRVK';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER revocation_is_final BEFORE UPDATE OF status ON @schema@.api_keys
+    FOR EACH ROW EXECUTE FUNCTION @schema@.revocation_is_final();
+
 -- The database's clock in ns since the Unix epoch (microsecond resolution).
 CREATE FUNCTION @schema@.now_ns() RETURNS bigint LANGUAGE sql VOLATILE AS $$
     SELECT (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint
