@@ -163,6 +163,21 @@ fn tower_governor_layer() -> tower_governor::GovernorLayer<
     tower_governor::GovernorLayer::new(config)
 }
 
+/// `tower_governor` with its rate-limit headers on (`x-ratelimit-limit`, `-remaining`, ...), the
+/// peer closest to what `rate_limit` does.
+fn tower_governor_headers_layer(
+) -> tower_governor::GovernorLayer<BearerKey, governor::middleware::StateInformationMiddleware, Body>
+{
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .key_extractor(BearerKey)
+        .use_headers()
+        .finish()
+        .unwrap();
+    tower_governor::GovernorLayer::new(config)
+}
+
 #[allow(deprecated)]
 fn bearer_layer() -> tower_http::validate_request::ValidateRequestHeaderLayer<
     tower_http::auth::require_authorization::Bearer<Body>,
@@ -318,6 +333,13 @@ fn overhead(c: &mut Criterion) {
         &mut group,
         "tower_governor",
         tower_governor_layer().layer(bare()),
+        KEY,
+        200,
+    );
+    case(
+        &mut group,
+        "tower_governor_headers",
+        tower_governor_headers_layer().layer(bare()),
         KEY,
         200,
     );

@@ -22,6 +22,7 @@ LOG="$(mktemp --suffix .log)"
 cat > "$CONFIG" <<TOML
 [server]
 listen = "127.0.0.1:$PORT"
+metrics_listen = "127.0.0.1:$((PORT + 1))"   # /metrics is served there only
 trusted_proxies = ["127.0.0.0/8"]
 upstream = "mock"
 
@@ -77,4 +78,4 @@ grep -q "listening" "$LOG" || { cat "$LOG"; exit 1; }
 
 python3 scripts/soak_load.py --port "$PORT" --pid "$GATEWAY" --duration "$DURATION" \
   --connections "$CONNECTIONS" --key "$KEY" --small-key "$SMALL_KEY" --admin "$ADMIN" \
-  --account acct_soak --initial "$INITIAL" ${SOAK_SCRAPE:+--scrape "$SOAK_SCRAPE"}
+  --account acct_soak --initial "$INITIAL" --metrics-port "$((PORT + 1))" ${SOAK_SCRAPE:+--scrape "$SOAK_SCRAPE"}

@@ -148,6 +148,8 @@ async def main():
     p.add_argument("--admin", required=True)
     p.add_argument("--account", default="acct_soak")
     p.add_argument("--initial", type=int, required=True)
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="the gateway's [server] metrics_listen port (default: --port + 1)")
     p.add_argument("--scrape", type=float, default=0,
                    help="GET /metrics every SECS seconds, as Prometheus would (0: never)")
     args = p.parse_args()
@@ -161,7 +163,8 @@ async def main():
     if args.scrape:
         async def scrape():
             while time.monotonic() < deadline:
-                reader, writer = await asyncio.open_connection(args.host, args.port)
+                port = args.metrics_port or args.port + 1
+                reader, writer = await asyncio.open_connection(args.host, port)
                 await request(reader, writer, "GET", "/metrics", {"connection": "close"})
                 writer.close()
                 await asyncio.sleep(args.scrape)

@@ -70,6 +70,75 @@ pub struct GatewayConfig {
     /// `[[keys]]`.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// `[[routes]]`: the only requests forwarded upstream, each with its price. Omitted: the
+    /// default routes of [`RouteConfig::defaults`].
+    #[serde(default)]
+    pub routes: Option<Vec<RouteConfig>>,
+    /// `[errors.<tollgate code>]`: the error catalog, see [`ErrorConfig`].
+    #[serde(default)]
+    pub errors: std::collections::BTreeMap<Spanned<String>, ErrorConfig>,
+}
+
+/// `[errors.<tollgate code>]`: how one refusal is presented (a provider's documented contract).
+///
+/// ```toml
+/// [errors.insufficient_quota]        # one table per tollgate code
+/// status = 402
+/// type = "insufficient_balance"
+/// code = "insufficient_balance"      # or an integer: code = 402
+/// message = "Insufficient balance. Please top up your account."
+/// ```
+///
+/// Every field is optional; see [`ErrorOverride`](crate::format::ErrorOverride) for the
+/// `{placeholders}` a message may use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ErrorConfig {
+    /// The HTTP status, 400 to 599.
+    pub status: Option<Spanned<u16>>,
+    /// The body's `type`.
+    #[serde(rename = "type")]
+    pub error_type: Option<String>,
+    /// The body's `code`: a string or an integer.
+    pub code: Option<CodeConfig>,
+    /// The message.
+    pub message: Option<String>,
+    /// The `param`.
+    pub param: Option<String>,
+}
+
+/// An `[errors.*] code`: a string, or an integer rendered as a JSON number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeConfig {
+    /// `code = "insufficient_balance"`.
+    Text(String),
+    /// `code = 402`.
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for CodeConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = CodeConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CodeConfig, E> {
+                Ok(CodeConfig::Text(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CodeConfig, E> {
+                Ok(CodeConfig::Number(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CodeConfig, E> {
+                i64::try_from(v)
+                    .map(CodeConfig::Number)
+                    .map_err(|_| E::custom("the integer is too large"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[server]`.
@@ -111,6 +180,29 @@ pub struct ServerConfig {
     /// 10000; balances never depend on it.
     #[serde(default = "default_journal_limit")]
     pub journal_limit: usize,
+    /// Seconds a client has to send a whole request header section (and, on a kept-alive
+    /// connection, the next one); the connection is closed past it. Default 10.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body, from the end of its headers; past it
+    /// the request is a 408 and the connection is closed. Default 30.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// The most client connections served at once; more wait in the listen backlog. Default:
+    /// half the open-file limit less 64 (a proxied connection can hold an upstream socket too).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// The largest request header section, in bytes: the request target plus, per field, its
+    /// name, its value and 32 (HTTP/2's measure), for HTTP/1.1 and HTTP/2 alike. Default 65536.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// The most header fields in a request. Default 100.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// A separate listen address for `GET /metrics` (Prometheus); none: no metrics. The public
+    /// listener never serves them.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -127,8 +219,27 @@ impl Default for ServerConfig {
             hold_ttl_secs: default_hold_ttl(),
             max_body_bytes: default_body_limit(),
             journal_limit: default_journal_limit(),
+            header_read_timeout_secs: default_header_read_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
+            max_connections: None,
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            metrics_listen: None,
         }
     }
+}
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+fn default_body_read_timeout() -> u64 {
+    30
+}
+fn default_max_header_bytes() -> usize {
+    65_536
+}
+fn default_max_headers() -> usize {
+    100
 }
 
 fn default_listen() -> SocketAddr {
@@ -243,6 +354,8 @@ pub struct PlanConfig {
     pub tokens_per_minute: Option<u32>,
     /// The models the plan may use (omitted: all).
     pub models: Option<Vec<String>>,
+    /// The plan an account on this plan moves to when a top-up is applied to it.
+    pub after_top_up: Option<Spanned<String>>,
 }
 
 /// `[[models]]`: a model and its price.
@@ -302,6 +415,166 @@ pub struct KeyConfig {
     pub ip_allowlist: Option<IpSet>,
     /// A plan that overrides the account's.
     pub plan: Option<Spanned<String>>,
+}
+
+/// `[[routes]]`: a method and a path forwarded upstream, and how requests to it are billed.
+///
+/// Only these requests reach the upstream (with `upstream_key`); any other path is a 404
+/// `not_found` and a listed path with another method a 405 `method_not_allowed` with `Allow`,
+/// both answered by the gateway. Each route gives exactly one price:
+///
+/// - `price = "model"`: the price of the model the JSON body names (`[[models]]`); a request
+///   naming none is a 400.
+/// - `price = "free"`: nothing (an explicit choice, never a default).
+/// - `credits_per_request = N` (and optionally `credits_per_1k_tokens = M`): a route price, for
+///   paths without `{param}` segments.
+///
+/// On every route a body naming a configured model pays that model's price (model first).
+///
+/// ```toml
+/// [[routes]]
+/// method = "POST"
+/// path = "/v1/chat/completions"
+/// price = "model"
+///
+/// [[routes]]
+/// method = "GET"
+/// path = "/v1/models/{id}"
+/// price = "free"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// The HTTP method, such as `POST` (exactly this one: `GET` does not imply `HEAD`).
+    pub method: Spanned<String>,
+    /// The path: `/`-separated literal segments, or `{name}` for any one segment.
+    pub path: Spanned<String>,
+    /// `model` or `free`.
+    #[serde(default)]
+    pub price: Option<Spanned<String>>,
+    /// Credits per call (a route price).
+    #[serde(default)]
+    pub credits_per_request: Option<u64>,
+    /// Credits per 1000 tokens, with `credits_per_request`.
+    #[serde(default)]
+    pub credits_per_1k_tokens: Option<u64>,
+}
+
+/// A route the gateway forwards, resolved from `[[routes]]` or the defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Route {
+    /// The method (upper case).
+    pub method: http::Method,
+    /// The path pattern (`{name}` matches one segment).
+    pub path: String,
+    /// How requests to it are billed.
+    pub price: RoutePrice,
+}
+
+/// How a route is billed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoutePrice {
+    /// The price of the model the body names; a request naming none is refused.
+    Model,
+    /// Nothing.
+    Free,
+    /// Credits per call and per 1000 tokens.
+    Flat {
+        /// Credits per call.
+        per_request: u64,
+        /// Credits per 1000 tokens (prompt and completion).
+        per_1k_tokens: u64,
+    },
+}
+
+impl RouteConfig {
+    /// The routes forwarded when the config has no `[[routes]]`: `POST /v1/chat/completions`,
+    /// `POST /v1/completions` and `POST /v1/embeddings` priced by model, `GET /v1/models` and
+    /// `GET /v1/models/{id}` free.
+    ///
+    /// ```
+    /// use tollgate::config::{GatewayConfig, RouteConfig, RoutePrice};
+    ///
+    /// let config = GatewayConfig::from_toml("").unwrap();
+    /// assert_eq!(config.routes(), RouteConfig::defaults());
+    /// assert_eq!(RouteConfig::defaults()[0].path, "/v1/chat/completions");
+    /// assert_eq!(RouteConfig::defaults()[4].price, RoutePrice::Free);
+    /// ```
+    pub fn defaults() -> Vec<Route> {
+        let route = |method: http::Method, path: &str, price| Route {
+            method,
+            path: path.to_owned(),
+            price,
+        };
+        vec![
+            route(
+                http::Method::POST,
+                "/v1/chat/completions",
+                RoutePrice::Model,
+            ),
+            route(http::Method::POST, "/v1/completions", RoutePrice::Model),
+            route(http::Method::POST, "/v1/embeddings", RoutePrice::Model),
+            route(http::Method::GET, "/v1/models", RoutePrice::Free),
+            route(http::Method::GET, "/v1/models/{id}", RoutePrice::Free),
+        ]
+    }
+
+    fn resolve(&self) -> Route {
+        let price = match (
+            self.price.as_ref().map(|p| p.get_ref().as_str()),
+            self.credits_per_request,
+        ) {
+            (Some("model"), _) => RoutePrice::Model,
+            (Some(_), _) => RoutePrice::Free,
+            (None, per_request) => RoutePrice::Flat {
+                per_request: per_request.unwrap_or(0),
+                per_1k_tokens: self.credits_per_1k_tokens.unwrap_or(0),
+            },
+        };
+        Route {
+            method: self
+                .method
+                .get_ref()
+                .to_ascii_uppercase()
+                .parse()
+                .expect("validated"),
+            path: self.path.get_ref().clone(),
+            price,
+        }
+    }
+}
+
+/// Why a route path is not valid, if it is not.
+fn route_path_error(path: &str) -> Option<&'static str> {
+    if !path.starts_with('/') {
+        return Some("a path starts with `/`");
+    }
+    if path.contains(['?', '#', '%', '\\', '*']) {
+        return Some("a path has no query, fragment, percent-encoding, backslash or wildcard");
+    }
+    if path == "/admin" || path.starts_with("/admin/") {
+        return Some("`/admin` is the gateway's own");
+    }
+    if path == "/" {
+        return None;
+    }
+    for segment in path[1..].split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Some("a path has no empty, `.` or `..` segment");
+        }
+        if segment.contains(['{', '}']) {
+            let name = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}'));
+            if !name.is_some_and(|n| {
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            }) {
+                return Some("a parameter is a whole segment such as `{id}`");
+            }
+        }
+    }
+    None
 }
 
 /// A key's status in the config.
@@ -406,6 +679,14 @@ impl GatewayConfig {
         })?;
         config.validate(text)?;
         Ok(config)
+    }
+
+    /// The routes forwarded upstream: the `[[routes]]` entries, or [`RouteConfig::defaults`].
+    pub fn routes(&self) -> Vec<Route> {
+        match &self.routes {
+            Some(routes) => routes.iter().map(RouteConfig::resolve).collect(),
+            None => RouteConfig::defaults(),
+        }
     }
 
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
@@ -517,6 +798,115 @@ impl GatewayConfig {
                 ));
             }
         }
+        let server = &self.server;
+        for (field, value, least) in [
+            (
+                "header_read_timeout_secs",
+                server.header_read_timeout_secs as usize,
+                1,
+            ),
+            (
+                "body_read_timeout_secs",
+                server.body_read_timeout_secs as usize,
+                1,
+            ),
+            ("max_connections", server.max_connections.unwrap_or(1), 1),
+            ("max_header_bytes", server.max_header_bytes, 4096),
+            ("max_headers", server.max_headers, 8),
+        ] {
+            if value < least {
+                return Err(ConfigError {
+                    line: None,
+                    message: format!("server.{field}: must be at least {least}"),
+                });
+            }
+        }
+        if let Some(routes) = &self.routes {
+            if routes.is_empty() {
+                return Err(ConfigError {
+                    line: None,
+                    message:
+                        "routes: an empty list forwards nothing (omit it for the default routes)"
+                            .into(),
+                });
+            }
+        }
+        let mut shapes = HashSet::new();
+        // A route price is per path (whatever the method): every method of such a path has it.
+        let mut path_prices = std::collections::HashMap::new();
+        for (i, route) in self.routes.iter().flatten().enumerate() {
+            let method = route.method.get_ref();
+            if method.parse::<http::Method>().is_err()
+                || !method.bytes().all(|b| b.is_ascii_alphabetic())
+            {
+                return Err(at(
+                    route.method.span(),
+                    format!("routes[{i}].method: `{method}` is not an HTTP method such as POST"),
+                ));
+            }
+            let path = route.path.get_ref();
+            if let Some(why) = route_path_error(path) {
+                return Err(at(
+                    route.path.span(),
+                    format!("routes[{i}].path: `{path}`: {why}"),
+                ));
+            }
+            // `/v1/models/{id}` and `/v1/models/{name}` are the same route.
+            let shape: Vec<&str> = path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "{}" } else { s })
+                .collect();
+            if !shapes.insert((method.to_ascii_uppercase(), shape)) {
+                return Err(at(
+                    route.path.span(),
+                    format!(
+                        "routes[{i}]: {} {path} is listed twice",
+                        method.to_ascii_uppercase()
+                    ),
+                ));
+            }
+            let price = route.price.as_ref();
+            let line = price.map_or(route.path.span(), Spanned::span);
+            let kind = price.map(|p| p.get_ref().as_str());
+            let flat = route.credits_per_request.is_some() || route.credits_per_1k_tokens.is_some();
+            if kind.is_some() && flat {
+                return Err(at(
+                    line,
+                    format!("routes[{i}]: give either `price` or `credits_per_request`, not both"),
+                ));
+            }
+            if kind.is_none() && route.credits_per_request.is_none() {
+                return Err(at(line, format!("routes[{i}]: every forwarded route is priced: give price = \"model\", price = \"free\" or credits_per_request = N")));
+            }
+            match kind {
+                Some("model") if self.models.is_empty() => {
+                    return Err(at(
+                        line,
+                        format!(
+                            "routes[{i}].price: `model` needs [[models]] entries with their prices"
+                        ),
+                    ));
+                }
+                Some("model" | "free") => {}
+                Some(other) => {
+                    return Err(at(line, format!("routes[{i}].price: `{other}` is not `model` or `free` (or give credits_per_request = N)")));
+                }
+                None if path.contains('{') => {
+                    return Err(at(line, format!("routes[{i}]: a route price needs a path without `{{param}}` segments (price it `model` or `free`)")));
+                }
+                None => {}
+            }
+            let resolved = route.resolve().price;
+            if let Some(other) = path_prices.insert(path.as_str(), resolved) {
+                let flat = |p: &RoutePrice| matches!(p, RoutePrice::Flat { .. });
+                if other != resolved && (flat(&other) || flat(&resolved)) {
+                    return Err(at(
+                        line,
+                        format!("routes[{i}]: `{path}` has a route price, so each of its methods must have the same price"),
+                    ));
+                }
+            }
+        }
         if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
             return Err(ConfigError {
                 line: None,
@@ -554,6 +944,43 @@ impl GatewayConfig {
                 });
             }
         }
+        for (i, plan) in self.plans.iter().enumerate() {
+            if let Some(to) = &plan.after_top_up {
+                if !plans.contains(to.get_ref().as_str()) {
+                    return Err(at(
+                        to.span(),
+                        format!(
+                            "plans[{i}].after_top_up: no plan named `{}` (add a [[plans]] entry)",
+                            to.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (code, entry) in &self.errors {
+            if crate::Reason::from_code(code.get_ref()).is_none() {
+                return Err(at(
+                    code.span(),
+                    format!(
+                        "errors.{}: no tollgate code `{}` (see the README's rejection table)",
+                        code.get_ref(),
+                        code.get_ref()
+                    ),
+                ));
+            }
+            if let Some(status) = &entry.status {
+                if !(400..=599).contains(status.get_ref()) {
+                    return Err(at(
+                        status.span(),
+                        format!(
+                            "errors.{}.status: {} is not an error status (400 to 599)",
+                            code.get_ref(),
+                            status.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(key) = &self.admin.key {
             if key.len() < 16 {
                 return Err(ConfigError {
@@ -563,6 +990,77 @@ impl GatewayConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// The `[errors.*]` tables as an [`ErrorCatalog`](crate::format::ErrorCatalog), for
+    /// [`NormalizeLayer::catalog`](crate::normalize::NormalizeLayer::catalog).
+    ///
+    /// ```
+    /// use tollgate::{config::GatewayConfig, Reason};
+    ///
+    /// let config = GatewayConfig::from_toml("[errors.insufficient_quota]\nstatus = 402\ncode = 402\n").unwrap();
+    /// let catalog = config.error_catalog();
+    /// let entry = catalog.get(Reason::InsufficientCredits).unwrap();
+    /// assert_eq!(entry.get_status().unwrap(), 402);
+    /// ```
+    pub fn error_catalog(&self) -> crate::format::ErrorCatalog {
+        use crate::format::{ErrorCode, ErrorOverride};
+        let mut catalog = crate::format::ErrorCatalog::new();
+        for (code, entry) in &self.errors {
+            let Some(reason) = crate::Reason::from_code(code.get_ref()) else {
+                continue;
+            };
+            let mut out = ErrorOverride::new();
+            if let Some(status) = entry
+                .status
+                .as_ref()
+                .and_then(|s| http::StatusCode::from_u16(*s.get_ref()).ok())
+                .filter(|s| s.is_client_error() || s.is_server_error())
+            {
+                out = out.status(status);
+            }
+            if let Some(t) = &entry.error_type {
+                out = out.error_type(t.clone());
+            }
+            match &entry.code {
+                Some(CodeConfig::Text(t)) => out = out.code(ErrorCode::from(t.clone())),
+                Some(CodeConfig::Number(n)) => out = out.code(*n),
+                None => {}
+            }
+            if let Some(m) = &entry.message {
+                out = out.message(m.clone());
+            }
+            if let Some(p) = &entry.param {
+                out = out.param(p.clone());
+            }
+            catalog.set(reason, out);
+        }
+        catalog
+    }
+
+    /// The plans' `after_top_up` rules as [`Promotions`](crate::credits::Promotions).
+    ///
+    /// ```
+    /// use tollgate::config::GatewayConfig;
+    ///
+    /// let config = GatewayConfig::from_toml(r#"
+    ///     [[plans]]
+    ///     name = "free"
+    ///     after_top_up = "trusted"
+    ///     [[plans]]
+    ///     name = "trusted"
+    /// "#).unwrap();
+    /// assert_eq!(config.promotions().target("free"), Some("trusted"));
+    /// ```
+    pub fn promotions(&self) -> crate::credits::Promotions {
+        self.plans
+            .iter()
+            .filter_map(|p| Some((p.name.get_ref(), p.after_top_up.as_ref()?.get_ref())))
+            .fold(crate::credits::Promotions::new(), |rules, (from, to)| {
+                rules.after_top_up(from.as_str(), to.as_str())
+            })
     }
 }
 
@@ -625,10 +1123,102 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_validated_and_every_route_is_priced() {
+        let route = |body: &str| {
+            err(&format!(
+                "[[models]]\nid = \"m\"\n[[routes]]\nmethod = \"POST\"\n{body}"
+            ))
+        };
+        assert_eq!(
+            route("path = \"/v1/x\"\n"),
+            "line 5: routes[0]: every forwarded route is priced: give price = \"model\", price = \"free\" or credits_per_request = N"
+        );
+        assert_eq!(
+            route("path = \"/v1/x\"\nprice = \"cheap\"\n"),
+            "line 6: routes[0].price: `cheap` is not `model` or `free` (or give credits_per_request = N)"
+        );
+        assert_eq!(
+            route("path = \"/v1/x\"\nprice = \"free\"\ncredits_per_request = 2\n"),
+            "line 6: routes[0]: give either `price` or `credits_per_request`, not both"
+        );
+        assert_eq!(
+            route("path = \"/v1/files/{id}\"\ncredits_per_request = 2\n"),
+            "line 5: routes[0]: a route price needs a path without `{param}` segments (price it `model` or `free`)"
+        );
+        assert!(route("path = \"v1/x\"\nprice = \"free\"\n")
+            .starts_with("line 5: routes[0].path: `v1/x`: a path starts with `/`"));
+        assert!(route("path = \"/v1/../x\"\nprice = \"free\"\n").contains("`..`"));
+        assert!(route("path = \"/v1/%2e\"\nprice = \"free\"\n").contains("percent-encoding"));
+        assert!(route("path = \"/v1/m{id}\"\nprice = \"free\"\n").contains("`{id}`"));
+        assert!(route("path = \"/admin/x\"\nprice = \"free\"\n").contains("`/admin`"));
+        assert_eq!(
+            err("[[routes]]\nmethod = \"GE T\"\npath = \"/\"\nprice = \"free\"\n"),
+            "line 2: routes[0].method: `GE T` is not an HTTP method such as POST"
+        );
+        assert_eq!(
+            err("[[routes]]\nmethod = \"GET\"\npath = \"/v1/m/{a}\"\nprice = \"free\"\n[[routes]]\nmethod = \"get\"\npath = \"/v1/m/{b}\"\nprice = \"free\"\n"),
+            "line 7: routes[1]: GET /v1/m/{b} is listed twice"
+        );
+        assert_eq!(
+            err("[[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\nprice = \"model\"\n"),
+            "line 4: routes[0].price: `model` needs [[models]] entries with their prices"
+        );
+        assert_eq!(
+            err("routes = []\n"),
+            "routes: an empty list forwards nothing (omit it for the default routes)"
+        );
+        let config = GatewayConfig::from_toml(
+            "[[routes]]\nmethod = \"post\"\npath = \"/v1/audio/speech\"\ncredits_per_request = 3\ncredits_per_1k_tokens = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.routes(),
+            [Route {
+                method: http::Method::POST,
+                path: "/v1/audio/speech".into(),
+                price: RoutePrice::Flat {
+                    per_request: 3,
+                    per_1k_tokens: 1
+                }
+            }]
+        );
+        assert_eq!(
+            err("[server]\nheader_read_timeout_secs = 0\n"),
+            "server.header_read_timeout_secs: must be at least 1"
+        );
+    }
+
+    #[test]
     fn an_empty_key_allowlist_is_refused() {
         assert_eq!(
             err("[[plans]]\nname = \"p\"\n[[accounts]]\nid = \"a\"\nplan = \"p\"\n[[keys]]\nid = \"k\"\naccount = \"a\"\nkey = \"sk-demo-0123456789\"\nip_allowlist = []\n"),
             "line 7: keys[0].ip_allowlist: name at least one network (omit it to allow every IP, or set `status = \"disabled\"` to allow none)"
+        );
+    }
+
+    #[test]
+    fn error_catalog_and_promotion_errors_name_the_field_and_line() {
+        assert_eq!(
+            err("[errors.insufficient_quota]\nstatus = 402\n[errors.no_such_code]\nstatus = 400\n"),
+            "line 3: errors.no_such_code: no tollgate code `no_such_code` (see the README's rejection table)"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\ntype = \"x\"\nstatus = 302\n"),
+            "line 3: errors.insufficient_quota.status: 302 is not an error status (400 to 599)"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\nstatus = \"402\"\n"),
+            "line 2: status: invalid type: string \"402\", expected u16"
+        );
+        assert_eq!(
+            err("[errors.insufficient_quota]\ncode = 4.5\n"),
+            "line 2: code: invalid type: floating point `4.5`, expected a string or an integer"
+        );
+        assert!(err("[errors.insufficient_quota]\nstats = 402\n")
+            .starts_with("line 2: unknown field `stats`"));
+        assert_eq!(
+            err("[[plans]]\nname = \"free\"\nafter_top_up = \"trusted\"\n"),
+            "line 3: plans[0].after_top_up: no plan named `trusted` (add a [[plans]] entry)"
         );
     }
 
@@ -640,5 +1230,7 @@ mod tests {
         ))
         .unwrap();
         assert!(!config.keys.is_empty());
+        // It lists the default routes, so that the file documents them.
+        assert_eq!(config.routes(), RouteConfig::defaults());
     }
 }

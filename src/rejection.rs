@@ -177,6 +177,17 @@ impl Reason {
         }
     }
 
+    /// The reason whose [`code`](Self::code) is `code`.
+    ///
+    /// ```
+    /// use tollgate::Reason;
+    /// assert_eq!(Reason::from_code("insufficient_quota"), Some(Reason::InsufficientCredits));
+    /// assert_eq!(Reason::from_code("nope"), None);
+    /// ```
+    pub fn from_code(code: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.code() == code)
+    }
+
     /// The default HTTP status (the OpenAI-compatible one).
     pub const fn status(self) -> StatusCode {
         match self {
@@ -524,8 +535,13 @@ impl Rejection {
 
     /// Whether a client should retry this request unchanged (the `x-should-retry` header).
     pub fn should_retry(&self) -> bool {
-        self.should_retry
-            .unwrap_or_else(|| should_retry(self.status()))
+        self.should_retry_at(self.status())
+    }
+
+    /// Whether a client should retry when the refusal is answered with `status` (an error
+    /// catalog may change the status): the explicit hint, else what `status` implies.
+    pub(crate) fn should_retry_at(&self, status: StatusCode) -> bool {
+        self.should_retry.unwrap_or_else(|| should_retry(status))
     }
 }
 

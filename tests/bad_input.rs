@@ -162,9 +162,18 @@ fn generate(rng: &mut Rng, n: usize) -> Case {
     match n % 8 {
         // Broken, duplicated, huge, non-ASCII Authorization headers; no key.
         0 => {
+            // Routes, and (checked before the key) a path that is none: 404 whatever the key.
+            let (method, path) = rng
+                .pick(&[
+                    (Method::POST, "/v1/chat/completions"),
+                    (Method::GET, "/v1/models"),
+                    (Method::GET, "/v2/nothing"),
+                    (Method::POST, "/v2/nothing"),
+                ])
+                .clone();
             let mut builder = Request::builder()
-                .method(rng.pick(&[Method::GET, Method::POST]).clone())
-                .uri(*rng.pick(&["/v1/chat/completions", "/v1/models", "/v2/nothing"]))
+                .method(method)
+                .uri(path)
                 .header("content-type", "application/json");
             let values: Vec<Vec<u8>> = match rng.below(8) {
                 0 => vec![],
@@ -216,12 +225,16 @@ fn generate(rng: &mut Rng, n: usize) -> Case {
             Case {
                 what: "bad authorization",
                 request: with_peer(builder.body(chat_body()).unwrap(), peer),
-                expected: Some(vec![
-                    Reason::MissingApiKey,
-                    Reason::MalformedApiKey,
-                    Reason::ApiKeyWhitespace,
-                    Reason::InvalidApiKey,
-                ]),
+                expected: Some(if path == "/v2/nothing" {
+                    vec![Reason::NotFound]
+                } else {
+                    vec![
+                        Reason::MissingApiKey,
+                        Reason::MalformedApiKey,
+                        Reason::ApiKeyWhitespace,
+                        Reason::InvalidApiKey,
+                    ]
+                }),
             }
         }
         // Non-UTF-8 / non-ASCII bytes in other headers of a free, valid request: a success.

@@ -210,7 +210,10 @@ async fn unreachable_upstream_is_a_502_and_releases_the_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_and_credits() {
-    let running = gateway::start(CONFIG).await;
+    let running = gateway::start(&format!(
+        "[server]\nmetrics_listen = \"127.0.0.1:0\"\n{CONFIG}"
+    ))
+    .await;
     let http = Http::new(running.addr);
     http.send("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
         .await;
@@ -221,7 +224,9 @@ async fn metrics_count_outcomes_and_credits() {
         Some(chat(false)),
     )
     .await;
-    let (status, headers, body) = http.send("GET", "/metrics", None, None).await;
+    // On their own listener only (tests/gateway_hardening.rs).
+    let metrics = Http::new(running.metrics_addr.unwrap());
+    let (status, headers, body) = metrics.send("GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
     assert!(headers["content-type"]
         .to_str()

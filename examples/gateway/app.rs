@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -17,8 +17,8 @@ use std::{
 use axum::{
     body::Body,
     error_handling::HandleErrorLayer,
-    extract::Request,
-    http::StatusCode,
+    extract::{ConnectInfo, Request, State},
+    http::{header, HeaderValue, Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -33,43 +33,77 @@ use tollgate::{
         AccountRecord, AccountStatus, AuthLayer, KeyAdmin, KeyRecord, KeyStatus, KeyStore,
         MemoryKeyStore,
     },
-    config::{BackendKind, GatewayConfig, KeyStatusConfig, Upstream},
+    config::{BackendKind, GatewayConfig, KeyStatusConfig, Route, RoutePrice, Upstream},
     credits::{Admission, AdmissionFuture, Balance, Hold},
     credits::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
-        Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        Price, Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
     },
+    credits::{Promote, TopUpPromoter},
+    inspect::LlmRequest,
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
     normalize::{classify, NormalizeLayer},
     ratelimit::{Charge, Correction, Limiter, MemoryLimiter, Plan, Plans, RateLimitLayer},
-    BackendError, Caller, Rejection,
+    BackendError, Caller, Reason, Rejection,
 };
-use tower::{BoxError, Layer, Service, ServiceBuilder};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::upstream;
 
-/// A built gateway: the app and what the startup banner shows.
+/// The key of the shipped demo config (`examples/gateway.toml`): public, so the banner may
+/// print it. Any other key is a secret and only its id is printed.
+pub const SHIPPED_DEMO_KEY: &str = "sk-demo-tollgate-0123456789abcdef";
+
+/// A built gateway: the app, the metrics app, the server limits and what the banner shows.
 pub struct Gateway {
     router: Router,
+    metrics: Option<(SocketAddr, Router)>,
+    limits: Limits,
     demo_key: Option<String>,
+    first_key_id: Option<String>,
     demo_model: String,
+}
+
+/// What bounds a client connection (`[server]`): see `serve`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The whole header section of a request within this.
+    pub header_read_timeout: Duration,
+    /// The whole body of a request within this, from the end of its headers.
+    pub body_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// The header section's size (the request target plus name + value + 32 per field).
+    pub max_header_bytes: usize,
+    /// Header fields per request.
+    pub max_headers: usize,
 }
 
 impl Gateway {
     /// Build the stores and the chain from a validated config.
     pub async fn build(config: GatewayConfig) -> Result<Gateway, String> {
-        let demo_key = config
+        let first_active = config
             .keys
             .iter()
-            .find(|k| k.status == KeyStatusConfig::Active)
+            .find(|k| k.status == KeyStatusConfig::Active);
+        let demo_key = first_active
             .and_then(|k| k.key.as_ref())
-            .map(|k| k.get_ref().clone());
+            .map(|k| k.get_ref().clone())
+            .filter(|k| k == SHIPPED_DEMO_KEY);
+        let first_key_id = first_active.map(|k| k.id.get_ref().clone());
         let demo_model = config
             .models
             .first()
             .map_or_else(|| "mock-small".to_owned(), |m| m.id.get_ref().clone());
-        let router = match config.backend.kind {
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+            max_connections: connection_cap(config.server.max_connections)?,
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
+        };
+        let (router, metrics) = match config.backend.kind {
             BackendKind::Memory => {
                 let store = MemoryKeyStore::new();
                 let ledger = MemoryLedger::builder()
@@ -79,14 +113,17 @@ impl Gateway {
                     .build();
                 let limiter = MemoryLimiter::new();
                 limiter.spawn_evictor(Duration::from_secs(60));
-                assemble(&config, store, ledger, limiter).await?
+                assemble(&config, limits, store, ledger, limiter).await?
             }
-            BackendKind::Redis => redis_backend(&config).await?,
-            BackendKind::Postgres => postgres_backend(&config).await?,
+            BackendKind::Redis => redis_backend(&config, limits).await?,
+            BackendKind::Postgres => postgres_backend(&config, limits).await?,
         };
         Ok(Gateway {
             router,
+            metrics: config.server.metrics_listen.map(|addr| (addr, metrics)),
+            limits,
             demo_key,
+            first_key_id,
             demo_model,
         })
     }
@@ -97,9 +134,14 @@ impl Gateway {
         self.router.clone()
     }
 
-    /// The first active plaintext key of the config, to show at startup.
+    /// The plaintext key to show at startup: only the shipped demo config's key, which is public.
     pub fn demo_key(&self) -> Option<&str> {
         self.demo_key.as_deref()
+    }
+
+    /// The id of the first active key, shown at startup instead of a key that is a secret.
+    pub fn first_key_id(&self) -> Option<&str> {
+        self.first_key_id.as_deref()
     }
 
     /// A model to use in the startup example.
@@ -107,24 +149,357 @@ impl Gateway {
         &self.demo_model
     }
 
+    /// The server limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// `[server] metrics_listen` and the app serving `GET /metrics` there.
+    pub fn metrics(&self) -> Option<(SocketAddr, Router)> {
+        self.metrics.clone()
+    }
+
     /// Serve until `shutdown` completes, then let in-flight requests finish (and settle).
-    pub async fn serve(
-        self,
+    pub fn serve(
+        &self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
+        serve(self.router.clone(), listener, self.limits, shutdown)
     }
 }
 
+/// `[server] max_connections`, or half the open-file limit less 64; never at or above the limit.
+fn connection_cap(configured: Option<usize>) -> Result<usize, String> {
+    let limit = open_file_limit();
+    let reserve = 64;
+    let most = limit.map_or(usize::MAX, |l| l.saturating_sub(reserve));
+    match configured {
+        Some(n) if n > most => Err(format!(
+            "server.max_connections = {n} is not below the open-file limit ({} less {reserve} for listeners, logs and backends): lower it or raise `ulimit -n`",
+            limit.unwrap_or_default()
+        )),
+        Some(n) => Ok(n),
+        None => Ok(limit.map_or(4096, |l| (l.saturating_sub(reserve) / 2).max(1))),
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` of this process.
+#[cfg(unix)]
+fn open_file_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a valid pointer to it.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as usize)
+}
+
+#[cfg(not(unix))]
+fn open_file_limit() -> Option<usize> {
+    None
+}
+
+/// Serve `app` on `listener` with hyper-util's server: HTTP/1.1 and HTTP/2, at most
+/// `max_connections` at once (at the cap, a new connection closes the oldest one that has not
+/// sent a request yet, or waits for a slot with the rest in the listen backlog), each request's
+/// header section
+/// within `header_read_timeout` (a connection that has not sent a whole one by then is closed,
+/// kept-alive ones included), hyper's own header limits at twice the documented ones (the
+/// documented ones are answered in format by `guard`). On `shutdown`: stop accepting, let every
+/// connection finish its in-flight requests, then return.
+pub async fn serve(
+    app: Router,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::conn::auto,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers.saturating_mul(2))
+        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        );
+    let builder = Arc::new(builder);
+    // Shutdown waits for all the permits at once (a u32).
+    let cap = limits
+        .max_connections
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
+    let permits = Arc::new(tokio::sync::Semaphore::new(cap));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let waiting = Waiting::default();
+    let shutdown = shutdown;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors or a connection reset before accept: wait a bit
+                    // rather than spin.
+                    tracing::warn!(error = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // At the cap, the oldest connection that has not sent a request yet makes room: a
+        // client that is slow to send its headers never keeps a ready one waiting.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                waiting.evict_oldest();
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, builder, mut stopped) = (app.clone(), builder.clone(), stopped.clone());
+        let header_read_timeout = limits.header_read_timeout;
+        let state = waiting.push();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = {
+                let state = state.clone();
+                hyper::service::service_fn(
+                    move |mut request: http::Request<hyper::body::Incoming>| {
+                        state.seen.store(true, Ordering::Relaxed);
+                        request.extensions_mut().insert(ConnectInfo(peer));
+                        app.clone().oneshot(request.map(Body::new))
+                    },
+                )
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            // HTTP/1.1's header timeout is hyper's; this one also bounds the wait for the
+            // protocol preface and an HTTP/2 connection's first request.
+            let first_request = async {
+                tokio::time::sleep(header_read_timeout).await;
+                if state.seen.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::pin!(first_request);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(error = %error, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = &mut first_request => {
+                        tracing::debug!(peer = %peer, "no request within the header read timeout: closed");
+                        break;
+                    }
+                    () = state.evict.notified() => {
+                        if !state.seen.load(Ordering::Relaxed) {
+                            tracing::debug!(peer = %peer, "no request yet and the connection cap is reached: closed");
+                            break;
+                        }
+                    }
+                    _ = stopped.wait_for(|stop| *stop), if !stopping => {
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    // Every connection has ended when every permit is back.
+    let _ = permits.acquire_many(cap as u32).await;
+    Ok(())
+}
+
+/// Connections in accept order, to find the oldest one that has not sent a request yet.
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<ConnectionState>>>);
+
+/// What the accept loop knows of a connection.
+#[derive(Default)]
+struct ConnectionState {
+    /// A request head has arrived.
+    seen: AtomicBool,
+    /// Close if no request head has arrived.
+    evict: tokio::sync::Notify,
+}
+
+impl Waiting {
+    /// A new connection, oldest last; drops the front entries of connections that are gone or
+    /// have sent a request.
+    fn push(&self) -> Arc<ConnectionState> {
+        let state = Arc::new(ConnectionState::default());
+        let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while queue.front().is_some_and(|front| {
+            front
+                .upgrade()
+                .is_none_or(|s| s.seen.load(Ordering::Relaxed))
+        }) {
+            queue.pop_front();
+        }
+        queue.push_back(Arc::downgrade(&state));
+        state
+    }
+
+    /// Ask the oldest connection without a request to close.
+    fn evict_oldest(&self) {
+        let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(entry) = queue.pop_front() {
+            if let Some(state) = entry.upgrade() {
+                if !state.seen.load(Ordering::Relaxed) {
+                    state.evict.notify_one();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The body of a request that must arrive before a deadline.
+struct DeadlineBody {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    fired: Arc<AtomicBool>,
+}
+
+/// The error a request body ends with when it is not received in time.
+#[derive(Debug)]
+struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body was not received in time")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl http_body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        if self.fired.load(Ordering::Relaxed) {
+            return Poll::Ready(Some(Err(BodyTimedOut.into())));
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.fired.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(BodyTimedOut.into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A refusal of the request as sent (431, 408): in format, and the connection closes after it.
+fn refuse_request(status: StatusCode, message: String) -> Response {
+    let mut response = Rejection::new(Reason::BadRequest)
+        .with_status(status)
+        .with_message(message)
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The documented request limits, answered in the configured format with `x-request-id`:
+/// header fields and header bytes (431), and the body's deadline (408).
+async fn guard(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let fields = request.headers().len();
+    if fields > limits.max_headers {
+        return refuse_request(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "The request has {fields} header fields; at most {} are accepted.",
+                limits.max_headers
+            ),
+        );
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    let size = target
+        + request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum::<usize>();
+    if size > limits.max_header_bytes {
+        return refuse_request(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "The request's header section is {size} bytes; at most {} are accepted (the request target, and per field its name, its value and 32).",
+                limits.max_header_bytes
+            ),
+        );
+    }
+    if http_body::Body::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
+    let fired = Arc::new(AtomicBool::new(false));
+    let deadline = Box::pin(tokio::time::sleep(limits.body_read_timeout));
+    let request = request.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            deadline,
+            fired: fired.clone(),
+        })
+    });
+    let response = next.run(request).await;
+    if fired.load(Ordering::Relaxed) {
+        // Whatever the reader made of the cut body (a 400, a 502 from the proxy), the client
+        // was too slow: say so.
+        return refuse_request(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "The request body was not received within {} s.",
+                limits.body_read_timeout.as_secs()
+            ),
+        );
+    }
+    response
+}
+
+/// The public app and the metrics app.
+type Apps = (Router, Router);
+
 #[cfg(feature = "redis")]
-async fn redis_backend(config: &GatewayConfig) -> Result<Router, String> {
+async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {
     use tollgate::{config::FailMode, redis};
     let url = config.backend.url.as_deref().unwrap_or_default();
     let options = redis::RedisOptions::new()
@@ -136,22 +511,28 @@ async fn redis_backend(config: &GatewayConfig) -> Result<Router, String> {
     let backend = redis::RedisBackend::connect_with(url, options)
         .await
         .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?;
-    assemble(
+    let key_store = backend.key_store();
+    // Plan promotion in the top-up's own script: balance, journal and plan together.
+    let promoter =
+        redis::RedisPromoter::new(backend.ledger(), key_store.clone(), config.promotions());
+    assemble_promoting(
         config,
-        backend.key_store(),
+        limits,
+        key_store,
         backend.ledger(),
         backend.limiter(),
+        promoter,
     )
     .await
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_backend(_config: &GatewayConfig) -> Result<Router, String> {
+async fn redis_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
     Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres_backend(config: &GatewayConfig) -> Result<Router, String> {
+async fn postgres_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {
     use tollgate::{config::FailMode, postgres};
     let url = config.backend.url.as_deref().unwrap_or_default();
     let mut options = postgres::PostgresOptions::new()
@@ -170,8 +551,10 @@ async fn postgres_backend(config: &GatewayConfig) -> Result<Router, String> {
         .migrate()
         .await
         .map_err(|e| format!("backend: PostgreSQL migrations failed: {}", e.message()))?;
+    // Plan promotion: the top-up, then the plan change (both idempotent on a retry).
     assemble(
         config,
+        limits,
         backend.key_store(),
         backend.ledger(),
         backend.limiter(),
@@ -180,21 +563,42 @@ async fn postgres_backend(config: &GatewayConfig) -> Result<Router, String> {
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres_backend(_config: &GatewayConfig) -> Result<Router, String> {
+async fn postgres_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
     Err("backend.kind = \"postgres\" needs the `postgres` feature: cargo run --release --features postgres --example gateway -- ...".into())
 }
 
-/// Load the config into the stores and build the chain.
+/// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are
+/// applied by the top-up, then the plan change.
 async fn assemble<K, L, R>(
     config: &GatewayConfig,
+    limits: Limits,
     store: K,
     ledger: L,
     limiter: R,
-) -> Result<Router, String>
+) -> Result<Apps, String>
 where
     K: KeyStore + KeyAdmin + Clone,
     L: Ledger + Clone,
     R: Limiter,
+{
+    let promoter = Promote::new(ledger.clone(), store.clone(), config.promotions());
+    assemble_promoting(config, limits, store, ledger, limiter, promoter).await
+}
+
+/// [`assemble`] with the backend's own top-up promoter (atomic where the backend allows).
+async fn assemble_promoting<K, L, R, P>(
+    config: &GatewayConfig,
+    limits: Limits,
+    store: K,
+    ledger: L,
+    limiter: R,
+    promoter: P,
+) -> Result<Apps, String>
+where
+    K: KeyStore + KeyAdmin + Clone,
+    L: Ledger + Clone,
+    R: Limiter,
+    P: TopUpPromoter,
 {
     let server = &config.server;
     // Plans: models for the key store, quotas for the limiter.
@@ -298,7 +702,7 @@ where
         .iter()
         .map(|m| m.id.get_ref().clone())
         .collect();
-    let pricing = Pricing::new().models(
+    let mut pricing = Pricing::new().models(
         &config
             .models
             .iter()
@@ -311,6 +715,20 @@ where
             })
             .collect::<Vec<_>>(),
     );
+    // Route prices are per exact path (validated: no `{param}` in a route-priced path).
+    let routes = RouteTable::new(config.routes());
+    for route in routes.routes.iter() {
+        if let RoutePrice::Flat {
+            per_request,
+            per_1k_tokens,
+        } = route.price
+        {
+            pricing = pricing.route(
+                route.path.as_str(),
+                Price::flat(per_request).per_1k_tokens(per_1k_tokens),
+            );
+        }
+    }
 
     let holds_open = Arc::new(AtomicI64::new(0));
     let ledger = MeteredLedger {
@@ -351,11 +769,10 @@ where
     // Auth → (tag the caller for the log) → IP allowlist → rate limit and credits (one step: with
     // Redis one script reserves both) → timeout → upstream.
     let api = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(|error: BoxError| async move {
-            classify(error)
-        }))
+        .layer(HandleErrorLayer::new(handle_error))
         .layer(auth)
         .layer(TagCallerLayer)
+        .layer(RequireModelLayer)
         .layer(ip_allow)
         .layer(
             CreditsLayer::new(ledger.clone(), pricing)
@@ -369,7 +786,7 @@ where
         .service(upstream_app);
 
     let metrics = install_metrics();
-    let mut app = Router::new().route(
+    let metrics_app = Router::new().route(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();
@@ -383,24 +800,191 @@ where
             }
         }),
     );
+    let mut app = Router::new();
     if let Some(admin_key) = &config.admin.key {
         let plan_names: Vec<String> = config
             .plans
             .iter()
             .map(|p| p.name.get_ref().clone())
             .collect();
-        app = app.nest(
-            "/admin",
-            admin::router(store, ledger, admin_key)
-                .plans(plan_names)
-                .build(),
-        );
+        let mut admin = admin::router(store, ledger, admin_key).plans(plan_names);
+        if !config.promotions().is_empty() {
+            admin = admin.promote_on_top_up(promoter);
+        }
+        app = app.nest("/admin", admin.build());
     }
-    Ok(app
-        .fallback_service(api)
+    // Only the configured routes reach the chain and the upstream: anything else is answered
+    // here, before authentication, and never forwarded.
+    let app = app
+        .fallback(move |mut request: Request| {
+            let api = api.clone();
+            let matched = routes.find(request.method(), request.uri().path());
+            async move {
+                match matched {
+                    Matched::Route(price) => {
+                        request.extensions_mut().insert(price);
+                        api.oneshot(request).await.into_response()
+                    }
+                    Matched::WrongMethod(allow) => {
+                        let mut response = Rejection::new(Reason::MethodNotAllowed).into_response();
+                        if let Ok(allow) = HeaderValue::from_str(&allow) {
+                            response.headers_mut().insert(header::ALLOW, allow);
+                        }
+                        response
+                    }
+                    Matched::NotFound => Rejection::new(Reason::NotFound).into_response(),
+                }
+            }
+        })
+        .layer(middleware::from_fn_with_state(limits, guard))
         .layer(ClientIpLayer::new(resolver))
         .layer(middleware::from_fn(observe))
-        .layer(NormalizeLayer::new().format(server.error_format.clone())))
+        .layer(
+            NormalizeLayer::new()
+                .format(server.error_format.clone())
+                .catalog(config.error_catalog()),
+        );
+    // Scrapes are not API requests: not counted, not logged.
+    let metrics_app = metrics_app.layer(NormalizeLayer::new().format(server.error_format.clone()));
+    Ok((app, metrics_app))
+}
+
+/// The configured routes, matched on method and path.
+#[derive(Clone)]
+struct RouteTable {
+    routes: Arc<[Route]>,
+}
+
+/// What the route table says about a request.
+enum Matched {
+    /// Forward it; this is how it is billed.
+    Route(RoutePrice),
+    /// A listed path, not with this method: the `Allow` header value.
+    WrongMethod(String),
+    /// Not a listed path.
+    NotFound,
+}
+
+impl RouteTable {
+    fn new(routes: Vec<Route>) -> Self {
+        RouteTable {
+            routes: routes.into(),
+        }
+    }
+
+    /// The route for `method` and `path`; a literal segment wins over a `{param}`.
+    fn find(&self, method: &Method, path: &str) -> Matched {
+        if !is_clean(path) {
+            return Matched::NotFound;
+        }
+        let mut best: Option<(usize, RoutePrice)> = None;
+        let mut allow: Vec<&str> = Vec::new();
+        for route in self.routes.iter() {
+            let Some(literals) = matches(&route.path, path) else {
+                continue;
+            };
+            if route.method == *method {
+                if best.is_none_or(|(most, _)| literals > most) {
+                    best = Some((literals, route.price));
+                }
+            } else if !allow.contains(&route.method.as_str()) {
+                allow.push(route.method.as_str());
+            }
+        }
+        match best {
+            Some((_, price)) => Matched::Route(price),
+            None if allow.is_empty() => Matched::NotFound,
+            None => Matched::WrongMethod(allow.join(", ")),
+        }
+    }
+}
+
+/// The number of literal segments of `pattern` if `path` matches it.
+fn matches(pattern: &str, path: &str) -> Option<usize> {
+    let mut pattern_segments = pattern.split('/');
+    let mut path_segments = path.split('/');
+    let mut literals = 0;
+    loop {
+        match (pattern_segments.next(), path_segments.next()) {
+            (None, None) => return Some(literals),
+            (Some(p), Some(s)) if p.starts_with('{') && !s.is_empty() => {}
+            (Some(p), Some(s)) if p == s => literals += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// A path the upstream cannot read as another one: no empty, `.` or `..` segment, no
+/// percent-encoded `.`, `/` or `\`, no backslash.
+fn is_clean(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let encoded_separator = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                [w[1], w[2].to_ascii_lowercase()],
+                [b'2', b'e' | b'f'] | [b'5', b'c']
+            )
+    });
+    if encoded_separator || path.contains('\\') {
+        return false;
+    }
+    path.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/')
+            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+    })
+}
+
+/// On a route priced by model, a request that names no model is refused (it would otherwise
+/// be priced at nothing).
+#[derive(Clone, Copy)]
+struct RequireModelLayer;
+
+impl<S> Layer<S> for RequireModelLayer {
+    type Service = RequireModel<S>;
+    fn layer(&self, inner: S) -> RequireModel<S> {
+        RequireModel(inner)
+    }
+}
+
+#[derive(Clone)]
+struct RequireModel<S>(S);
+
+impl<S, B> Service<http::Request<B>> for RequireModel<S>
+where
+    S: Service<http::Request<B>, Error = BoxError>,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let by_model = request.extensions().get::<RoutePrice>() == Some(&RoutePrice::Model);
+        let named = request
+            .extensions()
+            .get::<LlmRequest>()
+            .is_some_and(|llm| llm.model.is_some());
+        if by_model && !named {
+            let rejection = Rejection::new(Reason::BadRequest)
+                .with_param("model")
+                .with_message(
+                    "This endpoint is billed by model: the JSON body must name a `model`.",
+                );
+            return Box::pin(std::future::ready(Err(rejection.into())));
+        }
+        Box::pin(self.0.call(request))
+    }
+}
+
+async fn handle_error(error: BoxError) -> Rejection {
+    classify(error)
 }
 
 fn per_minute(n: u32, burst: u32) -> Quota {

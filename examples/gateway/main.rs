@@ -6,9 +6,10 @@
 //! ```
 //!
 //! The upstream is a built-in mock model server (`upstream = "mock"`) or a real one
-//! (`upstream = "http://host:port"`). Admin routes live under `/admin` (Bearer `[admin] key`),
-//! Prometheus metrics under `/metrics`. Ctrl-C or SIGTERM stops accepting connections and lets
-//! in-flight requests finish and settle.
+//! (`upstream = "http://host:port"`); only the `[[routes]]` of the config (default: chat
+//! completions, completions, embeddings, models) are forwarded. Admin routes live under `/admin`
+//! (Bearer `[admin] key`), Prometheus metrics under `/metrics` on `[server] metrics_listen` only.
+//! Ctrl-C or SIGTERM stops accepting connections and lets in-flight requests finish and settle.
 
 mod app;
 mod upstream;
@@ -74,15 +75,54 @@ async fn main() -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(listen);
-    println!("tollgate gateway listening on http://{addr}");
-    if let Some(key) = gateway.demo_key() {
-        println!("demo key: {key}");
-        println!(
-            "try: curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
-            gateway.demo_model()
-        );
+    // One shutdown signal for both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let mut metrics_server = None;
+    if let Some((metrics_addr, metrics_app)) = gateway.metrics() {
+        let metrics_listener = match tokio::net::TcpListener::bind(metrics_addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!(
+                    "error: cannot listen on {metrics_addr} (server.metrics_listen): {error}"
+                );
+                return ExitCode::from(1);
+            }
+        };
+        let bound = metrics_listener.local_addr().unwrap_or(metrics_addr);
+        println!("metrics on http://{bound}/metrics");
+        metrics_server = Some(tokio::spawn(app::serve(
+            metrics_app,
+            metrics_listener,
+            gateway.limits(),
+            wait(stopped.clone()),
+        )));
     }
-    match gateway.serve(listener, shutdown_signal()).await {
+    println!("tollgate gateway listening on http://{addr}");
+    match (gateway.demo_key(), gateway.first_key_id()) {
+        // The shipped demo config's key is public: print it and a command to try.
+        (Some(key), _) => {
+            println!("demo key: {key}");
+            println!(
+                "try: curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+                gateway.demo_model()
+            );
+        }
+        // Any other key is a secret: only its id.
+        (None, Some(id)) => println!("first active key: {id} (keys are never printed)"),
+        (None, None) => println!("no active key configured"),
+    }
+    let served = gateway.serve(listener, async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let result = served.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
+    match result {
         Ok(()) => {
             // Holds of requests that just ended are settled before the process exits.
             let left =

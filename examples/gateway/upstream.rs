@@ -22,20 +22,98 @@ use serde_json::{json, Value};
 const REPLY: &str = "Hello! I am a mock model behind tollgate.";
 
 /// A mock OpenAI-compatible model server: `POST /v1/chat/completions` (JSON, or SSE with
-/// `stream: true`; usage in the final chunk with `stream_options.include_usage`, as OpenAI does)
-/// and `GET /v1/models`.
+/// `stream: true`; usage in the final chunk with `stream_options.include_usage`, as OpenAI does),
+/// `POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models` and `GET /v1/models/{id}`:
+/// the gateway's default routes.
 pub fn mock(models: Vec<String>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(one_model))
         .with_state(std::sync::Arc::new(models))
 }
 
-async fn list_models(State(models): State<std::sync::Arc<Vec<String>>>) -> Json<Value> {
-    let data: Vec<Value> = models
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "tollgate-mock"}))
+fn model_json(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "tollgate-mock"})
+}
+
+async fn one_model(
+    State(models): State<std::sync::Arc<Vec<String>>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if models.contains(&id) {
+        return Json(model_json(&id)).into_response();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"message": format!("The model '{id}' does not exist"), "type": "invalid_request_error", "param": null, "code": "model_not_found"}})),
+    )
+        .into_response()
+}
+
+fn invalid_json() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "param": null, "code": "invalid_json"}})),
+    )
+        .into_response()
+}
+
+/// Tokens of a string or an array of strings: one per four characters, at least one.
+fn text_tokens(value: &Value) -> u64 {
+    let chars: usize = match value {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(|i| i.as_str().map_or(0, str::len)).sum(),
+        _ => 0,
+    };
+    (chars as u64).div_ceil(4).max(1)
+}
+
+async fn completions(body: Bytes) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_json();
+    };
+    let words: Vec<&str> = REPLY.split_inclusive(' ').collect();
+    let max = body["max_tokens"].as_u64().unwrap_or(16).max(1);
+    let words = &words[..words.len().min(max as usize)];
+    let prompt = text_tokens(&body["prompt"]);
+    let completion = words.len() as u64;
+    Json(json!({
+        "id": "cmpl-mock",
+        "object": "text_completion",
+        "created": 1_700_000_000,
+        "model": body["model"].as_str().unwrap_or("mock"),
+        "choices": [{"index": 0, "text": words.concat(), "logprobs": null, "finish_reason": if completion < max { "stop" } else { "length" }}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }))
+    .into_response()
+}
+
+async fn embeddings(body: Bytes) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return invalid_json();
+    };
+    let inputs = match &body["input"] {
+        Value::Array(items) => items.len().max(1),
+        _ => 1,
+    };
+    let prompt = text_tokens(&body["input"]);
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.0125, -0.5, 0.25]}))
         .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": body["model"].as_str().unwrap_or("mock"),
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    }))
+    .into_response()
+}
+
+async fn list_models(State(models): State<std::sync::Arc<Vec<String>>>) -> Json<Value> {
+    let data: Vec<Value> = models.iter().map(|id| model_json(id)).collect();
     Json(json!({"object": "list", "data": data}))
 }
 

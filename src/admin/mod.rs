@@ -9,7 +9,7 @@
 //! | `POST /accounts` | `{"id","plan"}` | 201, the account |
 //! | `GET /accounts/{id}` | | `{"id","plan","frozen","status","balance","held","holds","available"}` |
 //! | `PATCH /accounts/{id}` | `{"plan"?: "..", "frozen"?: bool}` | the account |
-//! | `POST /accounts/{id}/top-up` | `{"amount": N}` (+ optional `Idempotency-Key` header) | `{"applied","balance",..}` |
+//! | `POST /accounts/{id}/top-up` | `{"amount": N}` (+ optional `Idempotency-Key` header) | `{"applied","balance",..}` (+ `"plan"`, `"promoted_from"` with [`AdminBuilder::promote_on_top_up`]) |
 //! | `GET /accounts/{id}/journal?after=&limit=` | | `{"account","entries":[..],"has_more"}` |
 //! | `POST /keys` | `{"account","id"?,"prefix"?,"plan"?,"models"?,"ip_allowlist"?,"expires_at"?}` | 201, `{"id","account","key"}`: the key, the only time it is shown |
 //! | `POST /keys/{id}/revoke` | | `{"id","status":"revoked"}` |
@@ -108,7 +108,7 @@ use crate::{
     auth::{
         AccountRecord, AccountStatus, AuthShield, KeyAdmin, KeyAdminError, KeyRecord, KeyStatus,
     },
-    credits::{JournalQuery, Ledger, TopUpError},
+    credits::{JournalQuery, Ledger, Promoted, TopUpError, TopUpPromoter},
     ip::{peer_addr, ClientIp, ClientIpResolver, IpSet},
     keys::{self, KeyDigest},
     Reason, Rejection,
@@ -133,6 +133,7 @@ pub struct AdminBuilder<K, L> {
     key_prefix: String,
     shield: Option<AuthShield>,
     resolver: ClientIpResolver,
+    promoter: Option<Arc<dyn DynPromoter>>,
 }
 
 impl<K, L> fmt::Debug for AdminBuilder<K, L> {
@@ -161,6 +162,7 @@ where
         key_prefix: "sk-live-".to_owned(),
         shield: Some(AuthShield::default()),
         resolver: ClientIpResolver::new(),
+        promoter: None,
     }
 }
 
@@ -238,6 +240,27 @@ where
         self
     }
 
+    /// Apply top-ups through `promoter`, so an applied top-up also promotes the account's plan
+    /// (see [`credits::Promotions`](crate::credits::Promotions)); the answer then carries
+    /// `"plan"` and, when it moved, `"promoted_from"`.
+    ///
+    /// ```
+    /// use tollgate::{admin, auth::{AccountRecord, MemoryKeyStore}};
+    /// use tollgate::credits::{MemoryLedger, Promote, Promotions};
+    ///
+    /// let store = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
+    /// let ledger = MemoryLedger::new();
+    /// let promoter = Promote::new(ledger.clone(), store.clone(), Promotions::new().after_top_up("free", "trusted"));
+    /// let router = admin::router(store, ledger, "admin-key-0123456789")
+    ///     .promote_on_top_up(promoter)
+    ///     .build();
+    /// # let _: axum::Router = router;
+    /// ```
+    pub fn promote_on_top_up(mut self, promoter: impl TopUpPromoter) -> Self {
+        self.promoter = Some(Arc::new(promoter));
+        self
+    }
+
     /// The router.
     pub fn build(self) -> Router {
         let guard_state = Arc::new(Guard {
@@ -250,6 +273,7 @@ where
             ledger: self.ledger,
             plans: self.plans,
             key_prefix: self.key_prefix,
+            promoter: self.promoter,
         });
         Router::new()
             .route("/accounts", post(create_account::<K, L>))
@@ -276,6 +300,21 @@ struct AdminState<K, L> {
     ledger: L,
     plans: Option<HashSet<String>>,
     key_prefix: String,
+    promoter: Option<Arc<dyn DynPromoter>>,
+}
+
+type BoxedPromote<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Promoted, TopUpError>> + Send + 'a>>;
+
+/// [`TopUpPromoter`] as an object: the admin router is not generic over it.
+trait DynPromoter: Send + Sync {
+    fn call<'a>(&'a self, account: &'a str, amount: u64, key: &'a str) -> BoxedPromote<'a>;
+}
+
+impl<P: TopUpPromoter> DynPromoter for P {
+    fn call<'a>(&'a self, account: &'a str, amount: u64, key: &'a str) -> BoxedPromote<'a> {
+        Box::pin(self.top_up_and_promote(account, amount, key))
+    }
 }
 
 type St<K, L> = State<Arc<AdminState<K, L>>>;
@@ -547,25 +586,41 @@ async fn top_up<K: KeyAdmin, L: Ledger>(
         // Without a key every call applies: a fresh random key.
         None => format!("admin-{}", keys::generate("").as_str()),
     };
-    let top_up = state
-        .ledger
-        .top_up(&id, body.amount, &key)
-        .await
-        .map_err(|e| match e {
-            TopUpError::KeyReused { amount } => Rejection::new(Reason::IdempotencyKeyReused)
-                .with_message(format!(
-                    "This Idempotency-Key was already used for a top-up of {amount} credits."
-                )),
-            TopUpError::Overflow => invalid("amount", "The balance would overflow."),
-            TopUpError::Backend(e) => e.into(),
-        })?;
-    Ok(Json(json!({
+    let result = match &state.promoter {
+        Some(promoter) => promoter.call(&id, body.amount, &key).await,
+        None => state
+            .ledger
+            .top_up(&id, body.amount, &key)
+            .await
+            .map(|top_up| Promoted::new(top_up, None)),
+    };
+    let promoted = result.map_err(|e| match e {
+        TopUpError::KeyReused { amount } => Rejection::new(Reason::IdempotencyKeyReused)
+            .with_message(format!(
+                "This Idempotency-Key was already used for a top-up of {amount} credits."
+            )),
+        TopUpError::Overflow => invalid("amount", "The balance would overflow."),
+        TopUpError::Backend(e) => e.into(),
+    })?;
+    let top_up = promoted.top_up;
+    let mut answer = json!({
         "account": id,
         "applied": top_up.applied,
         "balance": top_up.balance.balance,
         "held": top_up.balance.held,
         "available": top_up.balance.available,
-    })))
+    });
+    if state.promoter.is_some() {
+        let plan = match &promoted.plan_change {
+            Some(change) => {
+                answer["promoted_from"] = change.from.as_ref().into();
+                change.to.to_string()
+            }
+            None => load_account(&state, &id).await?.plan.to_string(),
+        };
+        answer["plan"] = plan.into();
+    }
+    Ok(Json(answer))
 }
 
 #[derive(Deserialize)]

@@ -103,6 +103,7 @@ pub mod conformance;
 mod ledger;
 mod memory;
 mod pricing;
+mod promote;
 mod replay;
 mod service;
 
@@ -115,6 +116,7 @@ pub use ledger::{
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
 pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};
+pub use promote::{PlanChange, Promote, Promoted, Promotions, TopUpPromoter};
 pub use replay::{DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT};
 pub use service::{
     Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,

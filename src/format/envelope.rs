@@ -15,7 +15,9 @@ use crate::{rejection::ceil_secs, Reason, Rejection};
 ///
 /// Every API-key failure is `INVALID_API_KEY` (401) as in that document, with the precise
 /// tollgate code in `details.reason`; `INSUFFICIENT_CREDITS` is 400; `IP_NOT_WHITELISTED` and
-/// `ACCOUNT_FROZEN` are 403; rate limits carry `error.retryAfter` in whole seconds.
+/// `ACCOUNT_FROZEN` are 403; rate limits carry `error.retryAfter` in whole seconds. An
+/// [`ErrorCatalog`](super::ErrorCatalog) entry's status and `code` replace these (the envelope
+/// has no `type`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Envelope;
 
@@ -49,8 +51,15 @@ impl Envelope {
 impl ErrorFormat for Envelope {
     fn render(&self, rejection: &Rejection, cx: &RenderContext<'_>) -> Rendered {
         let (code, status) = Envelope::code_and_status(rejection);
+        let entry = cx.get_error_override();
+        let status = cx.status_override().unwrap_or(status);
         let mut error = Map::new();
-        error.insert("code".into(), Value::String(code.clone()));
+        error.insert(
+            "code".into(),
+            entry
+                .and_then(|e| e.get_code())
+                .map_or_else(|| Value::String(code.clone()), |c| c.to_json()),
+        );
         error.insert("message".into(), rejection.message().into());
         let mut details = rejection.details().cloned().unwrap_or_default();
         if code == "INVALID_API_KEY" && rejection.reason() != Reason::InvalidApiKey {

@@ -31,7 +31,7 @@ pub fn grpc_code(status: StatusCode) -> u8 {
 }
 
 /// A trailers-only gRPC response: HTTP 200, `grpc-status` and `grpc-message` in the headers.
-pub(super) fn response(rejection: &Rejection) -> Response<Bytes> {
+pub(super) fn response(rejection: &Rejection, status: StatusCode) -> Response<Bytes> {
     let mut response = Response::new(Bytes::new());
     let headers = response.headers_mut();
     headers.insert(
@@ -40,7 +40,7 @@ pub(super) fn response(rejection: &Rejection) -> Response<Bytes> {
     );
     headers.insert(
         "grpc-status",
-        HeaderValue::from(u16::from(grpc_code(rejection.status()))),
+        HeaderValue::from(u16::from(grpc_code(status))),
     );
     let message = percent_encode(rejection.message());
     if let Ok(value) = HeaderValue::from_str(&message) {

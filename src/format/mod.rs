@@ -26,6 +26,7 @@
 //! assert_eq!(body["error"]["details"]["required"], 30);
 //! ```
 
+mod catalog;
 mod envelope;
 mod grpc;
 mod openai;
@@ -36,6 +37,7 @@ use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+pub use catalog::{ErrorCatalog, ErrorCode, ErrorOverride};
 pub use envelope::Envelope;
 pub use grpc::grpc_code;
 pub use openai::OpenAi;
@@ -50,6 +52,7 @@ pub struct RenderContext<'a> {
     request_id: Option<&'a str>,
     now: Option<SystemTime>,
     grpc: bool,
+    error_override: Option<&'a ErrorOverride>,
 }
 
 impl Default for RenderContext<'_> {
@@ -66,6 +69,7 @@ impl<'a> RenderContext<'a> {
             request_id: None,
             now: None,
             grpc: false,
+            error_override: None,
         }
     }
 
@@ -95,6 +99,26 @@ impl<'a> RenderContext<'a> {
     pub fn grpc(mut self, grpc: bool) -> Self {
         self.grpc = grpc;
         self
+    }
+
+    /// Present the refusal as `entry` says (its status, `type` and `code`; see
+    /// [`ErrorCatalog`], which sets it and has already applied its message and `param` to the
+    /// rejection). A custom [`ErrorFormat`] reads it with
+    /// [`get_error_override`](Self::get_error_override).
+    #[must_use]
+    pub fn error_override(mut self, entry: &'a ErrorOverride) -> Self {
+        self.error_override = Some(entry);
+        self
+    }
+
+    /// The catalog entry of the refusal being rendered, if any.
+    pub fn get_error_override(&self) -> Option<&'a ErrorOverride> {
+        self.error_override
+    }
+
+    /// The status an entry of the catalog sets, if any.
+    pub fn status_override(&self) -> Option<StatusCode> {
+        self.error_override.and_then(ErrorOverride::get_status)
     }
 
     /// The request's path, if known.
@@ -214,11 +238,15 @@ impl Format {
     }
 
     /// The complete response for a rejection: status, `content-type`, retry guidance
-    /// (`retry-after`, `retry-after-ms`, `x-should-retry`) and body, with the rejection in the
-    /// response's extensions. A gRPC context gets a trailers-only gRPC status instead.
+    /// (`retry-after`, `retry-after-ms`, `x-should-retry`, following the final status) and
+    /// body, with the rejection in the response's extensions. A gRPC context gets a
+    /// trailers-only gRPC status instead (mapped from the final status, see [`grpc_code`]).
     pub fn response(&self, rejection: &Rejection, cx: &RenderContext<'_>) -> Response<Bytes> {
         let mut response = if cx.is_grpc() {
-            grpc::response(rejection)
+            grpc::response(
+                rejection,
+                cx.status_override().unwrap_or(rejection.status()),
+            )
         } else {
             let Rendered {
                 status,
@@ -230,7 +258,7 @@ impl Format {
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, content_type);
-            let retry = rejection.should_retry();
+            let retry = rejection.should_retry_at(status);
             response.headers_mut().insert(
                 "x-should-retry",
                 HeaderValue::from_static(if retry { "true" } else { "false" }),

@@ -1,4 +1,3 @@
-use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{json, Value};
 
@@ -11,17 +10,33 @@ use crate::Rejection;
 /// {"error":{"message":"Insufficient balance. ...","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}
 /// ```
 ///
-/// `code` is always a string (the rejection's stable code), `param` is `null` when absent. The
-/// status is the rejection's: 402 for an empty wallet, 403 for a disabled or revoked key.
+/// `code` is the rejection's stable code, `param` is `null` when absent. The status is the
+/// rejection's: 402 for an empty wallet, 403 for a disabled or revoked key. An
+/// [`ErrorCatalog`](super::ErrorCatalog) entry changes the status, `type` and `code` (a string or
+/// a JSON number).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenAi;
 
 impl ErrorFormat for OpenAi {
-    fn render(&self, rejection: &Rejection, _cx: &RenderContext<'_>) -> Rendered {
+    fn render(&self, rejection: &Rejection, cx: &RenderContext<'_>) -> Rendered {
+        let entry = cx.get_error_override();
+        let error_type = entry
+            .and_then(|e| e.get_error_type())
+            .unwrap_or(rejection.reason().error_type());
+        let code = entry
+            .and_then(|e| e.get_code())
+            .map_or_else(|| Value::from(rejection.code()), |c| c.to_json());
         Rendered {
-            status: rejection.status(),
+            status: cx.status_override().unwrap_or(rejection.status()),
             content_type: HeaderValue::from_static("application/json"),
-            body: render(rejection),
+            body: json_body(&json!({
+                "error": {
+                    "message": rejection.message(),
+                    "type": error_type,
+                    "param": rejection.param(),
+                    "code": code,
+                }
+            })),
         }
     }
 
@@ -34,15 +49,4 @@ impl ErrorFormat for OpenAi {
         };
         matches!(top.get("error"), Some(Value::Object(e)) if e.get("message").is_some_and(Value::is_string))
     }
-}
-
-pub(crate) fn render(rejection: &Rejection) -> Bytes {
-    json_body(&json!({
-        "error": {
-            "message": rejection.message(),
-            "type": rejection.reason().error_type(),
-            "param": rejection.param(),
-            "code": rejection.code(),
-        }
-    }))
 }

@@ -13,7 +13,8 @@ use crate::{rejection::ceil_secs, Rejection};
 /// ```
 ///
 /// Extension members: `code` (the stable code), `param`, `details`, `retry_after` (seconds) and
-/// `request_id` when known.
+/// `request_id` when known. An [`ErrorCatalog`](super::ErrorCatalog) entry's `type` replaces the
+/// `type` URI as given, its `code` the `code` member, its status `status` and `title`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Problem;
 
@@ -22,11 +23,15 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:tollgate:error:";
 
 impl ErrorFormat for Problem {
     fn render(&self, rejection: &Rejection, cx: &RenderContext<'_>) -> Rendered {
-        let status = rejection.status();
+        let entry = cx.get_error_override();
+        let status = cx.status_override().unwrap_or(rejection.status());
         let mut body = Map::new();
         body.insert(
             "type".into(),
-            format!("{PROBLEM_TYPE_PREFIX}{}", rejection.code()).into(),
+            match entry.and_then(|e| e.get_error_type()) {
+                Some(uri) => uri.into(),
+                None => format!("{PROBLEM_TYPE_PREFIX}{}", rejection.code()).into(),
+            },
         );
         body.insert(
             "title".into(),
@@ -37,7 +42,12 @@ impl ErrorFormat for Problem {
         if let Some(path) = cx.get_path() {
             body.insert("instance".into(), path.into());
         }
-        body.insert("code".into(), rejection.code().into());
+        body.insert(
+            "code".into(),
+            entry
+                .and_then(|e| e.get_code())
+                .map_or_else(|| rejection.code().into(), |c| c.to_json()),
+        );
         if let Some(param) = rejection.param() {
             body.insert("param".into(), param.into());
         }

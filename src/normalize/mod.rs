@@ -50,7 +50,6 @@ mod request_id;
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
     convert::Infallible,
     fmt,
     future::Future,
@@ -73,7 +72,7 @@ pub use request_id::MakeRequestId;
 
 use crate::{
     body::ResponseBody,
-    format::{ErrorFormat, Format, RenderContext},
+    format::{ErrorCatalog, ErrorFormat, ErrorOverride, Format, RenderContext},
     BoxError, Reason, Rejection,
 };
 
@@ -93,7 +92,7 @@ pub fn is_grpc<B>(request: &Request<B>) -> bool {
 
 struct Config {
     format: Format,
-    messages: HashMap<Reason, Cow<'static, str>>,
+    catalog: ErrorCatalog,
     max_error_body: usize,
 }
 
@@ -104,15 +103,8 @@ impl Config {
         cx: &RenderContext<'_>,
         mut extra: Option<http::HeaderMap>,
     ) -> Response<ResponseBody<B>> {
-        let overridden;
-        let rejection = match self.messages.get(&rejection.reason()) {
-            Some(message) => {
-                overridden = rejection.clone().with_message(message.clone());
-                &overridden
-            }
-            None => rejection,
-        };
-        let mut response = self.format.response(rejection, cx);
+        // The catalog is consulted here only: on the refusal path, never on the allowed one.
+        let mut response = self.catalog.response(&self.format, rejection, cx);
         if let Some(extra) = extra.take() {
             // Keep the refusal's own headers (rate-limit headers, `allow`, ...) but not the ones
             // that described the body we replaced.
@@ -169,7 +161,7 @@ impl NormalizeLayer {
         NormalizeLayer {
             config: Arc::new(Config {
                 format: Format::OpenAi,
-                messages: HashMap::new(),
+                catalog: ErrorCatalog::new(),
                 max_error_body: DEFAULT_MAX_ERROR_BODY,
             }),
             make_id: MakeRequestId::new(),
@@ -186,9 +178,65 @@ impl NormalizeLayer {
         self
     }
 
-    /// Replace the message of every rejection with this reason.
+    /// Replace the message of every rejection with this reason (an entry of the
+    /// [`catalog`](Self::catalog); `{placeholders}` as in [`ErrorOverride`]).
     pub fn message(mut self, reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
-        self.config_mut().messages.insert(reason, message.into());
+        let entry = self.config_mut().catalog.entry_mut(reason);
+        *entry = std::mem::take(entry).message(message);
+        self
+    }
+
+    /// Present every refusal as `catalog` says: per tollgate code, the status, `type`, `code`,
+    /// message and `param` of a provider's contract, in every format. Upstream failures the
+    /// layer normalizes (500, 502, 503, 504, ...) go through it too. Replaces earlier
+    /// [`message`](Self::message) and [`error`](Self::error) calls.
+    ///
+    /// ```
+    /// use axum::{routing::get, Router};
+    /// use http::{Request, StatusCode};
+    /// use tollgate::{format::{ErrorCatalog, ErrorOverride}, normalize::NormalizeLayer, Reason};
+    /// use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let catalog = ErrorCatalog::new().with(
+    ///     Reason::BadGateway,
+    ///     ErrorOverride::new().error_type("api_error").code("api_error"),
+    /// );
+    /// let app = Router::new()
+    ///     .route("/v1/models", get(|| async { (StatusCode::BAD_GATEWAY, "<html>upstream down</html>") }))
+    ///     .layer(NormalizeLayer::new().catalog(catalog));
+    ///
+    /// let response = app
+    ///     .oneshot(Request::get("/v1/models").body(axum::body::Body::empty()).unwrap())
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    /// let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+    /// let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    /// assert_eq!(body["error"]["type"], "api_error");
+    /// assert_eq!(body["error"]["code"], "api_error");
+    /// # }
+    /// ```
+    pub fn catalog(mut self, catalog: ErrorCatalog) -> Self {
+        self.config_mut().catalog = catalog;
+        self
+    }
+
+    /// Present every rejection with this reason as `entry` says (one entry of the
+    /// [`catalog`](Self::catalog)).
+    ///
+    /// ```
+    /// use tollgate::{format::ErrorOverride, normalize::NormalizeLayer, Reason};
+    ///
+    /// let layer = NormalizeLayer::new().error(
+    ///     Reason::InsufficientCredits,
+    ///     ErrorOverride::new().error_type("billing_error").code(402),
+    /// );
+    /// # let _ = layer;
+    /// ```
+    pub fn error(mut self, reason: Reason, entry: ErrorOverride) -> Self {
+        self.config_mut().catalog.set(reason, entry);
         self
     }
 

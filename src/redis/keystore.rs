@@ -135,6 +135,16 @@ impl RedisKeyStore {
         format!("{}:{{keys}}:", self.shared.options.prefix)
     }
 
+    /// The account's hash (`plan`, `status`, `reason`), for a ledger script that promotes it.
+    pub(super) fn account_hash(&self, id: &str) -> String {
+        format!("{}account:{id}", self.prefix())
+    }
+
+    /// Drop every cached lookup here and on every replica (an account's plan changed).
+    pub(super) fn invalidate_all(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.publish(vec![ALL.to_owned()])
+    }
+
     fn channel(&self) -> String {
         format!("{}invalidate", self.prefix())
     }

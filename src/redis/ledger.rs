@@ -12,13 +12,13 @@ use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
 use super::{
     conn::Conn,
     limiter::{decision, push_buckets, Bucket},
-    BoxFuture, RedisLimiter, Shared,
+    BoxFuture, RedisKeyStore, RedisLimiter, Shared,
 };
 use crate::{
     credits::{
         reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
-        JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-        TopUp, TopUpError,
+        JournalEntry, JournalQuery, Ledger, PlanChange, Promoted, Promotions, Reservation,
+        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, TopUpPromoter,
     },
     ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
     BackendError,
@@ -102,6 +102,62 @@ impl RedisLedger {
 
     fn hold_ttl_ms(&self) -> u64 {
         millis(self.shared.options.hold_ttl)
+    }
+
+    /// The top-up script; with `promote` (the key store's account hash and the rules), an
+    /// applied top-up also moves the account's plan, in the same script.
+    fn top_up_promoting(
+        &self,
+        account: &str,
+        amount: u64,
+        idempotency_key: &str,
+        promote: Option<(String, Rules)>,
+    ) -> BoxFuture<Result<(TopUp, Option<PlanChange>), TopUpError>> {
+        let key = self.account_key(account);
+        let accounts = self.accounts_key();
+        let account = account.to_owned();
+        let idempotency_key = idempotency_key.to_owned();
+        let call = self.conn().call("top-up", move |mut conn| async move {
+            let mut invocation = TOP_UP.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(amount)
+                .arg(idempotency_key)
+                .arg(MAX_BALANCE);
+            if let Some((plans_key, rules)) = &promote {
+                invocation.key(plans_key);
+                for (from, to) in rules.iter() {
+                    invocation.arg(from).arg(to);
+                }
+            }
+            let reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
+            // The registry `expire_holds` walks; a set, so a repeat is harmless.
+            let () = conn.sadd(accounts, account).await?;
+            Ok(reply)
+        });
+        Box::pin(async move {
+            if amount > MAX_BALANCE {
+                return Err(TopUpError::Overflow);
+            }
+            let reply = call.await?;
+            let number = |i: usize| reply.get(i).map_or(0, value_u64);
+            let balance = || Balance::new(number(1), number(2), number(3));
+            match reply.first().map(value_str).as_deref() {
+                Some("applied") => {
+                    let change = match (reply.get(4), reply.get(5)) {
+                        (Some(from), Some(to)) => {
+                            Some(PlanChange::new(value_str(from), value_str(to)))
+                        }
+                        _ => None,
+                    };
+                    Ok((TopUp::new(true, balance()), change))
+                }
+                Some("duplicate") => Ok((TopUp::new(false, balance()), None)),
+                Some("reused") => Err(TopUpError::KeyReused { amount: number(1) }),
+                Some("overflow") => Err(TopUpError::Overflow),
+                _ => Err(BackendError::new("redis top-up: unexpected reply").into()),
+            }
+        })
     }
 
     /// After a reserve whose answer was lost, release the hold if it was placed (and give back
@@ -411,37 +467,8 @@ impl Ledger for RedisLedger {
     }
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
-        let key = self.account_key(account);
-        let accounts = self.accounts_key();
-        let account = account.to_owned();
-        let idempotency_key = idempotency_key.to_owned();
-        let call = self.conn().call("top-up", move |mut conn| async move {
-            let mut invocation = TOP_UP.prepare_invoke();
-            invocation
-                .key(key)
-                .arg(amount)
-                .arg(idempotency_key)
-                .arg(MAX_BALANCE);
-            let reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
-            // The registry `expire_holds` walks; a set, so a repeat is harmless.
-            let () = conn.sadd(accounts, account).await?;
-            Ok(reply)
-        });
-        Box::pin(async move {
-            if amount > MAX_BALANCE {
-                return Err(TopUpError::Overflow);
-            }
-            let reply = call.await?;
-            let number = |i: usize| reply.get(i).map_or(0, value_u64);
-            let balance = || Balance::new(number(1), number(2), number(3));
-            match reply.first().map(value_str).as_deref() {
-                Some("applied") => Ok(TopUp::new(true, balance())),
-                Some("duplicate") => Ok(TopUp::new(false, balance())),
-                Some("reused") => Err(TopUpError::KeyReused { amount: number(1) }),
-                Some("overflow") => Err(TopUpError::Overflow),
-                _ => Err(BackendError::new("redis top-up: unexpected reply").into()),
-            }
-        })
+        let call = self.top_up_promoting(account, amount, idempotency_key, None);
+        Box::pin(async move { call.await.map(|(top_up, _)| top_up) })
     }
 
     fn balance(&self, account: &str) -> Self::BalanceFuture {
@@ -623,4 +650,90 @@ fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
     entry.key_id = text("key").map(Arc::from);
     entry.idempotency_key = text("i").map(Arc::from);
     Ok(entry)
+}
+
+/// A [`TopUpPromoter`] on Redis: the top-up and the plan promotion in **one script** (balance,
+/// journal entry and the key store's account plan change together, or nothing does).
+///
+/// The script spans the account's `{acct:ID}` slot and the key store's `{keys}` slot, which one
+/// Redis server (what [`RedisBackend`](super::RedisBackend) connects to) allows. After a
+/// promotion the key store's cache is invalidated here and on every replica (published), so the
+/// account's next request on this replica authenticates with the new plan.
+///
+/// # Example
+///
+/// ```no_run
+/// use tollgate::credits::{Promotions, TopUpPromoter};
+/// use tollgate::redis::{RedisBackend, RedisPromoter};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let backend = RedisBackend::connect("redis://127.0.0.1/").await?;
+/// let keys = backend.key_store();
+/// let promoter = RedisPromoter::new(
+///     backend.ledger(),
+///     keys.clone(),
+///     Promotions::new().after_top_up("free", "trusted"),
+/// );
+/// let promoted = promoter.top_up_and_promote("acct_1", 500, "invoice-1").await?;
+/// println!("{:?}", promoted.plan_change);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisPromoter {
+    ledger: RedisLedger,
+    keys: RedisKeyStore,
+    rules: Rules,
+}
+
+/// Plan promotion rules as the top-up script takes them: `(from, to)` pairs.
+type Rules = Arc<Vec<(String, String)>>;
+
+impl fmt::Debug for RedisPromoter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPromoter")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPromoter {
+    /// Top-ups on `ledger`, plans in `keys` (the key store whose cache must see the change; use
+    /// the one that authenticates requests).
+    pub fn new(ledger: RedisLedger, keys: RedisKeyStore, promotions: Promotions) -> Self {
+        let mut rules: Vec<(String, String)> = promotions
+            .iter()
+            .map(|(from, to)| (from.to_owned(), to.to_owned()))
+            .collect();
+        rules.sort();
+        RedisPromoter {
+            ledger,
+            keys,
+            rules: Arc::new(rules),
+        }
+    }
+}
+
+impl TopUpPromoter for RedisPromoter {
+    fn top_up_and_promote(
+        &self,
+        account: &str,
+        amount: u64,
+        idempotency_key: &str,
+    ) -> impl std::future::Future<Output = Result<Promoted, TopUpError>> + Send {
+        let promote =
+            (!self.rules.is_empty()).then(|| (self.keys.account_hash(account), self.rules.clone()));
+        let call = self
+            .ledger
+            .top_up_promoting(account, amount, idempotency_key, promote);
+        let keys = self.keys.clone();
+        async move {
+            let (top_up, change) = call.await?;
+            if change.is_some() {
+                keys.invalidate_all().await;
+            }
+            Ok(Promoted::new(top_up, change))
+        }
+    }
 }

@@ -58,7 +58,7 @@ mod ledger;
 mod limiter;
 
 pub use keystore::RedisKeyStore;
-pub use ledger::{RedisLedger, MAX_BALANCE};
+pub use ledger::{RedisLedger, RedisPromoter, MAX_BALANCE};
 pub use limiter::RedisLimiter;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
