@@ -1072,3 +1072,50 @@ async fn a_settle_lost_to_an_outage_is_made_when_the_server_is_back() {
     assert_eq!((balance.balance, balance.held), (100 - 3 - 30, 0));
     assert_books(&ledger, "acct_1").await;
 }
+
+/// A caller that gives up while its reserve is out (the future dropped: a client disconnected)
+/// leaves no hold behind: it is released in the background, not charged at its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_dropped_in_flight_leaves_no_hold() {
+    let server = PgServer::shared();
+    let schema = PgServer::schema("dropped_reserve");
+    let backend = replica(server, options(&schema)).await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    let lock = {
+        let schema = schema.clone();
+        tokio::task::spawn_blocking(move || {
+            PgServer::shared().psql(&format!(
+                "BEGIN; SELECT 1 FROM \"{schema}\".balances WHERE account = 'acct_1' FOR UPDATE; \
+                 SELECT pg_sleep(1) /* verify */; COMMIT"
+            ));
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The caller gives up after 100 ms (the ledger's own deadline is 10 s).
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        ledger.reserve(ReserveRequest::new("acct_1", 4)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the reserve was waiting on the lock");
+    lock.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
+        let kinds: Vec<EntryKind> = journal.iter().map(|e| e.kind).collect();
+        let fenced = server.psql(&format!(
+            "SELECT count(*) /* verify */ FROM \"{schema}\".fenced_holds"
+        ));
+        match (&kinds[..], fenced.as_str()) {
+            ([EntryKind::TopUp, EntryKind::Reserve, EntryKind::Release], _) => break,
+            ([EntryKind::TopUp], "1") => break,
+            ([EntryKind::TopUp], _) | ([EntryKind::TopUp, EntryKind::Reserve], _) => {}
+            (other, _) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the hold stayed: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (10, 0, 0));
+}

@@ -253,7 +253,15 @@ impl PostgresLedger {
                     available: 0,
                 });
             }
-            let row = match call.await {
+            // A caller that gives up (its future dropped) while the statement is out leaves a
+            // hold nobody will close: released in the background, as a lost answer is.
+            let guard = OnDrop::new({
+                let (ledger, account, refunds) = (ledger.clone(), account.clone(), refunds.clone());
+                move || ledger.compensate(account, id, refunds)
+            });
+            let answer = call.await;
+            guard.disarm();
+            let row = match answer {
                 Ok(row) => row,
                 Err(error) => {
                     // The statement may have committed: make sure the hold does not stay.
@@ -322,7 +330,13 @@ impl PostgresLedger {
         let ledger = self.clone();
         let account: Arc<str> = account.into();
         Box::pin(async move {
+            // Dropped while the statement is out: the close goes on in the background.
+            let guard = OnDrop::new({
+                let (ledger, account, buckets) = (ledger.clone(), account.clone(), buckets.clone());
+                move || ledger.close_in_background(account, id, how, actual, fence, buckets)
+            });
             let result = call.await;
+            guard.disarm();
             if result.is_err() {
                 ledger.close_in_background(account, id, how, actual, fence, buckets);
             }
@@ -588,6 +602,27 @@ impl fmt::Debug for PostgresLedger {
             .field("schema", &self.shared.options.schema)
             .field("hold_ttl", &self.shared.options.hold_ttl)
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs `f` when dropped, unless disarmed first.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 
