@@ -300,12 +300,15 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BackendConfig {
-    /// `memory` (default), `redis` or `postgres`.
+    /// `memory` (default), `sqlite`, `redis` or `postgres`.
     #[serde(default)]
     pub kind: BackendKind,
     /// The Redis URL, with `kind = "redis"`; the PostgreSQL URL
     /// (`postgres://user@host:port/db`), with `kind = "postgres"`.
     pub url: Option<String>,
+    /// With `kind = "sqlite"`: the database file, relative to the working directory (default
+    /// `tollgate.db`), created on first start.
+    pub path: Option<std::path::PathBuf>,
     /// With PostgreSQL: the schema of the tables (default `tollgate`), created and migrated at
     /// startup.
     pub schema: Option<String>,
@@ -324,6 +327,8 @@ pub enum BackendKind {
     Memory,
     /// Redis, shared by replicas.
     Redis,
+    /// A SQLite file, durable, for one process.
+    Sqlite,
     /// PostgreSQL, shared by replicas: durable books.
     Postgres,
 }
@@ -980,6 +985,12 @@ impl GatewayConfig {
                     ));
                 }
             }
+        }
+        if self.backend.path.is_some() && self.backend.kind != BackendKind::Sqlite {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.path: only `kind = \"sqlite\"` has a path".into(),
+            });
         }
         if let Some(key) = &self.admin.key {
             if key.len() < 16 {

@@ -104,6 +104,8 @@ pub mod config;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 #[cfg(feature = "axum")]
 mod axum_integration;

@@ -90,6 +90,66 @@ mod redis {
     }
 }
 
+#[cfg(feature = "sqlite")]
+#[path = "support/temp_dir.rs"]
+mod temp_dir;
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::{
+        sync::atomic::{AtomicU32, Ordering},
+        time::{Duration, SystemTime},
+    };
+
+    use tollgate::{
+        credits::{conformance, Clock, ManualClock},
+        sqlite::{SqliteBackend, SqliteLedger, SqliteOptions},
+    };
+
+    use super::temp_dir::TempDir;
+
+    /// SQLite: a fresh database file per scenario (journals are read back from the file), on a
+    /// clock the test moves.
+    struct Sqlite {
+        dir: TempDir,
+        clock: ManualClock,
+        scenarios: AtomicU32,
+    }
+
+    impl conformance::Fixture for Sqlite {
+        type Ledger = SqliteLedger;
+
+        async fn ledger(&self, hold_ttl: Duration) -> SqliteLedger {
+            let n = self.scenarios.fetch_add(1, Ordering::Relaxed);
+            let options = SqliteOptions::new()
+                .hold_ttl(hold_ttl)
+                .clock(self.clock.clone());
+            SqliteBackend::open_with(self.dir.join(&format!("scenario-{n}.db")), options)
+                .await
+                .expect("open")
+                .ledger()
+        }
+
+        async fn advance(&self, by: Duration) {
+            self.clock.advance(by);
+        }
+
+        fn now(&self) -> SystemTime {
+            self.clock.now()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_ledger_passes_the_conformance_scenarios() {
+        let fixture = Sqlite {
+            dir: TempDir::new("conformance"),
+            clock: ManualClock::new(SystemTime::now()),
+            scenarios: AtomicU32::new(0),
+        };
+        conformance::run(&fixture).await;
+    }
+}
+
 #[cfg(feature = "postgres")]
 #[path = "support/pg_server.rs"]
 mod pg_server;

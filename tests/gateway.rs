@@ -246,7 +246,12 @@ async fn metrics_count_outcomes_and_credits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
+    // The shipped config keeps its books in `tollgate.db` in the working directory: a temp dir.
+    let dir = std::env::temp_dir().join(format!("tollgate-binary-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let mut child = Command::new(example_binary())
+        .current_dir(&dir)
         .args([
             "--config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml"),
@@ -269,6 +274,11 @@ async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
     );
     let curl = lines.next().unwrap().unwrap();
     assert!(curl.starts_with(&format!("try: curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer sk-demo-tollgate-0123456789abcdef'")), "{curl}");
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "storage: sqlite tollgate.db (durable: top-ups and admin changes before their answer, settlements within 50 ms)"
+    );
+    assert!(dir.join("tollgate.db").is_file(), "created on first start");
 
     let http = Http::new(addr.parse().unwrap());
     let (status, _, body) = http
@@ -291,6 +301,7 @@ async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
         .unwrap();
     assert!(status.success());
     assert_eq!(lines.next().unwrap().unwrap(), "tollgate gateway stopped");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -55,11 +55,40 @@ use super::upstream;
 /// print it. Any other key is a secret and only its id is printed.
 pub const SHIPPED_DEMO_KEY: &str = "sk-demo-tollgate-0123456789abcdef";
 
+/// Why the gateway could not be built: the message, and whether its storage is at fault (the
+/// binary then exits with code 2, as for a bad config).
+#[derive(Debug)]
+pub struct BuildError {
+    /// What went wrong, naming the field (and the path).
+    pub message: String,
+    /// The storage (`[backend] path`) cannot be used: not a tollgate database, read-only, a
+    /// newer schema, in use.
+    pub storage: bool,
+}
+
+impl From<String> for BuildError {
+    fn from(message: String) -> Self {
+        BuildError {
+            message,
+            storage: false,
+        }
+    }
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A built gateway: the app, the metrics app, the server limits and what the banner shows.
 pub struct Gateway {
     router: Router,
     metrics: Option<(SocketAddr, Router)>,
     limits: Limits,
+    storage: String,
+    #[cfg(feature = "sqlite")]
+    sqlite: Option<tollgate::sqlite::SqliteBackend>,
     demo_key: Option<String>,
     first_key_id: Option<String>,
     demo_model: String,
@@ -82,7 +111,7 @@ pub struct Limits {
 
 impl Gateway {
     /// Build the stores and the chain from a validated config.
-    pub async fn build(config: GatewayConfig) -> Result<Gateway, String> {
+    pub async fn build(config: GatewayConfig) -> Result<Gateway, BuildError> {
         let first_active = config
             .keys
             .iter()
@@ -103,8 +132,14 @@ impl Gateway {
             max_header_bytes: config.server.max_header_bytes,
             max_headers: config.server.max_headers,
         };
+        #[cfg(feature = "sqlite")]
+        let mut sqlite = None;
+        let storage;
         let (router, metrics) = match config.backend.kind {
             BackendKind::Memory => {
+                storage = "storage: memory (keeps nothing across restarts: balances, top-ups, \
+                           the journal and admin-made keys are lost when the process stops)"
+                    .to_owned();
                 let store = MemoryKeyStore::new();
                 let ledger = MemoryLedger::builder()
                     .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
@@ -115,13 +150,38 @@ impl Gateway {
                 limiter.spawn_evictor(Duration::from_secs(60));
                 assemble(&config, limits, store, ledger, limiter).await?
             }
-            BackendKind::Redis => redis_backend(&config, limits).await?,
-            BackendKind::Postgres => postgres_backend(&config, limits).await?,
+            BackendKind::Redis => {
+                storage = "storage: redis (shared by replicas)".to_owned();
+                redis_backend(&config, limits).await?
+            }
+            #[cfg(feature = "sqlite")]
+            BackendKind::Sqlite => {
+                let (apps, backend) = sqlite_backend(&config, limits).await?;
+                storage = format!(
+                    "storage: sqlite {} (durable: top-ups and admin changes before their answer, \
+                     settlements within {} ms)",
+                    backend.path().display(),
+                    tollgate::sqlite::DURABILITY_WINDOW.as_millis()
+                );
+                sqlite = Some(backend);
+                apps
+            }
+            #[cfg(not(feature = "sqlite"))]
+            BackendKind::Sqlite => {
+                return Err("backend.kind = \"sqlite\" needs the `sqlite` feature: cargo run --release --features sqlite --example gateway -- ...".to_owned().into());
+            }
+            BackendKind::Postgres => {
+                storage = "storage: postgres (shared by replicas, durable)".to_owned();
+                postgres_backend(&config, limits).await?
+            }
         };
         Ok(Gateway {
             router,
             metrics: config.server.metrics_listen.map(|addr| (addr, metrics)),
             limits,
+            storage,
+            #[cfg(feature = "sqlite")]
+            sqlite,
             demo_key,
             first_key_id,
             demo_model,
@@ -142,6 +202,11 @@ impl Gateway {
     /// The id of the first active key, shown at startup instead of a key that is a secret.
     pub fn first_key_id(&self) -> Option<&str> {
         self.first_key_id.as_deref()
+    }
+
+    /// What keeps the books, and whether they survive a restart (the startup banner's line).
+    pub fn storage(&self) -> &str {
+        &self.storage
     }
 
     /// A model to use in the startup example.
@@ -166,6 +231,25 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = std::io::Result<()>> + Send + 'static {
         serve(self.router.clone(), listener, self.limits, shutdown)
+    }
+
+    /// After `serve` returned (in-flight requests settled): write what is queued and release
+    /// the storage.
+    pub async fn close(self) -> std::io::Result<()> {
+        #[cfg(feature = "sqlite")]
+        if let Some(backend) = self.sqlite {
+            let durability = backend.ledger().durability();
+            tracing::info!(
+                target: "tollgate::durability",
+                commits = durability.commits,
+                movements = durability.movements,
+                late_commits = durability.late_commits,
+                max_lag_ms = durability.max_lag.as_secs_f64() * 1e3,
+                "sqlite group commit: the longest a movement waited to be durable"
+            );
+            backend.close().await.map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
 }
 
@@ -497,6 +581,38 @@ async fn guard(State(limits): State<Limits>, request: Request, next: Next) -> Re
 
 /// The public app and the metrics app.
 type Apps = (Router, Router);
+
+#[cfg(feature = "sqlite")]
+async fn sqlite_backend(
+    config: &GatewayConfig,
+    limits: Limits,
+) -> Result<(Apps, tollgate::sqlite::SqliteBackend), BuildError> {
+    use tollgate::sqlite::{SqliteBackend, SqliteOptions};
+    let path = config
+        .backend
+        .path
+        .clone()
+        .unwrap_or_else(|| "tollgate.db".into());
+    let options = SqliteOptions::new().hold_ttl(Duration::from_secs(config.server.hold_ttl_secs));
+    let backend = SqliteBackend::open_with(&path, options)
+        .await
+        .map_err(|e| BuildError {
+            message: format!("backend.path: {e}"),
+            storage: true,
+        })?;
+    // Rate limits stay in this process: a restart refilling the buckets is harmless.
+    let limiter = MemoryLimiter::new();
+    limiter.spawn_evictor(Duration::from_secs(60));
+    let apps = assemble(
+        config,
+        limits,
+        backend.key_store(),
+        backend.ledger(),
+        limiter,
+    )
+    .await?;
+    Ok((apps, backend))
+}
 
 #[cfg(feature = "redis")]
 async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {

@@ -64,7 +64,8 @@ async fn main() -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("error: {error}");
-            return ExitCode::from(1);
+            // Storage that cannot be used is a configuration error, as a bad config is.
+            return ExitCode::from(if error.storage { 2 } else { 1 });
         }
     };
     let listener = match tokio::net::TcpListener::bind(listen).await {
@@ -114,6 +115,7 @@ async fn main() -> ExitCode {
         (None, Some(id)) => println!("first active key: {id} (keys are never printed)"),
         (None, None) => println!("no active key configured"),
     }
+    println!("{}", gateway.storage());
     let served = gateway.serve(listener, async move {
         shutdown_signal().await;
         let _ = stop.send(true);
@@ -122,17 +124,20 @@ async fn main() -> ExitCode {
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;
     }
+    // Every request has ended: its settlement finishes, then the storage is closed.
+    let left = tollgate::credits::finish_settlements(std::time::Duration::from_secs(10)).await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "settlements still running at exit; their holds will expire"
+        );
+    }
+    let result = match result {
+        Ok(()) => gateway.close().await,
+        Err(error) => Err(error),
+    };
     match result {
         Ok(()) => {
-            // Holds of requests that just ended are settled before the process exits.
-            let left =
-                tollgate::credits::finish_settlements(std::time::Duration::from_secs(10)).await;
-            if left > 0 {
-                tracing::warn!(
-                    left,
-                    "settlements still running at exit; their holds will expire"
-                );
-            }
             println!("tollgate gateway stopped");
             ExitCode::SUCCESS
         }

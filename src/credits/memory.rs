@@ -79,6 +79,63 @@ struct Inner {
     idempotency_window: Duration,
     clock: Arc<dyn Clock>,
     journal_limit: usize,
+    /// Where a durable backend built on this ledger gets every movement (crate-internal).
+    sink: Option<Arc<dyn Sink>>,
+    /// The largest balance an account may reach.
+    max_balance: u64,
+}
+
+/// One movement, as a durable backend built on the memory ledger persists it: the journal
+/// entry, plus what a reserve leaves behind (the hold's expiry, the idempotency record).
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) struct Movement {
+    pub(crate) account: Arc<str>,
+    pub(crate) entry: JournalEntry,
+    /// A reserve: when its hold expires.
+    pub(crate) hold_expires_at: Option<SystemTime>,
+    /// A reserve with an idempotency key: the request's fingerprint and when the key is
+    /// forgotten.
+    pub(crate) key: Option<(Fingerprint, SystemTime)>,
+}
+
+/// Receives every movement of a [`MemoryLedger`], in each account's order, inside the
+/// account's critical section (so it must not block).
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) trait Sink: Send + Sync + 'static {
+    fn record(&self, movement: Movement);
+}
+
+/// An account as a durable backend restores it at startup.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) struct RestoredAccount {
+    pub(crate) name: Arc<str>,
+    pub(crate) balance: u64,
+    /// The sequence number of the account's last journal entry.
+    pub(crate) last_seq: u64,
+    pub(crate) holds: Vec<RestoredHold>,
+    pub(crate) keys: Vec<RestoredKey>,
+    pub(crate) top_ups: Vec<(Arc<str>, u64)>,
+}
+
+/// An open hold, restored.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) struct RestoredHold {
+    pub(crate) id: u64,
+    pub(crate) amount: u64,
+    pub(crate) expires_at: SystemTime,
+    pub(crate) request_id: Option<Arc<str>>,
+    pub(crate) key_id: Option<Arc<str>>,
+    pub(crate) idempotency_key: Option<Arc<str>>,
+}
+
+/// An idempotency record, restored.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) struct RestoredKey {
+    pub(crate) key: Arc<str>,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) expires_at: SystemTime,
+    pub(crate) hold_id: u64,
+    pub(crate) charged: bool,
 }
 
 #[derive(Default)]
@@ -98,6 +155,9 @@ struct Account {
     dropped: u64,
     /// The most entries kept (0: all).
     journal_limit: usize,
+    /// The account's name and the sink of a durable backend, if any.
+    name: Arc<str>,
+    sink: Option<Arc<dyn Sink>>,
 }
 
 struct OpenHold {
@@ -133,6 +193,7 @@ impl Account {
         kind: EntryKind,
         amount: u64,
         hold: Option<(u64, &OpenHold)>,
+        top_up_key: Option<&Arc<str>>,
     ) {
         let seq = self.dropped + self.journal.len() as u64 + 1;
         let mut entry = JournalEntry::new(
@@ -149,6 +210,28 @@ impl Account {
             entry.request_id = h.request_id.clone();
             entry.key_id = h.key_id.clone();
             entry.idempotency_key = h.idempotency_key.clone();
+        }
+        if kind == EntryKind::TopUp {
+            entry.idempotency_key = top_up_key.cloned();
+        }
+        if let Some(sink) = &self.sink {
+            let (hold_expires_at, key) = match (kind, hold) {
+                (EntryKind::Reserve, Some((id, h))) => (
+                    Some(h.expires_at),
+                    h.idempotency_key
+                        .as_ref()
+                        .and_then(|k| self.keys.get(k))
+                        .filter(|r| r.hold_id == id)
+                        .map(|r| (r.fingerprint, r.expires_at)),
+                ),
+                _ => (None, None),
+            };
+            sink.record(Movement {
+                account: self.name.clone(),
+                entry: entry.clone(),
+                hold_expires_at,
+                key,
+            });
         }
         self.journal.push_back(entry);
         if self.journal_limit > 0 && self.journal.len() > self.journal_limit {
@@ -185,7 +268,7 @@ impl Account {
         } else {
             charged
         };
-        self.push(now, kind, amount, Some((id, &open)));
+        self.push(now, kind, amount, Some((id, &open)), None);
         Some(charged)
     }
 }
@@ -205,6 +288,8 @@ impl MemoryLedger {
             clock: Arc::new(SystemClock),
             shards: 32,
             journal_limit: 0,
+            sink: None,
+            max_balance: u64::MAX,
         }
     }
 
@@ -246,11 +331,10 @@ impl MemoryLedger {
         let mut shard = self.shard(&request.account);
         let account = match shard.accounts.get_mut(&request.account) {
             Some(account) => account,
-            None if request.amount == 0 => {
-                let account = shard.accounts.entry(request.account.clone()).or_default();
-                account.journal_limit = self.inner.journal_limit;
-                account
-            }
+            None if request.amount == 0 => shard
+                .accounts
+                .entry(request.account.clone())
+                .or_insert_with(|| self.inner.new_account(request.account.clone())),
             None => {
                 return Err(ReserveError::Insufficient {
                     required: request.amount,
@@ -298,7 +382,13 @@ impl MemoryLedger {
             idempotency_key,
         };
         account.held += request.amount;
-        account.push(now, EntryKind::Reserve, request.amount, Some((id, &open)));
+        account.push(
+            now,
+            EntryKind::Reserve,
+            request.amount,
+            Some((id, &open)),
+            None,
+        );
         account.holds.insert(id, open);
         Ok(Reservation::Held(
             Hold::new(
@@ -329,9 +419,11 @@ impl MemoryLedger {
         let account = match shard.accounts.get_mut(account) {
             Some(a) => a,
             None => {
-                let account = shard.accounts.entry(Arc::from(account)).or_default();
-                account.journal_limit = self.inner.journal_limit;
-                account
+                let name: Arc<str> = Arc::from(account);
+                shard
+                    .accounts
+                    .entry(name.clone())
+                    .or_insert_with(|| self.inner.new_account(name))
             }
         };
         if let Some(&previous) = account.top_ups.get(key) {
@@ -344,18 +436,81 @@ impl MemoryLedger {
         account.balance = account
             .balance
             .checked_add(amount)
-            .filter(|balance| *balance <= MAX_CREDITS)
+            .filter(|b| *b <= self.inner.max_balance.min(MAX_CREDITS))
             .ok_or(TopUpError::Overflow)?;
         let key: Arc<str> = Arc::from(key);
         account.top_ups.insert(key.clone(), amount);
-        account.push(now, EntryKind::TopUp, amount, None);
-        if let Some(entry) = account.journal.back_mut() {
-            entry.idempotency_key = Some(key);
-        }
+        account.push(now, EntryKind::TopUp, amount, None, Some(&key));
         Ok(TopUp::new(true, account.balance()))
     }
 
     fn expire_now(&self, now: SystemTime) -> Expired {
+        self.expire_where(now, |hold| hold.expires_at <= now)
+    }
+
+    /// Settle every open hold at its held amount, whatever its expiry: the holds a dead process
+    /// left (a durable backend calls it once at startup, after [`restore`](Self::restore)).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn expire_all(&self) -> Expired {
+        self.expire_where(self.inner.clock.now(), |_| true)
+    }
+
+    /// A ledger that sends every movement to `sink` and caps balances at `max_balance`.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn with_sink(
+        mut builder: MemoryLedgerBuilder,
+        sink: Arc<dyn Sink>,
+        max_balance: u64,
+    ) -> Self {
+        builder.sink = Some(sink);
+        builder.max_balance = max_balance;
+        builder.build()
+    }
+
+    /// Put back an account as a durable backend stored it. Call before any other operation.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn restore(&self, restored: RestoredAccount) {
+        let mut shard = self.shard(&restored.name);
+        let mut account = self.inner.new_account(restored.name.clone());
+        account.balance = restored.balance;
+        account.dropped = restored.last_seq;
+        for hold in restored.holds {
+            account.held += hold.amount;
+            let id = hold.id;
+            self.inner.next_hold.fetch_max(id, Ordering::Relaxed);
+            account.holds.insert(
+                id,
+                OpenHold {
+                    amount: hold.amount,
+                    expires_at: hold.expires_at,
+                    request_id: hold.request_id,
+                    key_id: hold.key_id,
+                    idempotency_key: hold.idempotency_key,
+                },
+            );
+        }
+        for key in restored.keys {
+            account.keys.insert(
+                key.key,
+                KeyRecord {
+                    fingerprint: key.fingerprint,
+                    expires_at: key.expires_at,
+                    hold_id: key.hold_id,
+                    charged: key.charged,
+                },
+            );
+        }
+        account.top_ups.extend(restored.top_ups);
+        shard.accounts.insert(restored.name, account);
+    }
+
+    /// Hold ids go on after `last` (a durable backend's highest id so far).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn set_last_hold_id(&self, last: u64) {
+        self.inner.next_hold.fetch_max(last, Ordering::Relaxed);
+    }
+
+    fn expire_where(&self, now: SystemTime, due: impl Fn(&OpenHold) -> bool) -> Expired {
         let mut expired = Expired::default();
         for shard in self.inner.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -363,7 +518,7 @@ impl MemoryLedger {
                 let due: Vec<u64> = account
                     .holds
                     .iter()
-                    .filter(|(_, h)| h.expires_at <= now)
+                    .filter(|(_, h)| due(h))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in due {
@@ -376,6 +531,17 @@ impl MemoryLedger {
             }
         }
         expired
+    }
+}
+
+impl Inner {
+    fn new_account(&self, name: Arc<str>) -> Account {
+        Account {
+            journal_limit: self.journal_limit,
+            name,
+            sink: self.sink.clone(),
+            ..Account::default()
+        }
     }
 }
 
@@ -459,6 +625,8 @@ pub struct MemoryLedgerBuilder {
     clock: Arc<dyn Clock>,
     shards: usize,
     journal_limit: usize,
+    sink: Option<Arc<dyn Sink>>,
+    max_balance: u64,
 }
 
 impl MemoryLedgerBuilder {
@@ -480,6 +648,13 @@ impl MemoryLedgerBuilder {
     /// The clock (default [`SystemClock`]); tests pass a [`ManualClock`](super::ManualClock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The clock, shared (for a backend built on this ledger).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn clock_arc(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -509,6 +684,8 @@ impl MemoryLedgerBuilder {
                 idempotency_window: self.idempotency_window,
                 clock: self.clock,
                 journal_limit: self.journal_limit,
+                sink: self.sink,
+                max_balance: self.max_balance,
             }),
         }
     }

@@ -101,7 +101,7 @@ mod body;
 mod clock;
 pub mod conformance;
 mod ledger;
-mod memory;
+pub(crate) mod memory;
 mod pricing;
 mod promote;
 mod replay;
