@@ -55,3 +55,31 @@ impl From<BackendError> for Rejection {
         Rejection::new(Reason::BackendUnavailable).with_retry_after(error.retry_after)
     }
 }
+
+/// What a rate limiter does when its shared store (Redis, PostgreSQL) cannot answer.
+///
+/// Credits always fail closed; this is only about rate limits.
+///
+/// ```
+/// use tollgate::backend::FailMode;
+///
+/// assert_eq!(FailMode::default(), FailMode::Open);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailMode {
+    /// Let the request through, unlimited (as Kong, Envoy and Stripe do by default).
+    #[default]
+    Open,
+    /// Refuse it with 503 `backend_unavailable` and a `Retry-After`.
+    Closed,
+}
+
+#[cfg(feature = "config")]
+impl From<crate::config::FailMode> for FailMode {
+    fn from(mode: crate::config::FailMode) -> Self {
+        match mode {
+            crate::config::FailMode::Open => FailMode::Open,
+            crate::config::FailMode::Closed => FailMode::Closed,
+        }
+    }
+}

@@ -300,14 +300,18 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BackendConfig {
-    /// `memory` (default), `sqlite` or `redis`.
+    /// `memory` (default), `sqlite`, `redis` or `postgres`.
     #[serde(default)]
     pub kind: BackendKind,
-    /// The Redis URL, with `kind = "redis"`.
+    /// The Redis URL, with `kind = "redis"`; the PostgreSQL URL
+    /// (`postgres://user@host:port/db`), with `kind = "postgres"`.
     pub url: Option<String>,
     /// With `kind = "sqlite"`: the database file, relative to the working directory (default
     /// `tollgate.db`), created on first start.
     pub path: Option<std::path::PathBuf>,
+    /// With PostgreSQL: the schema of the tables (default `tollgate`), created and migrated at
+    /// startup.
+    pub schema: Option<String>,
     /// With Redis: refuse (`closed`) or allow (`open`, default) requests when the rate limiter's
     /// store is unreachable. Credits always fail closed.
     #[serde(default)]
@@ -325,6 +329,8 @@ pub enum BackendKind {
     Redis,
     /// A SQLite file, durable, for one process.
     Sqlite,
+    /// PostgreSQL, shared by replicas: durable books.
+    Postgres,
 }
 
 /// What a limiter does when its store is unreachable.
@@ -913,6 +919,35 @@ impl GatewayConfig {
                     "backend.url: `kind = \"redis\"` needs a url such as redis://127.0.0.1:6379"
                         .into(),
             });
+        }
+        if self.backend.kind == BackendKind::Postgres && self.backend.url.is_none() {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.url: `kind = \"postgres\"` needs a url such as postgres://user@127.0.0.1:5432/db"
+                    .into(),
+            });
+        }
+        if let Some(schema) = &self.backend.schema {
+            if self.backend.kind != BackendKind::Postgres {
+                return Err(ConfigError {
+                    line: None,
+                    message: "backend.schema: only with `kind = \"postgres\"`".into(),
+                });
+            }
+            let valid = !schema.is_empty()
+                && schema.len() <= 63
+                && !schema.starts_with(|c: char| c.is_ascii_digit())
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                return Err(ConfigError {
+                    line: None,
+                    message: format!(
+                        "backend.schema: {schema:?} must be 1 to 63 characters of a-z, 0-9 and _, not starting with a digit"
+                    ),
+                });
+            }
         }
         for (i, plan) in self.plans.iter().enumerate() {
             if let Some(to) = &plan.after_top_up {

@@ -100,6 +100,8 @@ pub mod usage;
 pub mod admin;
 #[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]

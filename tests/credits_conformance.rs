@@ -149,3 +149,52 @@ mod sqlite {
         conformance::run(&fixture).await;
     }
 }
+
+#[cfg(feature = "postgres")]
+#[path = "support/pg_server.rs"]
+mod pg_server;
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::time::{Duration, SystemTime};
+
+    use tollgate::{
+        credits::conformance,
+        postgres::{PostgresBackend, PostgresLedger, PostgresOptions},
+    };
+
+    use super::pg_server::PgServer;
+
+    /// PostgreSQL on its own clock: a fresh schema per scenario, real sleeps past a TTL.
+    struct Postgres(&'static PgServer);
+
+    impl conformance::Fixture for Postgres {
+        type Ledger = PostgresLedger;
+
+        async fn ledger(&self, hold_ttl: Duration) -> PostgresLedger {
+            let options = PostgresOptions::new()
+                .schema(PgServer::schema("conformance"))
+                .hold_ttl(hold_ttl)
+                .acquire_timeout(Duration::from_secs(5))
+                .statement_timeout(Duration::from_secs(5));
+            let backend = PostgresBackend::connect_with(&self.0.url(), options)
+                .await
+                .expect("connect");
+            backend.migrate().await.expect("migrate");
+            backend.ledger()
+        }
+
+        async fn advance(&self, by: Duration) {
+            tokio::time::sleep(by).await;
+        }
+
+        fn now(&self) -> SystemTime {
+            SystemTime::now()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_ledger_passes_the_conformance_scenarios() {
+        conformance::run(&Postgres(PgServer::shared())).await;
+    }
+}

@@ -170,6 +170,10 @@ impl Gateway {
             BackendKind::Sqlite => {
                 return Err("backend.kind = \"sqlite\" needs the `sqlite` feature: cargo run --release --features sqlite --example gateway -- ...".to_owned().into());
             }
+            BackendKind::Postgres => {
+                storage = "storage: postgres (shared by replicas, durable)".to_owned();
+                postgres_backend(&config, limits).await?
+            }
         };
         Ok(Gateway {
             router,
@@ -643,6 +647,42 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
 #[cfg(not(feature = "redis"))]
 async fn redis_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
     Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {
+    use tollgate::{config::FailMode, postgres};
+    let url = config.backend.url.as_deref().unwrap_or_default();
+    let mut options = postgres::PostgresOptions::new()
+        .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
+        .rate_limit_fail(match config.backend.rate_limit_fail {
+            FailMode::Open => postgres::FailMode::Open,
+            FailMode::Closed => postgres::FailMode::Closed,
+        });
+    if let Some(schema) = &config.backend.schema {
+        options = options.schema(schema.as_str()); // validated with the config
+    }
+    let backend = postgres::PostgresBackend::connect_with(url, options)
+        .await
+        .map_err(|e| format!("backend.url: cannot connect to PostgreSQL: {}", e.message()))?;
+    backend
+        .migrate()
+        .await
+        .map_err(|e| format!("backend: PostgreSQL migrations failed: {}", e.message()))?;
+    // Plan promotion: the top-up, then the plan change (both idempotent on a retry).
+    assemble(
+        config,
+        limits,
+        backend.key_store(),
+        backend.ledger(),
+        backend.limiter(),
+    )
+    .await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
+    Err("backend.kind = \"postgres\" needs the `postgres` feature: cargo run --release --features postgres --example gateway -- ...".into())
 }
 
 /// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are

@@ -63,25 +63,7 @@ pub use limiter::RedisLimiter;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// What the rate limiter does when Redis cannot answer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FailMode {
-    /// Let the request through, unlimited (as Kong, Envoy and Stripe do by default).
-    #[default]
-    Open,
-    /// Refuse it with 503 `backend_unavailable` and a `Retry-After`.
-    Closed,
-}
-
-#[cfg(feature = "config")]
-impl From<crate::config::FailMode> for FailMode {
-    fn from(mode: crate::config::FailMode) -> Self {
-        match mode {
-            crate::config::FailMode::Open => FailMode::Open,
-            crate::config::FailMode::Closed => FailMode::Closed,
-        }
-    }
-}
+pub use crate::backend::FailMode;
 
 /// Timeouts, circuit breaker, TTLs and key names of a [`RedisBackend`].
 ///

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The gateway on PostgreSQL under load, beside the pgbench floor of the same server, in one run.
+#
+# Starts a throwaway PostgreSQL (initdb into a temp dir, default durability: fsync and
+# synchronous_commit on), measures `pgbench` with one conditional `UPDATE ... RETURNING` per
+# transaction (1 and 8 clients), then the gateway example (bench profile, `kind = "postgres"`,
+# built-in mock upstream) with `wrk` (8 connections, one key and account per connection, so the
+# accounts' row locks do not serialize them), and the statements per billed request from
+# `pg_stat_statements`. Needs `wrk` and the PostgreSQL binaries.
+#
+#   scripts/bench_postgres.sh [SECONDS=10]
+#   BENCH_NO_BUILD=1 scripts/bench_postgres.sh   # use the binary already built
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_EACH="${1:-10}"
+BIN_DIR="$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")"
+AS=(); [ "$(id -u)" = 0 ] && AS=(runuser -u postgres --)
+PG_PORT="${BENCH_PG_PORT:-15433}"
+GW_PORT="${BENCH_GW_PORT:-18093}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+BIN="$TARGET/release/examples/gateway"
+
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --profile bench --features postgres --example gateway --quiet
+
+WORK="$(mktemp -d /tmp/tollgate-bench-pg.XXXXXX)"
+chmod 755 "$WORK"
+[ "$(id -u)" = 0 ] && chown postgres: "$WORK"
+GW_PID=""
+cleanup() {
+  [ -n "$GW_PID" ] && kill "$GW_PID" 2>/dev/null || true
+  "${AS[@]}" "$BIN_DIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"${AS[@]}" "$BIN_DIR/initdb" -D "$WORK/data" -U postgres -A trust -E UTF8 >/dev/null
+"${AS[@]}" "$BIN_DIR/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w -o \
+  "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_preload_libraries=pg_stat_statements" \
+  start >/dev/null
+PSQL=("$BIN_DIR/psql" -X -q -A -t -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres)
+"${PSQL[@]}" -c "CREATE EXTENSION pg_stat_statements"
+
+echo "== pgbench: one conditional UPDATE ... RETURNING per transaction"
+"${PSQL[@]}" -c "CREATE TABLE bench_balances (id int PRIMARY KEY, balance bigint NOT NULL)"
+"${PSQL[@]}" -c "INSERT INTO bench_balances SELECT g, 1000000000 FROM generate_series(1, 1000) g"
+cat > "$WORK/update.sql" <<'SQL'
+\set id random(1, 1000)
+UPDATE bench_balances SET balance = balance - 1 WHERE id = :id AND balance >= 1 RETURNING balance;
+SQL
+for clients in 1 8; do
+  tps=$("$BIN_DIR/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "$clients" -j "$clients" \
+    -T "$SECONDS_EACH" -f "$WORK/update.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  echo "pgbench clients=$clients: $tps tps"
+done
+
+echo "== gateway on PostgreSQL: wrk, 8 connections, one key per connection"
+CONFIG="$WORK/gateway.toml"
+{
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$GW_PORT"
+upstream = "mock"
+
+[admin]
+key = "admin-bench-0123456789"
+
+[backend]
+kind = "postgres"
+url = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+
+[[plans]]
+name = "big"
+requests_per_minute = 100000000
+burst = 10000000
+tokens_per_minute = 2000000000
+
+[[models]]
+id = "mock-small"
+credits_per_request = 1
+credits_per_1k_tokens = 1
+TOML
+  for i in 0 1 2 3 4 5 6 7; do
+    cat <<TOML
+
+[[accounts]]
+id = "acct_$i"
+plan = "big"
+balance = 1000000000000
+
+[[keys]]
+id = "key_$i"
+account = "acct_$i"
+key = "sk-bench-pg-$i-0123456789abcdef"
+TOML
+  done
+} > "$CONFIG"
+"$BIN" --config "$CONFIG" > "$WORK/gateway.log" 2>&1 &
+GW_PID=$!
+for _ in $(seq 1 100); do
+  grep -q "listening" "$WORK/gateway.log" 2>/dev/null && break
+  sleep 0.1
+done
+grep -q "listening" "$WORK/gateway.log" || { cat "$WORK/gateway.log"; exit 1; }
+
+echo "== the books alone: reserve (with a rate limit) + settle, one statement each, pgbench 8 clients"
+cat > "$WORK/billed.sql" <<'SQL'
+\set acct random(0, 7)
+\set id random(1, 9000000000000000000)
+SELECT status FROM tollgate.reserve('acct_' || :acct, :id, 1, 600000, 86400000, NULL, NULL, NULL, NULL, ARRAY['bench|0|account:acct_' || :acct], ARRAY[600000::bigint], ARRAY[10000000::bigint], ARRAY[1::bigint], NULL);
+SELECT charged FROM tollgate.close('acct_' || :acct, :id, 'settle', 1, 0, 'always', '{}', '{}', '{}', '{}', NULL);
+SQL
+tps=$("$BIN_DIR/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 8 -j 8 \
+  -T "$SECONDS_EACH" -f "$WORK/billed.sql" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+echo "pgbench reserve+settle clients=8: $tps billed requests/s (2 commits each)"
+
+cat > "$WORK/chat.lua" <<'LUA'
+local counter = 0
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+end
+local n = 0
+function request()
+  -- Each connection of each thread uses its own key: 2 threads x 4 connections = 8 keys.
+  n = n + 1
+  local key = (id * 4 + (n % 4)) % 8
+  return wrk.format("POST", "/v1/chat/completions", {
+    ["Authorization"] = "Bearer sk-bench-pg-" .. key .. "-0123456789abcdef",
+    ["Content-Type"] = "application/json",
+  }, '{"model":"mock-small","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}')
+end
+function done(summary, latency, requests)
+  io.write(string.format("non-2xx or errors: %d\n", summary.errors.status + summary.errors.connect
+    + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
+# Warm the key caches and the prepared statements.
+wrk -t2 -c8 -d2s -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" >/dev/null
+sleep 0.5
+"${PSQL[@]}" -c "SELECT pg_stat_statements_reset()" >/dev/null
+settles() { "${PSQL[@]}" -c "SELECT count(*) FROM tollgate.journal WHERE kind = 'settle'"; }
+settled_before=$(settles)
+wrk -t2 -c8 -d"${SECONDS_EACH}s" --latency -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" | tee "$WORK/wrk.txt"
+# Requests cut by wrk's end release their holds in the background: give them a moment.
+sleep 3
+billed=$(( $(settles) - settled_before ))
+statements=$("${PSQL[@]}" -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%\"tollgate\".%'")
+held=$("${PSQL[@]}" -c "SELECT coalesce(sum(held), 0) FROM tollgate.balances")
+echo "billed requests (settles journaled): $billed; statements on the books: $statements; per billed request: $(awk "BEGIN { printf \"%.2f\", $statements / $billed }")"
+echo "credits still held after the run: $held"

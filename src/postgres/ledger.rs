@@ -1,0 +1,673 @@
+//! The PostgreSQL [`Ledger`]: one function call (one statement, one round trip) per operation.
+
+use std::{
+    any::Any,
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sqlx::{postgres::PgRow, Row, SqlStr};
+
+use super::{
+    limiter::{decision, Bucket, Meta},
+    millis, to_i64, to_u64, BoxFuture, PostgresLimiter, Shared,
+};
+use crate::{
+    credits::{
+        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
+        JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
+        TopUp, TopUpError, MAX_CREDITS,
+    },
+    ratelimit::{Charge, Correction, Decision, Limiter, Outcome},
+    BackendError,
+};
+
+/// Holds settled per statement by [`Ledger::expire_holds`].
+const EXPIRE_BATCH: i32 = 512;
+
+/// The statements, with the schema in them.
+pub(super) struct Statements {
+    reserve: SqlStr,
+    close: SqlStr,
+    top_up: SqlStr,
+    balance: SqlStr,
+    journal: SqlStr,
+    expire: SqlStr,
+}
+
+impl Statements {
+    fn new(shared: &Shared) -> Self {
+        Statements {
+            reserve: shared.sql(
+                "SELECT status, available, verdict, idx, wait, rels FROM @schema@.reserve(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            ),
+            close: shared.sql(
+                "SELECT charged, balance, was_open FROM @schema@.close(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            ),
+            top_up: shared.sql(
+                "SELECT status, balance, held, holds FROM @schema@.top_up($1, $2, $3, $4)",
+            ),
+            balance: shared.sql(
+                "SELECT balance, held, holds FROM @schema@.balances WHERE account = $1",
+            ),
+            journal: shared.sql(
+                "SELECT seq, (extract(epoch FROM at) * 1000000)::bigint, kind, amount, hold, \
+                 hold_id, balance_after, held_after, request_id, key_id, idempotency_key \
+                 FROM @schema@.journal WHERE account = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            ),
+            expire: shared.sql(
+                "SELECT closed, charged FROM @schema@.expire(to_timestamp($1::float8 / 1000000), $2)",
+            ),
+        }
+    }
+}
+
+/// A [`Ledger`] in PostgreSQL, shared by every replica connected to the same database.
+///
+/// Each operation is one call of a PL/pgSQL function that locks the account's row in
+/// `balances`, so it is atomic per account and exact under any concurrency from any number of
+/// processes, and committed before it answers (a top-up answered is durable). `CHECK`
+/// constraints make a negative balance impossible. Every call on an account first settles its
+/// expired holds at their held amount, so a hold left by a replica that died is charged by
+/// whichever replica touches the account next (and by [`expire_holds`](Ledger::expire_holds)).
+/// The journal is the `journal` table, one row per movement appended in the same statement;
+/// time is the database's, never a replica's clock.
+///
+/// A reserve whose answer is lost (a timeout, a dropped connection) may have committed: the
+/// ledger then releases the hold by its id in the background, and fences the id so that a
+/// reserve still in flight places nothing. Amounts are limited to [`MAX_CREDITS`], as on every
+/// backend.
+///
+/// Built by [`PostgresBackend::ledger`](super::PostgresBackend::ledger).
+///
+/// # Example
+///
+/// ```no_run
+/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::postgres::PostgresBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let backend = PostgresBackend::connect("postgres://postgres@127.0.0.1/billing").await?;
+/// backend.migrate().await?;
+/// let ledger = backend.ledger();
+/// ledger.top_up("acct_1", 100, "invoice-1").await?;
+/// let hold = ledger.reserve(ReserveRequest::new("acct_1", 30)).await?.into_hold().unwrap();
+/// let settlement = ledger.settle(&hold, 12).await?;
+/// assert_eq!(settlement.balance, 88);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresLedger {
+    shared: Arc<Shared>,
+    sql: Arc<Statements>,
+}
+
+/// What the reserve statement did: the hold placed or the replay, with the limits charged, or
+/// the limits refused; each with the limits' GCRA answer.
+enum Reserved {
+    Held(Hold, Limits),
+    Replayed(Limits),
+    Limited(Limits),
+}
+
+/// The GCRA answer of a statement: verdict, index, wait, the buckets' states (`None`: no limit
+/// was looked at).
+pub(super) type Limits = Option<(i32, i32, i64, Vec<i64>)>;
+
+/// Rate-limit corrections made by the close statement.
+enum Corrections {
+    None,
+    /// Whether or not the hold was still open (tokens reported by a response).
+    Always(Vec<Bucket>),
+    /// Only if this call closed the hold (the refund of a reserve whose answer was lost).
+    IfOpen(Vec<Bucket>),
+}
+
+impl PostgresLedger {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        let sql = Arc::new(Statements::new(&shared));
+        PostgresLedger { shared, sql }
+    }
+
+    fn hold_ttl_ms(&self) -> i64 {
+        millis(self.shared.options.hold_ttl)
+    }
+
+    /// `limiter` as a [`PostgresLimiter`] of the same backend, whose buckets can join this
+    /// ledger's statements.
+    fn fused<'a, R: Limiter>(&self, limiter: &'a R) -> Option<&'a PostgresLimiter> {
+        let postgres = (limiter as &dyn Any).downcast_ref::<PostgresLimiter>()?;
+        postgres.shares(&self.shared).then_some(postgres)
+    }
+
+    /// After a reserve whose answer was lost, release the hold if it was placed (and give back
+    /// the rate-limit cells charged with it) and fence its id; retried in the background until
+    /// the hold's TTL has passed.
+    fn compensate(&self, account: Arc<str>, id: i64, refunds: Vec<Bucket>) {
+        self.close_in_background(account, id, "release", 0, true, refunds);
+    }
+
+    /// Close a hold in the background, retrying until the hold's TTL has passed: after a close
+    /// that failed (PostgreSQL down) or a reserve whose answer was lost. A hold is closed once,
+    /// so trying again is safe; the corrections are applied only by the call that closes it.
+    fn close_in_background(
+        &self,
+        account: Arc<str>,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        corrections: Vec<Bucket>,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ledger = self.clone();
+        let deadline = tokio::time::Instant::now() + ledger.shared.options.hold_ttl;
+        runtime.spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                tokio::time::sleep(delay).await;
+                let close = ledger.close_once(
+                    &account,
+                    id,
+                    how,
+                    actual,
+                    fence,
+                    Corrections::IfOpen(corrections.clone()),
+                );
+                match close.await {
+                    Ok(_) => return,
+                    Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                        tracing::debug!(%error, how, "closing a hold in the background: retrying");
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, how, "could not close a hold; it expires at its hold TTL");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The reserve statement, charging `buckets` with the hold.
+    fn reserve_charging(
+        &self,
+        request: ReserveRequest,
+        buckets: Vec<Bucket>,
+        now_ns: Option<i64>,
+    ) -> BoxFuture<Result<Reserved, ReserveError>> {
+        let id = hold_id();
+        let amount = request.amount;
+        let (ikey, fingerprint) = match &request.idempotency {
+            Some((key, fp)) => (Some(key.to_string()), Some(fp.as_bytes().to_vec())),
+            None => (None, None),
+        };
+        let refunds: Vec<Bucket> = buckets
+            .iter()
+            .filter(|b| b.amount > 0)
+            .map(|b| Bucket {
+                amount: -b.amount,
+                ..b.clone()
+            })
+            .collect();
+        let (keys, t, burst, cost) = Bucket::columns(buckets);
+        let sql = self.sql.reserve.clone();
+        let account = request.account.clone();
+        let ttl = self.hold_ttl_ms();
+        let window = millis(self.shared.options.idempotency_window);
+        let request_id = request.request_id.as_deref().map(str::to_owned);
+        let key_id = request.key_id.as_deref().map(str::to_owned);
+        // Tried again with the same hold id: a reserve that did commit answers `held` again.
+        let call = self.shared.call_retrying("reserve", move |pool, _| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.to_string())
+                .bind(id)
+                .bind(to_i64(amount))
+                .bind(ttl)
+                .bind(window)
+                .bind(ikey.clone())
+                .bind(fingerprint.clone())
+                .bind(request_id.clone())
+                .bind(key_id.clone())
+                .bind(keys.clone())
+                .bind(t.clone())
+                .bind(burst.clone())
+                .bind(cost.clone())
+                .bind(now_ns);
+            async move { query.fetch_one(&pool).await }
+        });
+        let ledger = self.clone();
+        let request_arc = request.request_id;
+        let account = request.account;
+        Box::pin(async move {
+            if amount > MAX_CREDITS {
+                return Err(ReserveError::Insufficient {
+                    required: amount,
+                    available: 0,
+                });
+            }
+            // A caller that gives up (its future dropped) while the statement is out leaves a
+            // hold nobody will close: released in the background, as a lost answer is.
+            let guard = OnDrop::new({
+                let (ledger, account, refunds) = (ledger.clone(), account.clone(), refunds.clone());
+                move || ledger.compensate(account, id, refunds)
+            });
+            let answer = call.await;
+            guard.disarm();
+            let row = match answer {
+                Ok(row) => row,
+                Err(error) => {
+                    // The statement may have committed: make sure the hold does not stay.
+                    ledger.compensate(account, id, refunds);
+                    return Err(error.into());
+                }
+            };
+            let read = || -> Result<(String, i64, Limits), sqlx::Error> {
+                let status: String = row.try_get(0)?;
+                let available: i64 = row.try_get(1)?;
+                let rels: Option<Vec<i64>> = row.try_get(5)?;
+                let limits = match rels {
+                    Some(rels) => Some((row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, rels)),
+                    None => None,
+                };
+                Ok((status, available, limits))
+            };
+            let (status, available, limits) =
+                read().map_err(|e| ReserveError::Backend(super::backend_error("reserve", &e)))?;
+            match status.as_str() {
+                "held" => Ok(Reserved::Held(
+                    Hold::new(to_u64(id), account, amount, to_u64(available))
+                        .with_request_id(request_arc),
+                    limits,
+                )),
+                "insufficient" => Err(ReserveError::Insufficient {
+                    required: amount,
+                    available: to_u64(available),
+                }),
+                "replayed" => Ok(Reserved::Replayed(limits)),
+                "limited" => Ok(Reserved::Limited(limits)),
+                "reused" => Err(ReserveError::KeyReused),
+                "in_use" => Err(ReserveError::KeyInUse),
+                _ => Err(BackendError::new("postgres reserve: unexpected reply").into()),
+            }
+        })
+    }
+
+    fn close(
+        &self,
+        account: &str,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        self.close_correcting(account, id, how, actual, false, Corrections::None)
+    }
+
+    /// Close a hold and apply rate-limit corrections to `buckets`, in one statement. When it
+    /// fails, the close goes on in the background until it is made (the answer is still the
+    /// error): a settle lost to an outage charges the usage, not the hold at its expiry.
+    fn close_correcting(
+        &self,
+        account: &str,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        corrections: Corrections,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        let buckets = match &corrections {
+            Corrections::None => Vec::new(),
+            Corrections::Always(buckets) | Corrections::IfOpen(buckets) => buckets.clone(),
+        };
+        let call = self.close_once(account, id, how, actual, fence, corrections);
+        let ledger = self.clone();
+        let account: Arc<str> = account.into();
+        Box::pin(async move {
+            // Dropped while the statement is out: the close goes on in the background.
+            let guard = OnDrop::new({
+                let (ledger, account, buckets) = (ledger.clone(), account.clone(), buckets.clone());
+                move || ledger.close_in_background(account, id, how, actual, fence, buckets)
+            });
+            let result = call.await;
+            guard.disarm();
+            if result.is_err() {
+                ledger.close_in_background(account, id, how, actual, fence, buckets);
+            }
+            result
+        })
+    }
+
+    /// One close statement (tried again at once only on a broken connection; a retry applies the
+    /// corrections only if it is the call that closes the hold).
+    fn close_once(
+        &self,
+        account: &str,
+        id: i64,
+        how: &'static str,
+        actual: u64,
+        fence: bool,
+        corrections: Corrections,
+    ) -> BoxFuture<Result<Settlement, BackendError>> {
+        let (when, buckets) = match corrections {
+            Corrections::None => ("always", Vec::new()),
+            Corrections::Always(buckets) => ("always", buckets),
+            Corrections::IfOpen(buckets) => ("if_open", buckets),
+        };
+        let now_ns = buckets.first().and_then(|b| b.now_ns);
+        let (keys, t, burst, delta) = Bucket::columns(buckets);
+        let fence = if fence {
+            self.hold_ttl_ms().saturating_mul(2)
+        } else {
+            0
+        };
+        let sql = self.sql.close.clone();
+        let account = account.to_owned();
+        let call = self.shared.call_retrying("settle", move |pool, attempt| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.clone())
+                .bind(id)
+                .bind(how)
+                .bind(to_i64(actual.min(MAX_CREDITS)))
+                .bind(fence)
+                .bind(if attempt == 0 { when } else { "if_open" })
+                .bind(keys.clone())
+                .bind(t.clone())
+                .bind(burst.clone())
+                .bind(delta.clone())
+                .bind(now_ns);
+            async move { query.fetch_one(&pool).await }
+        });
+        Box::pin(async move {
+            let row = call.await?;
+            let read = |row: &PgRow| -> Result<Settlement, sqlx::Error> {
+                let (charged, balance, open): (i64, i64, bool) =
+                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                Ok(Settlement::new(to_u64(charged), to_u64(balance), open))
+            };
+            read(&row).map_err(|e| super::backend_error("settle", &e))
+        })
+    }
+}
+
+impl Ledger for PostgresLedger {
+    type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
+    type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
+
+    fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
+        let call = self.reserve_charging(request, Vec::new(), None);
+        Box::pin(async move {
+            match call.await? {
+                Reserved::Held(hold, _) => Ok(Reservation::Held(hold)),
+                Reserved::Replayed(_) => Ok(Reservation::Replayed),
+                Reserved::Limited(_) => {
+                    Err(BackendError::new("postgres reserve: unexpected reply").into())
+                }
+            }
+        })
+    }
+
+    /// One statement, one round trip, when `limiter` is a [`PostgresLimiter`] of the same
+    /// backend; else the two calls of [`reserve_then_limit`].
+    fn reserve_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        charges: Vec<Charge>,
+        request: ReserveRequest,
+    ) -> AdmissionFuture {
+        let Some(postgres) = self.fused(limiter) else {
+            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
+        };
+        let (buckets, meta) = postgres.buckets(&charges);
+        let now_ns = postgres.frozen_ns();
+        let call = self.reserve_charging(request, buckets, now_ns);
+        Box::pin(async move {
+            let decision = |limits: &Limits, meta: &[Meta]| match limits {
+                Some((verdict, idx, wait, rels)) if !meta.is_empty() => {
+                    decision(*verdict, *idx, *wait, rels, meta)
+                }
+                // Nothing to charge, or the hold was already placed (a repeated id).
+                _ => Ok(Decision::new(Outcome::Allowed)),
+            };
+            match call.await {
+                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
+                    decision: decision(&limits, &meta).unwrap_or_else(|error| {
+                        tracing::warn!(%error, "rate-limit status unreadable");
+                        Decision::new(Outcome::Allowed)
+                    }),
+                    reservation: Reservation::Held(hold),
+                },
+                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
+                    decision: decision(&limits, &meta).unwrap_or(Decision::new(Outcome::Allowed)),
+                    reservation: Reservation::Replayed,
+                },
+                Ok(Reserved::Limited(limits)) => match decision(&limits, &meta) {
+                    Ok(decision) => Admission::Limited(decision),
+                    Err(error) => Admission::Refused(error.into()),
+                },
+                Err(error) => Admission::Refused(error),
+            }
+        })
+    }
+
+    /// One statement when `limiter` is a [`PostgresLimiter`] of the same backend, as
+    /// [`reserve_limited`](Ledger::reserve_limited).
+    fn settle_limited<R: Limiter>(
+        &self,
+        limiter: &R,
+        hold: &Hold,
+        actual: u64,
+        corrections: &[Correction],
+    ) -> Self::SettleFuture {
+        match self.fused(limiter) {
+            Some(postgres) => self.close_correcting(
+                hold.account(),
+                to_i64(hold.id()),
+                "settle",
+                actual,
+                false,
+                Corrections::Always(postgres.corrections(corrections)),
+            ),
+            None => {
+                if !corrections.is_empty() {
+                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
+                }
+                self.settle(hold, actual)
+            }
+        }
+    }
+
+    fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
+        self.close(hold.account(), to_i64(hold.id()), "settle", actual)
+    }
+
+    fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
+        self.close(hold.account(), to_i64(hold.id()), "release", 0)
+    }
+
+    fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
+        let sql = self.sql.top_up.clone();
+        let account = account.to_owned();
+        let key = idempotency_key.to_owned();
+        let call = self.shared.call("top-up", move |pool| async move {
+            let row = sqlx::query(sql)
+                .bind(account)
+                .bind(to_i64(amount))
+                .bind(key)
+                .bind(to_i64(MAX_CREDITS))
+                .fetch_one(&pool)
+                .await?;
+            let status: String = row.try_get(0)?;
+            let numbers: [Option<i64>; 3] = [row.try_get(1)?, row.try_get(2)?, row.try_get(3)?];
+            Ok((status, numbers.map(|n| to_u64(n.unwrap_or(0)))))
+        });
+        Box::pin(async move {
+            if amount > MAX_CREDITS {
+                return Err(TopUpError::Overflow);
+            }
+            let (status, [balance, held, holds]) = call.await?;
+            match status.as_str() {
+                "applied" => Ok(TopUp::new(true, Balance::new(balance, held, holds))),
+                "duplicate" => Ok(TopUp::new(false, Balance::new(balance, held, holds))),
+                "reused" => Err(TopUpError::KeyReused { amount: balance }),
+                "overflow" => Err(TopUpError::Overflow),
+                _ => Err(BackendError::new("postgres top-up: unexpected reply").into()),
+            }
+        })
+    }
+
+    fn balance(&self, account: &str) -> Self::BalanceFuture {
+        let sql = self.sql.balance.clone();
+        let account = account.to_owned();
+        Box::pin(self.shared.call_retrying("balance", move |pool, _| {
+            let query = sqlx::query(sql.clone()).bind(account.clone());
+            async move {
+                let row = query.fetch_optional(&pool).await?;
+                let Some(row) = row else {
+                    return Ok(Balance::default());
+                };
+                let (balance, held, holds): (i64, i64, i64) =
+                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                Ok(Balance::new(to_u64(balance), to_u64(held), to_u64(holds)))
+            }
+        }))
+    }
+
+    fn journal(&self, account: &str, query: JournalQuery) -> Self::JournalFuture {
+        let sql = self.sql.journal.clone();
+        let account = account.to_owned();
+        let after = query.after.map_or(0, to_i64);
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        Box::pin(self.shared.call_retrying("journal", move |pool, _| {
+            let query = sqlx::query(sql.clone())
+                .bind(account.clone())
+                .bind(after)
+                .bind(limit);
+            async move {
+                let rows = query.fetch_all(&pool).await?;
+                rows.iter().map(entry).collect()
+            }
+        }))
+    }
+
+    fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
+        let sql = self.sql.expire.clone();
+        let micros = i64::try_from(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros(),
+        )
+        .unwrap_or(i64::MAX);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let mut expired = Expired::default();
+            loop {
+                let sql = sql.clone();
+                let (holds, charged) = shared
+                    .call("expire", move |pool| async move {
+                        let row = sqlx::query(sql)
+                            .bind(micros)
+                            .bind(EXPIRE_BATCH)
+                            .fetch_one(&pool)
+                            .await?;
+                        Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?))
+                    })
+                    .await?;
+                expired = Expired::new(
+                    expired.holds + to_u64(holds),
+                    expired.charged + to_u64(charged),
+                );
+                if holds < i64::from(EXPIRE_BATCH) {
+                    return Ok(expired);
+                }
+            }
+        })
+    }
+}
+
+impl fmt::Debug for PostgresLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLedger")
+            .field("schema", &self.shared.options.schema)
+            .field("hold_ttl", &self.shared.options.hold_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `f` when dropped, unless disarmed first.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// A random hold id in `1..2⁶³`, so a reserve carries its own id and can be released by it even
+/// when its answer was lost.
+fn hold_id() -> i64 {
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: fall back on the clock and a counter (still unique per process).
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        nanos
+            ^ COUNTER
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .rotate_left(40)
+    });
+    (to_i64(random >> 1)).max(1)
+}
+
+fn entry(row: &PgRow) -> Result<JournalEntry, sqlx::Error> {
+    let kind = match row.try_get::<&str, _>(2)? {
+        "reserve" => EntryKind::Reserve,
+        "settle" => EntryKind::Settle,
+        "release" => EntryKind::Release,
+        "expire" => EntryKind::Expire,
+        _ => EntryKind::TopUp,
+    };
+    let micros: i64 = row.try_get(1)?;
+    let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
+        Ok(row.try_get::<Option<&str>, _>(i)?.map(Arc::from))
+    };
+    let mut entry = JournalEntry::new(
+        to_u64(row.try_get(0)?),
+        UNIX_EPOCH + Duration::from_micros(to_u64(micros)),
+        kind,
+        to_u64(row.try_get(3)?),
+        to_u64(row.try_get(4)?),
+        row.try_get::<Option<i64>, _>(5)?.map(to_u64),
+        to_u64(row.try_get(6)?),
+        to_u64(row.try_get(7)?),
+    );
+    entry.request_id = text(8)?;
+    entry.key_id = text(9)?;
+    entry.idempotency_key = text(10)?;
+    Ok(entry)
+}
