@@ -1,6 +1,8 @@
 //! The gateway example: the binary, its config, proxying a real upstream, admin, metrics,
 //! graceful shutdown.
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
 
@@ -11,22 +13,6 @@ use std::{
 };
 
 use serde_json::{json, Value};
-
-fn example_binary() -> std::path::PathBuf {
-    // target/debug/deps/gateway-<hash> → target/debug/examples/gateway
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    // `cargo test` builds the examples; `cargo test --test gateway` alone does not.
-    assert!(
-        path.exists(),
-        "{} is missing: run the whole `cargo test` (or `cargo build --example gateway`) first",
-        path.display()
-    );
-    path
-}
 
 const CONFIG: &str = r#"
 [admin]
@@ -250,7 +236,7 @@ async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
     let dir = std::env::temp_dir().join(format!("tollgate-binary-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(binary::example_binary())
         .current_dir(&dir)
         .args([
             "--config",
@@ -310,7 +296,7 @@ fn a_bad_config_stops_startup_naming_field_and_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n\n[[plans]]\nname = \"free\"\nrequests_per_minute = \"lots\"\n").unwrap();
-    let output = Command::new(example_binary())
+    let output = Command::new(binary::example_binary())
         .arg("--config")
         .arg(&path)
         .output()
@@ -323,7 +309,7 @@ fn a_bad_config_stops_startup_naming_field_and_line() {
     );
     assert!(!stderr.contains("panicked"));
 
-    let output = Command::new(example_binary())
+    let output = Command::new(binary::example_binary())
         .args(["--config", "/nonexistent/tollgate.toml"])
         .output()
         .unwrap();
@@ -332,7 +318,7 @@ fn a_bad_config_stops_startup_naming_field_and_line() {
         String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/tollgate.toml")
     );
 
-    let output = Command::new(example_binary())
+    let output = Command::new(binary::example_binary())
         .args(["--listen", "nowhere"])
         .output()
         .unwrap();

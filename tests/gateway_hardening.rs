@@ -3,6 +3,8 @@
 //! documented header limit answered in format, metrics on their own listener, no secret key in
 //! the banner (item 10).
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
 
@@ -497,20 +499,6 @@ async fn metrics_are_served_only_on_their_own_listener() {
 // The binary: the banner, slow clients, the connection cap.
 // ---------------------------------------------------------------------------------------------
 
-fn example_binary() -> std::path::PathBuf {
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --all-features --example gateway` first",
-        path.display()
-    );
-    path
-}
-
 /// The gateway binary on a config; stopped (SIGKILL) when dropped.
 struct Binary {
     child: Child,
@@ -524,7 +512,7 @@ impl Binary {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gateway.toml");
         std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(example_binary())
+        let mut child = Command::new(binary::example_binary())
             // A relative storage path (the shipped config's `tollgate.db`) lands here, not in
             // the repository.
             .current_dir(&dir)
@@ -837,7 +825,7 @@ fn a_connection_cap_above_the_file_limit_stops_startup() {
         .arg("-c")
         .arg(format!(
             "ulimit -n 1024 && exec '{}' --config '{}' --listen 127.0.0.1:0",
-            example_binary().display(),
+            binary::example_binary().display(),
             path.display()
         ))
         .output()

@@ -3,6 +3,8 @@
 //! restart of the gateway.
 #![cfg(feature = "postgres")]
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
 #[path = "support/pg_server.rs"]
@@ -297,21 +299,6 @@ async fn the_gateway_fails_closed_while_postgres_is_down_and_recovers() {
     );
 }
 
-fn example_binary() -> std::path::PathBuf {
-    // target/debug/deps/gateway_postgres-<hash> → target/debug/examples/gateway
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run the whole `cargo test --all-features` (or `cargo build --all-features --example gateway`) first",
-        path.display()
-    );
-    path
-}
-
 /// A replica killed with `kill -9` while its calls are at the upstream: its holds stay, locked,
 /// and are settled at their held amount once they expire; the books add up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +330,7 @@ async fn holds_of_a_replica_killed_mid_call_expire_at_their_held_amount() {
         &format!("[server]\nupstream = \"http://{upstream_addr}\"\nhold_ttl_secs = 1\n\n[backend]"),
     );
     std::fs::write(&path, text).unwrap();
-    let mut child = std::process::Command::new(example_binary())
+    let mut child = std::process::Command::new(binary::example_binary())
         .arg("--config")
         .arg(&path)
         .args(["--listen", "127.0.0.1:0"])

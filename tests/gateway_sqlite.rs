@@ -3,13 +3,15 @@
 //! exit code 2.
 #![cfg(feature = "sqlite")]
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/temp_dir.rs"]
 mod temp_dir;
 
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,21 +22,6 @@ use std::{
 
 use serde_json::{json, Value};
 use temp_dir::TempDir;
-
-fn example_binary() -> PathBuf {
-    // target/debug/deps/gateway_sqlite-<hash> → target/debug/examples/gateway
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run the whole `cargo test` (or `cargo build --all-features --example gateway`) first",
-        path.display()
-    );
-    path
-}
 
 const ADMIN: &str = "admin-test-key-0123456789";
 const CONFIG_KEY: &str = "sk-test-sqlite-0000000000000";
@@ -82,7 +69,7 @@ struct Gateway {
 impl Gateway {
     fn start(dir: &Path) -> Gateway {
         std::fs::write(dir.join("gateway.toml"), CONFIG).unwrap();
-        let mut child = Command::new(example_binary())
+        let mut child = Command::new(binary::example_binary())
             .current_dir(dir)
             .args(["--config", "gateway.toml"])
             .env("RUST_LOG", "warn")
@@ -414,7 +401,7 @@ fn start_expecting_failure(dir: &Path, uid: Option<u32>) -> Output {
     if !dir.join("gateway.toml").exists() {
         std::fs::write(dir.join("gateway.toml"), CONFIG).unwrap();
     }
-    let mut command = Command::new(example_binary());
+    let mut command = Command::new(binary::example_binary());
     command.current_dir(dir).args(["--config", "gateway.toml"]);
     if let Some(uid) = uid {
         use std::os::unix::process::CommandExt;
@@ -521,7 +508,7 @@ fn the_memory_backend_says_at_startup_that_it_keeps_nothing() {
         "kind = \"memory\"",
     );
     std::fs::write(dir.join("gateway.toml"), config).unwrap();
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(binary::example_binary())
         .current_dir(dir.path())
         .args(["--config", "gateway.toml"])
         .stdout(Stdio::piped())

@@ -7,6 +7,8 @@
 //! fails on request (models `fail-500`, `fail-502`, `fail-503`; `slow` outlasts the gateway's
 //! one-second upstream timeout), so 5xx normalization goes through each catalog too.
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
 
@@ -976,22 +978,6 @@ async fn firebirdgen_004_the_envelope_its_codes_and_messages() {
     assert_eq!(r["headers"]["retry-after"], wait.to_string());
 }
 
-/// target/debug/deps/providers-<hash> → target/debug/examples/gateway
-fn example_binary() -> std::path::PathBuf {
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    // `cargo test` builds the examples; `cargo test --test providers` alone does not.
-    assert!(
-        path.exists(),
-        "{} is missing: run the whole `cargo test` (or `cargo build --all-features --example gateway`) first",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
     use tokio::io::AsyncBufReadExt;
@@ -1029,7 +1015,7 @@ async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
     ];
     for (file, status, ty, code, revoked) in table {
         let path = format!("{}/examples/providers/{file}", env!("CARGO_MANIFEST_DIR"));
-        let mut child = tokio::process::Command::new(example_binary())
+        let mut child = tokio::process::Command::new(binary::example_binary())
             .args(["--config", &path, "--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
