@@ -54,8 +54,12 @@ pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 pub struct LlmRequest {
     /// The `model` field.
     pub model: Option<Arc<str>>,
-    /// `max_tokens` (or `max_completion_tokens`).
+    /// `max_tokens` or `max_completion_tokens`: the larger when both are given (an upstream may
+    /// read either), `None` when absent or 0 (which some servers read as "no limit").
     pub max_tokens: Option<u64>,
+    /// Completions asked for: the larger of `n` and `best_of`, at least 1. A call may produce
+    /// `max_tokens` tokens for each.
+    pub choices: u64,
     /// Characters of prompt text (`messages[].content`, `prompt`, `input`).
     pub prompt_chars: u64,
     /// `stream: true`.
@@ -101,12 +105,23 @@ impl LlmRequest {
             Some(Value::String(s)) => Some(Arc::from(s.as_str())),
             Some(_) => return Err(wrong("model", "a string")),
         };
-        let mut max_tokens = None;
+        let mut max_tokens: Option<u64> = None;
         for field in ["max_tokens", "max_completion_tokens"] {
             match object.get(field) {
                 None | Some(Value::Null) => {}
                 Some(v) => match v.as_u64() {
-                    Some(n) => max_tokens = Some(n),
+                    Some(0) => {}
+                    Some(n) => max_tokens = Some(max_tokens.map_or(n, |m| m.max(n))),
+                    None => return Err(wrong(field, "a non-negative integer")),
+                },
+            }
+        }
+        let mut choices = 1u64;
+        for field in ["n", "best_of"] {
+            match object.get(field) {
+                None | Some(Value::Null) => {}
+                Some(v) => match v.as_u64() {
+                    Some(n) => choices = choices.max(n),
                     None => return Err(wrong(field, "a non-negative integer")),
                 },
             }
@@ -135,6 +150,7 @@ impl LlmRequest {
         Ok(LlmRequest {
             model,
             max_tokens,
+            choices,
             prompt_chars,
             stream,
             include_usage,
@@ -157,6 +173,10 @@ fn text_chars(value: &Value) -> u64 {
         _ => 0,
     }
 }
+
+/// The body bytes [`inspect`] read, in the request's extensions (a cheap, shared copy).
+#[derive(Clone, Debug)]
+pub(crate) struct InspectedBytes(pub(crate) Bytes);
 
 /// Whether [`inspect`] would read this request's body: a POST, PUT or PATCH with a JSON content
 /// type, not inspected yet.
@@ -251,6 +271,8 @@ where
     };
     let llm = LlmRequest::from_json(&bytes)?;
     parts.extensions.insert(llm);
+    // The bytes, for layers further in that wrap this body again (an idempotency fingerprint).
+    parts.extensions.insert(InspectedBytes(bytes.clone()));
     Ok(Request::from_parts(parts, InspectedBody::buffered(bytes)))
 }
 

@@ -46,7 +46,16 @@ impl Usage {
     /// non-negative integer.
     pub fn from_json(value: &serde_json::Value) -> Option<Usage> {
         let object = value.as_object()?;
-        if !["prompt_tokens", "completion_tokens", "total_tokens"]
+        // OpenAI's names, or the `input_tokens` / `output_tokens` of Anthropic-style and
+        // Responses-style usage.
+        const COUNTS: [&str; 5] = [
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "input_tokens",
+            "output_tokens",
+        ];
+        if !COUNTS
             .iter()
             .any(|k| object.get(*k).is_some_and(serde_json::Value::is_u64))
         {
@@ -56,8 +65,8 @@ impl Usage {
             None | Some(serde_json::Value::Null) => Some(0),
             Some(v) => v.as_u64(),
         };
-        let prompt_tokens = count("prompt_tokens")?;
-        let completion_tokens = count("completion_tokens")?;
+        let prompt_tokens = count("prompt_tokens")?.max(count("input_tokens")?);
+        let completion_tokens = count("completion_tokens")?.max(count("output_tokens")?);
         let total_tokens = match count("total_tokens")? {
             0 => prompt_tokens.saturating_add(completion_tokens),
             n => n,
@@ -160,7 +169,8 @@ impl UsageScanner {
 
     fn byte(&mut self, b: u8) {
         if self.framing == Framing::Unknown {
-            if b.is_ascii_whitespace() {
+            // Whitespace, or a UTF-8 byte order mark (EF BB BF), before the first value.
+            if b.is_ascii_whitespace() || matches!(b, 0xEF | 0xBB | 0xBF) {
                 return;
             }
             self.framing = if b == b'{' || b == b'[' {
@@ -421,6 +431,19 @@ mod tests {
         // Pretty-printed JSON (newlines are whitespace in a JSON body).
         let body = b"{\n  \"usage\" :\n {\"prompt_tokens\": 1,\n \"completion_tokens\": 2}\n}\n";
         assert_eq!(scan_in_pieces(body, 3), Some(three));
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_input_output_names_are_understood() {
+        let body = b"\xEF\xBB\xBF{\n \"usage\": {\"input_tokens\": 3, \"output_tokens\": 4}\n}";
+        assert_eq!(
+            scan_in_pieces(body, 2),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                total_tokens: 7
+            })
+        );
     }
 
     #[test]

@@ -215,7 +215,7 @@ async fn a_replay_whose_answer_was_not_kept_is_refused_with_a_clear_code() {
     assert_eq!(
         json(&refusal),
         json!({"error": {
-            "message": "The request with this Idempotency-Key was already processed and charged, but its response was larger than the replay limit, so it cannot be replayed. Send a new request with a new Idempotency-Key.",
+            "message": "The request with this Idempotency-Key was already processed and charged, but its response was larger than the replay limit, so it cannot be replayed. A new request needs a new Idempotency-Key and is charged again.",
             "type": "invalid_request_error",
             "param": null,
             "code": "idempotency_replay_unavailable",
@@ -495,4 +495,61 @@ async fn upstream_5xx_text_never_reaches_the_client_and_429s_carry_retry_guidanc
     assert_eq!(headers["x-should-retry"], "true");
     // Upstream errors are not charged.
     assert_eq!(balance(&ledger).await, 100);
+}
+
+#[tokio::test]
+async fn several_completions_and_the_larger_cap_field_bound_the_clamp() {
+    let ledger = ledger_with(10_000).await;
+    let app = app(
+        &ledger,
+        |c| c,
+        |_| {
+            json_reply(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":60,"total_tokens":65}}"#.into())
+        },
+    );
+    // n = 3 completions of up to 20 tokens: 60 completion tokens are real, charged in full.
+    let (status, _, _) = send(
+        &app,
+        chat(r#"{"model":"gpt-test","max_tokens":20,"n":3}"#, None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(balance(&ledger).await, 10_000 - 66);
+    // Both cap fields: an upstream may read either, so the larger bounds the charge.
+    let body = r#"{"model":"gpt-test","max_tokens":4096,"max_completion_tokens":1}"#;
+    let (status, headers, _) = send(&app, chat(body, None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-credits-held"], "4097");
+    assert_eq!(balance(&ledger).await, 10_000 - 66 - 66);
+    assert_books(&ledger).await;
+}
+
+#[tokio::test]
+async fn the_fingerprint_covers_a_body_an_earlier_layer_already_read() {
+    let ledger = ledger_with(100).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let credits = CreditsLayer::new(ledger.clone(), pricing()).layer(service_fn({
+        let calls = calls.clone();
+        move |_: Request<InspectedBody<InspectedBody<Body>>>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(json_reply(USAGE_1.into())) }
+        }
+    }));
+    // A layer in front (auth with model scopes does this) has read the body already.
+    let app = service_fn(move |request: Request<Body>| {
+        let credits = credits.clone();
+        async move {
+            let request = tollgate::inspect::inspect(request, 1 << 20).await.unwrap();
+            credits.oneshot(request).await
+        }
+    });
+    let first =
+        r#"{"model":"gpt-test","max_tokens":1,"messages":[{"role":"user","content":"aaaa"}]}"#;
+    let response = app.clone().oneshot(chat(first, Some("k"))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let other = first.replace("aaaa", "bbbb");
+    let response = app.clone().oneshot(chat(&other, Some("k"))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -269,7 +269,9 @@ impl Pricing {
             let prompt = llm.map_or(0, LlmRequest::estimated_prompt_tokens);
             let completion = llm
                 .and_then(|l| l.max_tokens)
-                .unwrap_or(self.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+                .unwrap_or(self.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS))
+                // `n` / `best_of` completions, each up to max_tokens.
+                .saturating_mul(llm.map_or(1, |l| l.choices.max(1)));
             price.tokens_cost(prompt, completion)
         } else {
             price.per_request

@@ -253,7 +253,11 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// [`DEFAULT_REPLAY_CAPACITY`], 64 MiB); the oldest go first. See
     /// [`replay_limit`](Self::replay_limit).
     pub fn replay_capacity(mut self, bytes: usize) -> Self {
-        self.replays = ReplayStore::new(self.replays.limit, bytes, DEFAULT_IDEMPOTENCY_WINDOW);
+        self.replays = ReplayStore::new(
+            self.replays.requested_limit,
+            bytes,
+            DEFAULT_IDEMPOTENCY_WINDOW,
+        );
         self
     }
 
@@ -595,7 +599,13 @@ where
                 .get(name)
                 .map_or(&b""[..], |v: &HeaderValue| v.as_bytes())
         };
-        let fingerprint = match request.body().buffered_bytes() {
+        // The bytes `inspect` read (here, or in a layer before this one).
+        let read = request
+            .extensions()
+            .get::<crate::inspect::InspectedBytes>()
+            .map(|b| &b.0)
+            .or(request.body().buffered_bytes());
+        let fingerprint = match read {
             Some(body) => Fingerprint::of(&[
                 request.method().as_str().as_bytes(),
                 target.as_bytes(),
@@ -628,7 +638,8 @@ where
         prompt_estimate: llm.map_or(0, LlmRequest::estimated_prompt_tokens),
         grpc: pending.grpc,
         replay,
-        max_tokens: llm.and_then(|l| l.max_tokens),
+        // Every completion (`n`, `best_of`) may use max_tokens.
+        max_tokens: llm.and_then(|l| l.max_tokens.map(|m| m.saturating_mul(l.choices.max(1)))),
     };
     let reserve = ReserveRequest::new(caller.account_id_arc().clone(), amount)
         .request_id(request_id)
@@ -976,7 +987,7 @@ where
                 unavailable => {
                     let why = match unavailable {
                         Some(Stored::Unavailable(why)) => why,
-                        _ => "is no longer kept",
+                        _ => "is not kept by this server (it was evicted, the server restarted, or another replica answered it)",
                     };
                     Kind::Refused {
                         rejection: Some(
@@ -985,7 +996,7 @@ where
                                 .with_should_retry(false)
                                 .with_message(
                                 format!(
-                                    "The request with this Idempotency-Key was already processed and charged, but its response {why}, so it cannot be replayed. Send a new request with a new Idempotency-Key."
+                                    "The request with this Idempotency-Key was already processed and charged, but its response {why}, so it cannot be replayed. A new request needs a new Idempotency-Key and is charged again."
                                 ),
                             ),
                         ),

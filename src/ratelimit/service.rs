@@ -177,7 +177,11 @@ pub(crate) fn charges(
 pub(crate) fn estimate(llm: Option<&LlmRequest>, default_max_tokens: u64) -> u64 {
     llm.map_or(0, |llm| {
         llm.estimated_prompt_tokens()
-            .saturating_add(llm.max_tokens.unwrap_or(default_max_tokens))
+            .saturating_add(
+                llm.max_tokens
+                    .unwrap_or(default_max_tokens)
+                    .saturating_mul(llm.choices.max(1)),
+            )
             // Exact in every backend's arithmetic (Redis scripts use doubles).
             .min(crate::credits::MAX_CREDITS)
     })

@@ -189,6 +189,15 @@ impl RedisLedger {
         })
     }
 
+    /// A reserve whose caller went away: release its hold (and the cells charged with it).
+    fn abandoned(&self, hold: &Hold, refunds: Vec<Bucket>) {
+        tracing::debug!(
+            hold = hold.id(),
+            "reserve abandoned by its caller: released"
+        );
+        self.compensate(hold.account_arc().clone(), hold.id(), refunds);
+    }
+
     /// After a reserve whose answer was lost, release the hold if it was placed (and give back
     /// the rate-limit cells charged with it, `refunds`) and forbid it from being placed later;
     /// retried in the background until the hold's TTL has passed.
@@ -324,17 +333,19 @@ impl RedisLedger {
                 return work.await;
             };
             let (answer, answered) = tokio::sync::oneshot::channel();
+            let mut waiting = Waiting {
+                answered,
+                ledger: ledger.clone(),
+                refunds: abandoned_refunds.clone(),
+            };
             runtime.spawn(async move {
                 let reserved = work.await;
+                // Nobody waits any more: the hold is released now.
                 if let Err(Ok(Reserved::Held(hold, _))) = answer.send(reserved) {
-                    tracing::debug!(
-                        hold = hold.id(),
-                        "reserve abandoned by its caller: released"
-                    );
-                    ledger.compensate(hold.account_arc().clone(), hold.id(), abandoned_refunds);
+                    ledger.abandoned(&hold, abandoned_refunds);
                 }
             });
-            answered.await.unwrap_or_else(|_| {
+            (&mut waiting.answered).await.unwrap_or_else(|_| {
                 Err(BackendError::new("redis reserve: the runtime is shutting down").into())
             })
         })
@@ -767,6 +778,23 @@ impl TopUpPromoter for RedisPromoter {
                 keys.invalidate_all().await;
             }
             Ok(Promoted::new(top_up, change))
+        }
+    }
+}
+
+/// A caller waiting for its reserve. Dropped after the answer arrived but before it was read
+/// (the caller gave up in between), it releases the hold the answer carries.
+struct Waiting {
+    answered: tokio::sync::oneshot::Receiver<Result<Reserved, ReserveError>>,
+    ledger: RedisLedger,
+    refunds: Vec<Bucket>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Ok(Ok(Reserved::Held(hold, _))) = self.answered.try_recv() {
+            self.ledger
+                .abandoned(&hold, std::mem::take(&mut self.refunds));
         }
     }
 }
