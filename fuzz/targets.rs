@@ -268,25 +268,6 @@ pub fn sse_usage(data: &[u8]) {
     );
 }
 
-/// The gateway configuration parser on arbitrary text.
-///
-/// Asserts: no panic; an error has a message and, when it names a line, a line in the text.
-#[cfg(feature = "config")]
-pub fn config(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    if let Err(error) = tollgate::config::GatewayConfig::from_toml(&text) {
-        let message = error.to_string();
-        assert!(!message.is_empty(), "a config error says what is wrong");
-        if let Some(line) = error.line() {
-            assert!(
-                (1..=text.lines().count() + 1).contains(&line),
-                "line {line} is not in the text ({} lines): {message}",
-                text.lines().count()
-            );
-        }
-    }
-}
-
 /// The request inspector on arbitrary bodies.
 ///
 /// Asserts: a body is either described (with its exact length) or refused with a 400 whose

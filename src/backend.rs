@@ -73,13 +73,3 @@ pub enum FailMode {
     /// Refuse it with 503 `backend_unavailable` and a `Retry-After`.
     Closed,
 }
-
-#[cfg(feature = "config")]
-impl From<crate::config::FailMode> for FailMode {
-    fn from(mode: crate::config::FailMode) -> Self {
-        match mode {
-            crate::config::FailMode::Open => FailMode::Open,
-            crate::config::FailMode::Closed => FailMode::Closed,
-        }
-    }
-}

@@ -98,8 +98,6 @@ pub mod usage;
 
 #[cfg(feature = "admin")]
 pub mod admin;
-#[cfg(feature = "config")]
-pub mod config;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

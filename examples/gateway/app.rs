@@ -33,7 +33,6 @@ use tollgate::{
         AccountRecord, AccountStatus, AuthLayer, KeyAdmin, KeyRecord, KeyStatus, KeyStore,
         MemoryKeyStore,
     },
-    config::{BackendKind, GatewayConfig, KeyStatusConfig, Route, RoutePrice, Upstream},
     credits::{Admission, AdmissionFuture, Balance, Hold},
     credits::{
         CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
@@ -49,7 +48,8 @@ use tollgate::{
 };
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 
-use super::upstream;
+use crate::config::{BackendKind, GatewayConfig, KeyStatusConfig, Route, RoutePrice, Upstream};
+use crate::upstream;
 
 /// The key of the shipped demo config (`examples/gateway.toml`): public, so the banner may
 /// print it. Any other key is a secret and only its id is printed.
@@ -616,7 +616,8 @@ async fn sqlite_backend(
 
 #[cfg(feature = "redis")]
 async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {
-    use tollgate::{config::FailMode, redis};
+    use crate::config::FailMode;
+    use tollgate::redis;
     let url = config.backend.url.as_deref().unwrap_or_default();
     let options = redis::RedisOptions::new()
         .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
@@ -651,7 +652,8 @@ async fn redis_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps,
 
 #[cfg(feature = "postgres")]
 async fn postgres_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, String> {
-    use tollgate::{config::FailMode, postgres};
+    use crate::config::FailMode;
+    use tollgate::postgres;
     let url = config.backend.url.as_deref().unwrap_or_default();
     let mut options = postgres::PostgresOptions::new()
         .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))

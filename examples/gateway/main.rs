@@ -11,13 +11,10 @@
 //! (Bearer `[admin] key`), Prometheus metrics under `/metrics` on `[server] metrics_listen` only.
 //! Ctrl-C or SIGTERM stops accepting connections and lets in-flight requests finish and settle.
 
-mod app;
-mod upstream;
-
 use std::{net::SocketAddr, process::ExitCode};
 
 use clap::{Arg, Command};
-use tollgate::config::GatewayConfig;
+use tollgate_gateway::{app, config::GatewayConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -1,7 +1,6 @@
 #![no_main]
 
-#[path = "../targets.rs"]
-#[allow(dead_code)]
-mod targets;
+#[path = "../config_target.rs"]
+mod config_target;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| config_target::config(data));

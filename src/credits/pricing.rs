@@ -324,26 +324,20 @@ impl fmt::Debug for Pricing {
 /// assert_eq!(pricing.price_for("/", Some("gpt-4o")), Price::flat(1).per_1k_tokens(5));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "config", derive(serde::Deserialize))]
 #[non_exhaustive]
 pub struct ModelPricing {
     /// The model id, as requests name it.
     pub id: String,
     /// Credits per call.
-    #[cfg_attr(feature = "config", serde(default))]
     pub credits_per_request: u64,
     /// Credits per 1000 tokens, prompt and completion.
-    #[cfg_attr(feature = "config", serde(default))]
     pub credits_per_1k_tokens: u64,
     /// Credits per 1000 prompt tokens, overriding `credits_per_1k_tokens`.
-    #[cfg_attr(feature = "config", serde(default))]
     pub credits_per_1k_prompt_tokens: Option<u64>,
     /// Credits per 1000 completion tokens, overriding `credits_per_1k_tokens`.
-    #[cfg_attr(feature = "config", serde(default))]
     pub credits_per_1k_completion_tokens: Option<u64>,
     /// The most tokens one call can use, prompt and completion together (see
     /// [`Price::usage_ceiling`]); `None`: [`DEFAULT_USAGE_CEILING`].
-    #[cfg_attr(feature = "config", serde(default))]
     pub usage_ceiling: Option<u64>,
 }
 

@@ -240,7 +240,7 @@ async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
         .current_dir(&dir)
         .args([
             "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.toml"),
             "--listen",
             "127.0.0.1:0",
         ])
@@ -433,7 +433,7 @@ async fn one_log_line_per_request_and_the_real_cost_without_the_key() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let config = tollgate::config::GatewayConfig::from_toml(CONFIG).unwrap();
+    let config = tollgate_gateway::config::GatewayConfig::from_toml(CONFIG).unwrap();
     let gateway = gateway::app::Gateway::build(config).await.unwrap();
     let send = |key: &str| {
         http::Request::post("/v1/chat/completions")

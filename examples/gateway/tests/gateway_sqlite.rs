@@ -5,7 +5,7 @@
 
 #[path = "support/binary.rs"]
 mod binary;
-#[path = "support/temp_dir.rs"]
+#[path = "../../../tests/support/temp_dir.rs"]
 mod temp_dir;
 
 use std::{

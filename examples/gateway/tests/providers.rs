@@ -81,7 +81,7 @@ fn html(status: StatusCode) -> Response {
 
 /// The example config, pointed at the test upstream, with the failing models priced.
 fn config(file: &str, upstream: SocketAddr) -> String {
-    let path = format!("{}/examples/providers/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/../providers/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap();
     let line = text
         .lines()
@@ -104,7 +104,7 @@ fn config(file: &str, upstream: SocketAddr) -> String {
 async fn run(file: &str, cases: Vec<Value>) -> Value {
     let upstream = upstream().await;
     let text = config(file, upstream);
-    tollgate::config::GatewayConfig::from_toml(&text).expect("the example config is valid");
+    tollgate_gateway::config::GatewayConfig::from_toml(&text).expect("the example config is valid");
     let running = gateway::start(&text).await;
     run_at(running.addr, cases).await
 }
@@ -1014,7 +1014,7 @@ async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
         ),
     ];
     for (file, status, ty, code, revoked) in table {
-        let path = format!("{}/examples/providers/{file}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/../providers/{file}", env!("CARGO_MANIFEST_DIR"));
         let mut child = tokio::process::Command::new(binary::example_binary())
             .args(["--config", &path, "--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
@@ -1029,7 +1029,9 @@ async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
             .unwrap_or_else(|| panic!("{file}: {first}"))
             .parse()
             .unwrap();
-        let model = tollgate::config::GatewayConfig::load(&path).unwrap().models[0]
+        let model = tollgate_gateway::config::GatewayConfig::load(&path)
+            .unwrap()
+            .models[0]
             .id
             .get_ref()
             .clone();
@@ -1063,7 +1065,7 @@ async fn every_example_config_runs_in_the_gateway_binary_as_documented() {
 }
 
 #[cfg(feature = "redis")]
-#[path = "support/redis_server.rs"]
+#[path = "../../../tests/support/redis_server.rs"]
 mod redis_server;
 
 #[cfg(feature = "redis")]

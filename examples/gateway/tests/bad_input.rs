@@ -549,7 +549,7 @@ async fn balance(app: &Router) -> Value {
 }
 
 async fn run_suite(format: &str, seed: u64) {
-    let config = tollgate::config::GatewayConfig::from_toml(&config(format)).unwrap();
+    let config = tollgate_gateway::config::GatewayConfig::from_toml(&config(format)).unwrap();
     let gateway = gateway::app::Gateway::build(config).await.unwrap();
     let app = gateway.router();
     let mut rng = Rng(seed);
@@ -794,7 +794,7 @@ async fn no_key_text_in_any_log_line() {
     tracing::subscriber::set_global_default(subscriber)
         .expect("the only subscriber of this binary");
 
-    let config = tollgate::config::GatewayConfig::from_toml(&config("openai")).unwrap();
+    let config = tollgate_gateway::config::GatewayConfig::from_toml(&config("openai")).unwrap();
     let gateway = gateway::app::Gateway::build(config).await.unwrap();
     let app = gateway.router();
     let unknown = "sk-unknown-zyxwvutsrqponmlkjihgf";

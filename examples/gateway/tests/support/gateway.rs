@@ -4,12 +4,10 @@
 
 use std::net::SocketAddr;
 
-use tollgate::config::GatewayConfig;
-
-#[path = "../../examples/gateway/app.rs"]
-pub mod app;
-#[path = "../../examples/gateway/upstream.rs"]
-pub mod upstream;
+// Not every test uses both.
+use tollgate_gateway::config::GatewayConfig;
+#[allow(unused_imports)]
+pub use tollgate_gateway::{app, upstream};
 
 /// A running gateway; stops when dropped.
 pub struct Running {

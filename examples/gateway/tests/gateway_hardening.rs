@@ -572,11 +572,8 @@ fn the_banner_prints_a_key_id_never_a_secret_key() {
     );
     drop(binary);
     // The shipped demo config's key is public: it is printed (tests/gateway.rs checks the lines).
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/gateway.toml"
-    ))
-    .unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.toml")).unwrap();
     let demo = Binary::start("banner-demo", &shipped);
     assert_eq!(
         demo.stdout[1],

@@ -7,7 +7,7 @@
 //! # Example
 //!
 //! ```
-//! use tollgate::config::GatewayConfig;
+//! use tollgate_gateway::config::GatewayConfig;
 //!
 //! let config = GatewayConfig::from_toml(r#"
 //!     [server]
@@ -42,7 +42,7 @@ use std::{collections::HashSet, fmt, net::SocketAddr, path::Path, time::SystemTi
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::{format::Format, ip::IpSet};
+use tollgate::{format::Format, ip::IpSet};
 
 /// The whole configuration.
 #[derive(Debug, Deserialize)]
@@ -89,7 +89,7 @@ pub struct GatewayConfig {
 /// message = "Insufficient balance. Please top up your account."
 /// ```
 ///
-/// Every field is optional; see [`ErrorOverride`](crate::format::ErrorOverride) for the
+/// Every field is optional; see [`ErrorOverride`](tollgate::format::ErrorOverride) for the
 /// `{placeholders}` a message may use.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,7 +255,7 @@ fn default_journal_limit() -> usize {
     10_000
 }
 fn default_body_limit() -> usize {
-    crate::inspect::DEFAULT_BODY_LIMIT
+    tollgate::inspect::DEFAULT_BODY_LIMIT
 }
 
 /// Where requests go after the chain.
@@ -501,7 +501,7 @@ impl RouteConfig {
     /// `GET /v1/models/{id}` free.
     ///
     /// ```
-    /// use tollgate::config::{GatewayConfig, RouteConfig, RoutePrice};
+    /// use tollgate_gateway::config::{GatewayConfig, RouteConfig, RoutePrice};
     ///
     /// let config = GatewayConfig::from_toml("").unwrap();
     /// assert_eq!(config.routes(), RouteConfig::defaults());
@@ -963,7 +963,7 @@ impl GatewayConfig {
             }
         }
         for (code, entry) in &self.errors {
-            if crate::Reason::from_code(code.get_ref()).is_none() {
+            if tollgate::Reason::from_code(code.get_ref()).is_none() {
                 return Err(at(
                     code.span(),
                     format!(
@@ -1005,8 +1005,8 @@ impl GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// The `[errors.*]` tables as an [`ErrorCatalog`](crate::format::ErrorCatalog), for
-    /// [`NormalizeLayer::catalog`](crate::normalize::NormalizeLayer::catalog).
+    /// The `[errors.*]` tables as an [`ErrorCatalog`](tollgate::format::ErrorCatalog), for
+    /// [`NormalizeLayer::catalog`](tollgate::normalize::NormalizeLayer::catalog).
     ///
     /// ```
     /// use tollgate::{config::GatewayConfig, Reason};
@@ -1016,11 +1016,11 @@ impl GatewayConfig {
     /// let entry = catalog.get(Reason::InsufficientCredits).unwrap();
     /// assert_eq!(entry.get_status().unwrap(), 402);
     /// ```
-    pub fn error_catalog(&self) -> crate::format::ErrorCatalog {
-        use crate::format::{ErrorCode, ErrorOverride};
-        let mut catalog = crate::format::ErrorCatalog::new();
+    pub fn error_catalog(&self) -> tollgate::format::ErrorCatalog {
+        use tollgate::format::{ErrorCode, ErrorOverride};
+        let mut catalog = tollgate::format::ErrorCatalog::new();
         for (code, entry) in &self.errors {
-            let Some(reason) = crate::Reason::from_code(code.get_ref()) else {
+            let Some(reason) = tollgate::Reason::from_code(code.get_ref()) else {
                 continue;
             };
             let mut out = ErrorOverride::new();
@@ -1051,10 +1051,10 @@ impl GatewayConfig {
         catalog
     }
 
-    /// The plans' `after_top_up` rules as [`Promotions`](crate::credits::Promotions).
+    /// The plans' `after_top_up` rules as [`Promotions`](tollgate::credits::Promotions).
     ///
     /// ```
-    /// use tollgate::config::GatewayConfig;
+    /// use tollgate_gateway::config::GatewayConfig;
     ///
     /// let config = GatewayConfig::from_toml(r#"
     ///     [[plans]]
@@ -1065,11 +1065,11 @@ impl GatewayConfig {
     /// "#).unwrap();
     /// assert_eq!(config.promotions().target("free"), Some("trusted"));
     /// ```
-    pub fn promotions(&self) -> crate::credits::Promotions {
+    pub fn promotions(&self) -> tollgate::credits::Promotions {
         self.plans
             .iter()
             .filter_map(|p| Some((p.name.get_ref(), p.after_top_up.as_ref()?.get_ref())))
-            .fold(crate::credits::Promotions::new(), |rules, (from, to)| {
+            .fold(tollgate::credits::Promotions::new(), |rules, (from, to)| {
                 rules.after_top_up(from.as_str(), to.as_str())
             })
     }
@@ -1235,11 +1235,8 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let config = GatewayConfig::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/gateway.toml"
-        ))
-        .unwrap();
+        let config =
+            GatewayConfig::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.toml")).unwrap();
         assert!(!config.keys.is_empty());
         // It lists the default routes, so that the file documents them.
         assert_eq!(config.routes(), RouteConfig::defaults());

@@ -7,7 +7,7 @@
 mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
-#[path = "support/pg_server.rs"]
+#[path = "../../../tests/support/pg_server.rs"]
 mod pg_server;
 
 use serde_json::{json, Value};
@@ -200,7 +200,7 @@ async fn two_replicas_share_one_balance_and_revocations_and_the_books_outlive_th
 
 #[test]
 fn the_config_names_what_a_postgres_backend_lacks() {
-    use tollgate::config::GatewayConfig;
+    use tollgate_gateway::config::GatewayConfig;
     let error = GatewayConfig::from_toml("[backend]\nkind = \"postgres\"\n").unwrap_err();
     assert!(
         error

@@ -4,7 +4,7 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
-#[path = "support/redis_server.rs"]
+#[path = "../../../tests/support/redis_server.rs"]
 mod redis_server;
 
 use serde_json::{json, Value};
