@@ -18,9 +18,9 @@ AS=(); [ "$(id -u)" = 0 ] && AS=(runuser -u postgres --)
 PG_PORT="${BENCH_PG_PORT:-15433}"
 GW_PORT="${BENCH_GW_PORT:-18093}"
 TARGET="${CARGO_TARGET_DIR:-target}"
-BIN="$TARGET/release/examples/gateway"
+BIN="$TARGET/release/gateway"
 
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --profile bench --features postgres --example gateway --quiet
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --profile bench -p tollgate-gateway --bin gateway --features postgres --quiet
 
 WORK="$(mktemp -d /tmp/tollgate-bench-pg.XXXXXX)"
 chmod 755 "$WORK"

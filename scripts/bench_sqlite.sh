@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-5}"
 ROUNDS="${2:-2}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --features sqlite --example gateway --quiet
-BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/examples/gateway")"
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p tollgate-gateway --bin gateway --features sqlite --quiet
+BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/gateway")"
 DIR="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 KEY="sk-bench-0123456789abcdefghijklmn"

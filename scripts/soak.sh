@@ -16,7 +16,7 @@ SMALL_KEY="sk-soak-small-0123456789abcdefgh"
 ADMIN="admin-soak-0123456789"
 
 # SOAK_NO_BUILD=1: use the binary already built.
-[ -n "${SOAK_NO_BUILD:-}" ] || cargo build --release --example gateway --quiet
+[ -n "${SOAK_NO_BUILD:-}" ] || cargo build --release -p tollgate-gateway --bin gateway --quiet
 CONFIG="$(mktemp --suffix .toml)"
 LOG="$(mktemp --suffix .log)"
 cat > "$CONFIG" <<TOML
@@ -66,7 +66,7 @@ account = "acct_small"
 key = "$SMALL_KEY"
 TOML
 
-RUST_LOG=warn target/release/examples/gateway --config "$CONFIG" >"$LOG" 2>&1 &
+RUST_LOG=warn target/release/gateway --config "$CONFIG" >"$LOG" 2>&1 &
 GATEWAY=$!
 cleanup() { kill "$GATEWAY" 2>/dev/null || true; wait "$GATEWAY" 2>/dev/null || true; rm -f "$CONFIG"; }
 trap cleanup EXIT

@@ -79,6 +79,13 @@
 //! assert_eq!(body["error"]["code"], "invalid_api_key");
 //! # }
 //! ```
+//!
+//! # Building a chain
+//!
+//! The layers' own constructors are the API (as above): the crate reads no configuration file.
+//! The runnable gateway built on it, with its TOML schema, is a crate of its own in the
+//! repository's workspace, `tollgate-gateway` in `examples/gateway/`:
+//! `cargo run --release -p tollgate-gateway -- --config examples/gateway.toml`.
 #![deny(unreachable_pub, unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]

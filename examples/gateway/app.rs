@@ -168,7 +168,7 @@ impl Gateway {
             }
             #[cfg(not(feature = "sqlite"))]
             BackendKind::Sqlite => {
-                return Err("backend.kind = \"sqlite\" needs the `sqlite` feature: cargo run --release --features sqlite --example gateway -- ...".to_owned().into());
+                return Err("backend.kind = \"sqlite\" needs the `sqlite` feature: cargo run --release -p tollgate-gateway -- ...".to_owned().into());
             }
             BackendKind::Postgres => {
                 storage = "storage: postgres (shared by replicas, durable)".to_owned();
@@ -647,7 +647,7 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
 
 #[cfg(not(feature = "redis"))]
 async fn redis_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
-    Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release --features redis --example gateway -- ...".into())
+    Err("backend.kind = \"redis\" needs the `redis` feature: cargo run --release -p tollgate-gateway --features redis -- ...".into())
 }
 
 #[cfg(feature = "postgres")]
@@ -684,7 +684,7 @@ async fn postgres_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps
 
 #[cfg(not(feature = "postgres"))]
 async fn postgres_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Apps, String> {
-    Err("backend.kind = \"postgres\" needs the `postgres` feature: cargo run --release --features postgres --example gateway -- ...".into())
+    Err("backend.kind = \"postgres\" needs the `postgres` feature: cargo run --release -p tollgate-gateway --features postgres -- ...".into())
 }
 
 /// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are

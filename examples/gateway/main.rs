@@ -2,7 +2,7 @@
 //! rate limit, credits) in front of an OpenAI-compatible upstream.
 //!
 //! ```sh
-//! cargo run --release --example gateway -- --config examples/gateway.toml [--listen 127.0.0.1:9000]
+//! cargo run --release -p tollgate-gateway -- --config examples/gateway.toml [--listen 127.0.0.1:9000]
 //! ```
 //!
 //! The upstream is a built-in mock model server (`upstream = "mock"`) or a real one

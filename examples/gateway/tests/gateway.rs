@@ -318,7 +318,9 @@ fn a_bad_config_stops_startup_naming_field_and_line() {
         String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/tollgate.toml")
     );
 
+    // From the repository's root, where the default `--config examples/gateway.toml` is.
     let output = Command::new(binary::example_binary())
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
         .args(["--listen", "nowhere"])
         .output()
         .unwrap();

@@ -11,6 +11,8 @@
 mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/python.rs"]
+mod python;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -112,7 +114,11 @@ async fn run(file: &str, cases: Vec<Value>) -> Value {
 /// Run `cases` against the gateway at `addr`.
 async fn run_at(addr: SocketAddr, cases: Vec<Value>) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/provider_cases.py");
-    let mut child = tokio::process::Command::new("python3")
+    // The SDK is provisioned once (a virtualenv under target/ when python3 lacks it).
+    let python = tokio::task::spawn_blocking(python::python_with_openai)
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(python)
         .arg(script)
         .arg(format!("http://{addr}"))
         .stdin(std::process::Stdio::piped())
@@ -128,7 +134,7 @@ async fn run_at(addr: SocketAddr, cases: Vec<Value>) -> Value {
     let output = child.wait_with_output().await.unwrap();
     assert!(
         output.status.success(),
-        "the SDK script failed (is `pip install openai` done?):\n{}",
+        "the SDK script failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()

@@ -27,7 +27,8 @@ pub fn python_with_openai() -> PathBuf {
             if imports(&system) {
                 return system;
             }
-            let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv");
+            // The workspace's target/ (this package is examples/gateway/ in it).
+            let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/sdk-venv");
             let python = venv.join("bin/python");
             if imports(&python) {
                 return python;
