@@ -115,8 +115,10 @@ COST=$((BALANCE_START - BALANCE_BEFORE))
 port_of() { case "$1" in upstream) echo $UP ;; bare) echo $BARE ;; gateway) echo $GW ;; esac; }
 
 # Warm up all three (connection pools, allocator, branch predictors).
+GW_WARM=0
 for t in upstream bare gateway; do
-  wrk -t1 -c4 -d1s -s "$DIR/chat.lua" "http://127.0.0.1:$(port_of $t)$ROUTE" > /dev/null
+  warm="$(wrk -t1 -c4 -d1s -s "$DIR/chat.lua" "http://127.0.0.1:$(port_of $t)$ROUTE" | awk '/requests in/ {print $1}')"
+  [ "$t" = gateway ] && GW_WARM="${warm:-0}"
 done
 
 echo "== $(date -u +%FT%TZ) $(nproc) cores; load: $(uptime | sed 's/.*load average: //')"
@@ -133,8 +135,8 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round $t $line max_rps=$rps${non2xx:+ wrk_non2xx=$non2xx}" | tee -a "$DIR/results"
     if [ "$t" = gateway ]; then
       ok="$(sed -n 's/.* ok=\([0-9]*\).*/\1/p' <<< "$line")"
-      warm="$(awk '/requests in/ {print $1}' <<< "$wrk_out")"
-      GW_OK=$((GW_OK + ${ok:-0} + ${warm:-0}))
+      done_wrk="$(awk '/requests in/ {print $1}' <<< "$wrk_out")"
+      GW_OK=$((GW_OK + ${ok:-0} + ${done_wrk:-0}))
     fi
   done
 done
@@ -164,4 +166,7 @@ PY
 sleep 0.5
 read -r BALANCE_AFTER HELD <<< "$(balance)"
 CHARGED=$((BALANCE_BEFORE - BALANCE_AFTER))
-echo "== gateway books: $COST credits per request; $CHARGED charged = $((CHARGED / COST)) requests (measured: $GW_OK, the rest warm-up and requests wrk left in flight), $HELD held after"
+# Every request the gateway answered was charged, loadgen's warm-up second included (it sends
+# ROUNDS * RATE more than it counts); wrk may leave a few in flight when it stops (charged too).
+echo "== gateway books: $COST credits per request; $CHARGED charged = $((CHARGED / COST)) requests;" \
+  "answered and counted: $((GW_OK + GW_WARM + 1)) + loadgen warm-ups $((ROUNDS * RATE)); $HELD held after"
