@@ -25,17 +25,10 @@ use super::{
 };
 use crate::{
     body::ResponseBody,
-    ratelimit::{corrections, Charge, TokenMeter},
+    ratelimit::{Charges, TokenMeter},
     usage::{CodedScanner, Usage},
     BackendError,
 };
-
-/// The tokens charged to rate limits before the call, corrected from the reported usage when
-/// the hold is settled ([`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit)).
-pub(super) struct TokenCharges {
-    pub(super) charges: Vec<Charge>,
-    pub(super) estimate: u64,
-}
 
 /// What is needed to close one hold, exactly once: on the body's end, on an upstream failure, or
 /// (by `Drop`) when the response or its body is abandoned.
@@ -47,7 +40,9 @@ pub(super) struct Meter<L: Ledger> {
     scanner: CodedScanner,
     sse: bool,
     events: EventCounter,
-    tokens: Option<TokenCharges>,
+    /// The tokens charged to rate limits before the call, corrected from the reported usage
+    /// when the hold is settled ([`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit)).
+    tokens: Option<Charges>,
     /// The account and `Idempotency-Key` whose answer is kept, until the answer's head is known.
     replay_key: Option<(Arc<str>, Arc<str>)>,
     /// The answer being kept for the retries of its `Idempotency-Key`.
@@ -79,7 +74,7 @@ impl<L: Ledger> Meter<L> {
     }
 
     /// Correct these tokens limits from the reported usage when settling.
-    pub(super) fn with_tokens(mut self, tokens: Option<TokenCharges>) -> Self {
+    pub(super) fn with_tokens(mut self, tokens: Option<Charges>) -> Self {
         self.tokens = tokens;
         self
     }
@@ -131,7 +126,7 @@ impl<L: Ledger> Meter<L> {
         let limited = self.shared.limits.as_ref().zip(tokens).zip(usage);
         let future = match limited {
             Some(((limits, tokens), usage)) => {
-                let corrections = corrections(&tokens.charges, tokens.estimate, &usage);
+                let corrections = tokens.corrections(&usage);
                 limits
                     .limiter
                     .settle(&self.shared.ledger, hold, charge, &corrections)

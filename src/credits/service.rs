@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
-    body::{Meter, MeteredBody, TokenCharges},
+    body::{Meter, MeteredBody},
     ledger::{Admission, AdmissionFuture, Fingerprint, Hold, Ledger, Reservation, ReserveRequest},
     pricing::{Price, Pricing},
     replay::{Answer, ReplayStore, Stored, DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT},
@@ -30,9 +30,10 @@ use crate::{
     },
     normalize::REQUEST_ID,
     ratelimit::{
-        self, Charge, Correction, Decision, Limiter, Policies, RateLimitLayer, TokenMeter,
+        Charge, Charges, Correction, Decision, Gate, Limiter, RateLimitLayer, RequestLimits,
+        TokenMeter,
     },
-    BackendError, BoxError, Caller, LimitKind, Reason, Rejection,
+    BackendError, BoxError, Caller, Reason, Rejection,
 };
 
 /// `x-credits-held`: the credits held for this request (its price or its estimate, see
@@ -94,7 +95,7 @@ pub(super) struct Shared<L: Ledger> {
 
 /// The rate limits charged in the same step as the hold ([`CreditsLayer::rate_limit`]).
 pub(super) struct Limits<L: Ledger> {
-    config: Arc<ratelimit::Config>,
+    gate: Gate,
     pub(super) limiter: Box<dyn LimitsBackend<L>>,
 }
 
@@ -116,7 +117,7 @@ pub(super) trait LimitsBackend<L: Ledger>: Send + Sync {
     ) -> L::SettleFuture;
     /// Corrects the tokens limits from a response without a hold (a replay, a request without
     /// a `Caller`).
-    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter;
+    fn meter(&self, charges: &Charges) -> Option<TokenMeter>;
 }
 
 struct Erased<R>(R);
@@ -140,8 +141,8 @@ impl<L: Ledger + Clone, R: Limiter> LimitsBackend<L> for Erased<R> {
         ledger.settle_limited(&self.0, hold, actual, corrections)
     }
 
-    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter {
-        TokenMeter::new(self.0.clone(), charges, estimate)
+    fn meter(&self, charges: &Charges) -> Option<TokenMeter> {
+        charges.meter(self.0.clone())
     }
 }
 
@@ -295,9 +296,10 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// # let _ = layer;
     /// ```
     pub fn rate_limit<R: Limiter>(mut self, layer: RateLimitLayer<R>) -> Self {
+        let (limiter, gate) = layer.into_parts();
         self.limits = Some(Arc::new(Limits {
-            config: layer.config,
-            limiter: Box::new(Erased(layer.limiter)),
+            gate,
+            limiter: Box::new(Erased(limiter)),
         }));
         self
     }
@@ -345,7 +347,7 @@ impl<L: Ledger + fmt::Debug> fmt::Debug for CreditsLayer<L> {
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
             .field("replays", &self.replays)
-            .field("rate_limit", &self.limits.as_ref().map(|l| &l.config.plans))
+            .field("rate_limit", &self.limits.as_ref().map(|l| l.gate.plans()))
             .finish()
     }
 }
@@ -407,7 +409,7 @@ where
         let limits = shared
             .limits
             .as_ref()
-            .and_then(|limits| limits.config.policies(&request));
+            .and_then(|limits| limits.gate.limits(&request));
         let caller = request.extensions().get::<Caller>().cloned();
         if caller.is_none() && !shared.allow_anonymous {
             return refused(Rejection::new(Reason::MissingApiKey));
@@ -442,9 +444,7 @@ where
             // charge the default price for what may be an expensive model.
             return refused(Rejection::new(Reason::UnsupportedMediaType));
         }
-        let tokens = limits
-            .as_ref()
-            .is_some_and(|p| ratelimit::has_tokens(&p.policy, p.global.as_deref()));
+        let tokens = limits.as_ref().is_some_and(RequestLimits::needs_body);
         let pending = Pending {
             caller,
             idempotency_key,
@@ -456,8 +456,8 @@ where
         if (priced || tokens || keyed) && wants_inspection(&request) {
             // Both bounds apply: the rate limit's (when it reads the body) and ours.
             let limit = match (&shared.limits, tokens) {
-                (Some(limits), true) if priced => shared.body_limit.min(limits.config.body_limit),
-                (Some(limits), true) => limits.config.body_limit,
+                (Some(limits), true) if priced => shared.body_limit.min(limits.gate.body_limit()),
+                (Some(limits), true) => limits.gate.body_limit(),
                 _ => shared.body_limit,
             };
             return ResponseFuture {
@@ -481,7 +481,7 @@ struct Pending {
     idempotency_key: Option<Arc<str>>,
     grpc: bool,
     /// The rate limits to charge with the hold ([`CreditsLayer::rate_limit`]).
-    limits: Option<Policies>,
+    limits: Option<RequestLimits>,
 }
 
 /// What settlement needs to know about a request.
@@ -521,31 +521,6 @@ fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejectio
     Ok(value.to_str().ok().map(Arc::from))
 }
 
-/// The rate-limit charges of a request: all of them, and the tokens ones to correct from the
-/// reported usage (`None` when no tokens were charged).
-fn limit_charges<L: Ledger>(
-    limits: &Limits<L>,
-    policies: &Policies,
-    llm: Option<&LlmRequest>,
-) -> (Vec<Charge>, Option<TokenCharges>) {
-    let estimate = ratelimit::estimate(llm, limits.config.default_max_tokens);
-    let charges = ratelimit::charges(
-        &policies.subject,
-        &policies.policy,
-        policies.global.as_deref(),
-        estimate,
-    );
-    let tokens = ratelimit::charges_tokens(&charges).then(|| TokenCharges {
-        charges: charges
-            .iter()
-            .filter(|c| c.kind == LimitKind::Tokens)
-            .cloned()
-            .collect(),
-        estimate,
-    });
-    (charges, tokens)
-}
-
 fn admit<S, B, L>(
     shared: &Shared<L>,
     request: Request<InspectedBody<B>>,
@@ -559,8 +534,9 @@ where
     let llm = request.extensions().get::<LlmRequest>();
     let limited = shared.limits.as_ref().zip(pending.limits.as_ref());
     let (charges, tokens) = match limited {
-        Some((limits, policies)) => {
-            let (charges, tokens) = limit_charges(limits, policies, llm);
+        Some((limits, request_limits)) => {
+            let charges = limits.gate.charges(request_limits, &request);
+            let tokens = charges.tokens();
             (Some((limits, charges)), tokens)
         }
         None => (None, None),
@@ -572,7 +548,7 @@ where
             unreachable!("an anonymous request reaches `admit` only when it is rate-limited")
         };
         return Kind::Checking {
-            future: limits.limiter.check(&charges),
+            future: limits.limiter.check(charges.as_slice()),
             request: Some(request),
             service: Some(service),
             tokens,
@@ -647,7 +623,9 @@ where
         .idempotency(idempotency);
     match charges {
         Some((limits, charges)) => Kind::Admitting {
-            future: limits.limiter.admit(&shared.ledger, charges, reserve),
+            future: limits
+                .limiter
+                .admit(&shared.ledger, charges.into_vec(), reserve),
             request: Some(request),
             service: Some(service),
             plan,
@@ -711,7 +689,7 @@ pin_project! {
             future: CheckFuture,
             request: Option<Request<InspectedBody<B>>>,
             service: Option<S>,
-            tokens: Option<TokenCharges>,
+            tokens: Option<Charges>,
             grpc: bool,
         },
         Reserving {
@@ -727,7 +705,7 @@ pin_project! {
             request: Option<Request<InspectedBody<B>>>,
             service: Option<S>,
             plan: Plan,
-            tokens: Option<TokenCharges>,
+            tokens: Option<Charges>,
         },
         Calling {
             #[pin]
@@ -822,9 +800,10 @@ where
                     match checked {
                         Ok(decision) if decision.is_allowed() => {
                             let limits = this.shared.limits.as_ref();
-                            let meter = tokens.take().zip(limits).map(|(tokens, limits)| {
-                                limits.limiter.meter(tokens.charges, tokens.estimate)
-                            });
+                            let meter = tokens
+                                .take()
+                                .zip(limits)
+                                .and_then(|(tokens, limits)| limits.limiter.meter(&tokens));
                             Kind::Passthrough {
                                 future: service.call(request),
                                 replayed: false,
@@ -955,7 +934,7 @@ fn call<S, B, L>(
     reservation: Reservation,
     plan: Plan,
     decision: Option<Decision>,
-    tokens: Option<TokenCharges>,
+    tokens: Option<Charges>,
 ) -> Kind<S, B, L>
 where
     S: Service<Request<InspectedBody<B>>>,
@@ -1015,9 +994,7 @@ fn limit_headers<L: Ledger>(
     decision: Option<&Decision>,
 ) {
     if let (Some(decision), Some(limits)) = (decision, &shared.limits) {
-        if limits.config.headers {
-            ratelimit::insert_headers(headers, decision);
-        }
+        limits.gate.headers(headers, decision);
     }
 }
 
@@ -1027,9 +1004,13 @@ fn limited<B, L: Ledger>(
     decision: &Decision,
     grpc: bool,
 ) -> Response<MeteredBody<B, L>> {
-    let mut response = render(&ratelimit::rejection(decision.outcome()), grpc);
-    limit_headers(shared, response.headers_mut(), Some(decision));
-    response
+    match &shared.limits {
+        Some(limits) => limits
+            .gate
+            .refusal(decision, grpc)
+            .map(|bytes| MeteredBody::new(ResponseBody::full(bytes), None)),
+        None => render(&Rejection::new(Reason::Internal), grpc),
+    }
 }
 
 fn render<B, L: Ledger>(rejection: &Rejection, grpc: bool) -> Response<MeteredBody<B, L>> {
