@@ -16,7 +16,7 @@ use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyAdminError, KeyRecord, KeyStatus, KeyStore},
     credits::{
         Admission, EntryKind, Fingerprint, Hold, JournalQuery, Ledger, Reservation, ReserveError,
-        ReserveRequest, TopUpError,
+        ReserveRequest, TopUpError, Verdict,
     },
     keys,
     postgres::{FailMode, PostgresBackend, PostgresOptions},
@@ -669,7 +669,10 @@ fn one_step(
         )
     });
     CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit(RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by))
+        .rate_limit_with(
+            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
+            backend.admission(),
+        )
         .layer(upstream)
 }
 
@@ -857,11 +860,12 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let lost = ledger
-        .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+    let lost = backend
+        .admission()
+        .admit(charges.clone(), ReserveRequest::new("acct_1", 4))
         .await;
     assert!(
-        matches!(lost, Admission::Refused(ReserveError::Backend(_))),
+        matches!(lost, Verdict::Refused(ReserveError::Backend(_))),
         "{lost:?}"
     );
     lock.await.unwrap();

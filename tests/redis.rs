@@ -702,7 +702,10 @@ fn one_step(
         )
     });
     CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit(RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by))
+        .rate_limit_with(
+            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
+            backend.admission(),
+        )
         .layer(upstream)
 }
 
@@ -896,17 +899,18 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
 /// is released in the background and the rate-limit cell it charged is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
-    use tollgate::credits::Admission;
+    use tollgate::credits::{Admission, Verdict};
     let server = RedisServer::start();
     let backend = replica(&server, fast()).await;
     let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    let admission = backend.admission();
     ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
     let charges = vec![charge("acct_1", 1)];
     // Warm the scripts so that the lost call is the script itself.
-    let warm = ledger
-        .reserve_limited(&limiter, vec![], ReserveRequest::new("acct_1", 1))
+    let warm = admission
+        .admit(vec![], ReserveRequest::new("acct_1", 1))
         .await;
-    let Admission::Admitted { reservation, .. } = warm else {
+    let Verdict::Admitted { reservation, .. } = warm else {
         panic!("{warm:?}")
     };
     ledger
@@ -927,11 +931,11 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
             .await;
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let lost = ledger
-        .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+    let lost = admission
+        .admit(charges.clone(), ReserveRequest::new("acct_1", 4))
         .await;
     assert!(
-        matches!(lost, Admission::Refused(ReserveError::Backend(_))),
+        matches!(lost, Verdict::Refused(ReserveError::Backend(_))),
         "{lost:?}"
     );
     busy.await.unwrap();
@@ -953,22 +957,22 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
 /// An absurd usage reported by an upstream cannot stop the settlement: the correction is capped.
 #[tokio::test]
 async fn a_huge_tokens_correction_still_settles_the_hold() {
-    use tollgate::{credits::Admission, ratelimit::Correction};
+    use tollgate::{
+        credits::{Admission, Verdict},
+        ratelimit::Correction,
+    };
     let server = RedisServer::start();
     let backend = replica(&server, RedisOptions::new()).await;
     let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    let admission = backend.admission();
     ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
     let mut tokens = charge("acct_1", 60);
     tokens.kind = LimitKind::Tokens;
     tokens.cost = 5;
-    let admitted = ledger
-        .reserve_limited(
-            &limiter,
-            vec![tokens.clone()],
-            ReserveRequest::new("acct_1", 4),
-        )
+    let admitted = admission
+        .admit(vec![tokens.clone()], ReserveRequest::new("acct_1", 4))
         .await;
-    let Admission::Admitted { reservation, .. } = admitted else {
+    let Verdict::Admitted { reservation, .. } = admitted else {
         panic!("{admitted:?}")
     };
     let hold = reservation.into_hold().unwrap();
@@ -977,10 +981,7 @@ async fn a_huge_tokens_correction_still_settles_the_hold() {
         quota: tokens.quota,
         delta: i64::MAX,
     };
-    let settlement = ledger
-        .settle_limited(&limiter, &hold, 3, &[correction])
-        .await
-        .unwrap();
+    let settlement = admission.settle(&hold, 3, &[correction]).await.unwrap();
     assert!(settlement.was_open);
     assert_eq!(settlement.charged, 3);
     assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 7);

@@ -124,16 +124,14 @@ impl<L: Ledger> Meter<L> {
     fn settle(&mut self, hold: &Hold, charge: u64, usage: Option<Usage>) {
         let tokens = self.tokens.take();
         let limited = self.shared.limits.as_ref().zip(tokens).zip(usage);
-        let future = match limited {
+        match limited {
             Some(((limits, tokens), usage)) => {
                 let corrections = tokens.corrections(&usage);
-                limits
-                    .limiter
-                    .settle(&self.shared.ledger, hold, charge, &corrections)
+                let future = limits.admission.settle(hold, charge, &corrections);
+                drive(future, hold, "settle");
             }
-            None => self.shared.ledger.settle(hold, charge),
-        };
-        drive(future, hold, "settle");
+            None => drive(self.shared.ledger.settle(hold, charge), hold, "settle"),
+        }
     }
 
     pub(super) fn hold(&self) -> Option<&Hold> {

@@ -40,9 +40,11 @@
 //! `missing_api_key`, or let through free with [`CreditsLayer::allow_anonymous`].
 //!
 //! With [`CreditsLayer::rate_limit`] the same layer also rate-limits: the limits and the hold
-//! are charged in one step, both or neither ([`Ledger::reserve_limited`]), and the tokens are
-//! corrected with the settlement ([`Ledger::settle_limited`]); on Redis each step is one script,
-//! one round trip.
+//! are charged together, both or neither, and the tokens are corrected with the settlement, by
+//! an [`Admission`]: [`TwoStep`] for any ledger and limiter, or the fused one of a backend that
+//! keeps both ([`CreditsLayer::rate_limit_with`] and
+//! [`RedisBackend::admission`](crate::redis::RedisBackend::admission): one script, one round
+//! trip each way).
 //!
 //! Every backend passes the same [`conformance`] scenarios (exact K of N, never negative,
 //! expiry, idempotency, journal equals books).
@@ -97,6 +99,7 @@
 //! # }
 //! ```
 
+mod admission;
 mod body;
 mod clock;
 pub mod conformance;
@@ -107,12 +110,12 @@ mod promote;
 mod replay;
 mod service;
 
+pub use admission::{Admission, TwoStep, Verdict};
 pub use body::{finish_settlements, pending_settlements, MeteredBody};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ledger::{
-    reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,
-    JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-    TopUp, TopUpError, MAX_CREDITS,
+    Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
+    Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, MAX_CREDITS,
 };
 pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
 pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};

@@ -16,8 +16,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
+    admission::{Admission, TwoStep, Verdict},
     body::{Meter, MeteredBody},
-    ledger::{Admission, AdmissionFuture, Fingerprint, Hold, Ledger, Reservation, ReserveRequest},
+    ledger::{Fingerprint, Hold, Ledger, Reservation, ReserveRequest, Settlement},
     pricing::{Price, Pricing},
     replay::{Answer, ReplayStore, Stored, DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT},
     MemoryLedger, DEFAULT_IDEMPOTENCY_WINDOW,
@@ -89,60 +90,55 @@ pub(super) struct Shared<L: Ledger> {
     pub(super) on_disconnect: OnDisconnect,
     pub(super) allow_anonymous: bool,
     pub(super) body_limit: usize,
-    pub(super) limits: Option<Arc<Limits<L>>>,
+    pub(super) limits: Option<Arc<Limits>>,
     pub(super) replays: ReplayStore,
 }
 
 /// The rate limits charged in the same step as the hold ([`CreditsLayer::rate_limit`]).
-pub(super) struct Limits<L: Ledger> {
+pub(super) struct Limits {
     gate: Gate,
-    pub(super) limiter: Box<dyn LimitsBackend<L>>,
+    pub(super) admission: Box<dyn Admit>,
 }
 
 type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
+type AdmitFuture = Pin<Box<dyn Future<Output = Verdict> + Send>>;
+pub(super) type SettleFuture =
+    Pin<Box<dyn Future<Output = Result<Settlement, BackendError>> + Send>>;
 
-/// A [`Limiter`] with its type erased, so that neither [`Credits`] nor its body carry it.
-pub(super) trait LimitsBackend<L: Ledger>: Send + Sync {
+/// An [`Admission`] and its [`Limiter`] with their types erased, so that neither [`Credits`]
+/// nor its body carry them.
+pub(super) trait Admit: Send + Sync {
     /// The limits and the hold, both or neither.
-    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture;
+    fn admit(&self, charges: Vec<Charge>, request: ReserveRequest) -> AdmitFuture;
     /// The limits alone (a request without a [`Caller`], let through uncharged).
     fn check(&self, charges: &[Charge]) -> CheckFuture;
     /// Settle a hold and correct the tokens limits.
-    fn settle(
-        &self,
-        ledger: &L,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> L::SettleFuture;
+    fn settle(&self, hold: &Hold, actual: u64, corrections: &[Correction]) -> SettleFuture;
     /// Corrects the tokens limits from a response without a hold (a replay, a request without
     /// a `Caller`).
     fn meter(&self, charges: &Charges) -> Option<TokenMeter>;
 }
 
-struct Erased<R>(R);
+struct Erased<A: Admission> {
+    admission: A,
+    limiter: A::Limiter,
+}
 
-impl<L: Ledger + Clone, R: Limiter> LimitsBackend<L> for Erased<R> {
-    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture {
-        ledger.reserve_limited(&self.0, charges, request)
+impl<A: Admission> Admit for Erased<A> {
+    fn admit(&self, charges: Vec<Charge>, request: ReserveRequest) -> AdmitFuture {
+        Box::pin(self.admission.admit(charges, request))
     }
 
     fn check(&self, charges: &[Charge]) -> CheckFuture {
-        Box::pin(self.0.check(charges))
+        Box::pin(self.limiter.check(charges))
     }
 
-    fn settle(
-        &self,
-        ledger: &L,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> L::SettleFuture {
-        ledger.settle_limited(&self.0, hold, actual, corrections)
+    fn settle(&self, hold: &Hold, actual: u64, corrections: &[Correction]) -> SettleFuture {
+        Box::pin(self.admission.settle(hold, actual, corrections))
     }
 
     fn meter(&self, charges: &Charges) -> Option<TokenMeter> {
-        charges.meter(self.0.clone())
+        charges.meter(self.limiter.clone())
     }
 }
 
@@ -192,7 +188,7 @@ pub struct CreditsLayer<L: Ledger = MemoryLedger> {
     on_disconnect: OnDisconnect,
     allow_anonymous: bool,
     body_limit: usize,
-    limits: Option<Arc<Limits<L>>>,
+    limits: Option<Arc<Limits>>,
     replays: ReplayStore,
 }
 
@@ -272,18 +268,17 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// corrected from the reported usage. The differences are in the order of the two
     /// charges:
     ///
-    /// - **One step.** [`Ledger::reserve_limited`] charges the limits and places the hold
-    ///   together, and [`Ledger::settle_limited`] settles the hold and corrects the tokens
-    ///   together. A [`RedisLedger`](crate::redis::RedisLedger) with a
-    ///   [`RedisLimiter`](crate::redis::RedisLimiter) of the same backend makes each of them
-    ///   one script, one round trip (two layers make two before the call, and two after it
-    ///   when tokens are corrected).
     /// - **Both or neither.** A request refused for its credits (402, 409, 422, 503) does not
     ///   use up its rate limit, and a rate-limited one places no hold. The limits are checked
     ///   first: a caller out of both gets the 429. Only the 429 carries rate-limit headers
     ///   among the refusals.
     /// - Requests without a [`Caller`] let through by [`allow_anonymous`](Self::allow_anonymous)
     ///   are rate-limited alone, as the `RateLimit` layer would (by client IP).
+    ///
+    /// The two charges are made by [`TwoStep`] on this layer's ledger and `layer`'s limiter
+    /// (two calls before the request, and the settlement with the token correction after it).
+    /// A backend that keeps both in one place does each in one step: pass its
+    /// [`Admission`] to [`rate_limit_with`](Self::rate_limit_with).
     ///
     /// # Example
     ///
@@ -295,11 +290,40 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// let layer = CreditsLayer::new(MemoryLedger::new(), Pricing::flat(1)).rate_limit(limits);
     /// # let _ = layer;
     /// ```
-    pub fn rate_limit<R: Limiter>(mut self, layer: RateLimitLayer<R>) -> Self {
+    pub fn rate_limit<R: Limiter>(self, layer: RateLimitLayer<R>) -> Self {
+        let admission = TwoStep::new(self.ledger.clone(), layer.limiter().clone());
+        self.rate_limit_with(layer, admission)
+    }
+
+    /// [`rate_limit`](Self::rate_limit), with the limits and the hold charged by `admission`:
+    /// a backend's fused one ([`RedisBackend::admission`](crate::redis::RedisBackend::admission):
+    /// one script, one round trip each way), or a wrapper of one.
+    ///
+    /// `admission` must charge `layer`'s limiter and hold on this layer's ledger: the ledger
+    /// releases the holds it places (an upstream error) and `layer`'s limiter rate-limits the
+    /// requests without a [`Caller`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tollgate::credits::{CreditsLayer, MemoryLedger, Pricing, TwoStep};
+    /// use tollgate::ratelimit::{MemoryLimiter, Plan, Plans, RateLimitLayer};
+    ///
+    /// let (ledger, limiter) = (MemoryLedger::new(), MemoryLimiter::new());
+    /// let limits = RateLimitLayer::new(limiter.clone(), Plans::new(Plan::new().requests_per_minute(60)));
+    /// let layer = CreditsLayer::new(ledger.clone(), Pricing::flat(1))
+    ///     .rate_limit_with(limits, TwoStep::new(ledger, limiter));
+    /// # let _ = layer;
+    /// ```
+    pub fn rate_limit_with<A: Admission>(
+        mut self,
+        layer: RateLimitLayer<A::Limiter>,
+        admission: A,
+    ) -> Self {
         let (limiter, gate) = layer.into_parts();
         self.limits = Some(Arc::new(Limits {
             gate,
-            limiter: Box::new(Erased(limiter)),
+            admission: Box::new(Erased { admission, limiter }),
         }));
         self
     }
@@ -548,7 +572,7 @@ where
             unreachable!("an anonymous request reaches `admit` only when it is rate-limited")
         };
         return Kind::Checking {
-            future: limits.limiter.check(charges.as_slice()),
+            future: limits.admission.check(charges.as_slice()),
             request: Some(request),
             service: Some(service),
             tokens,
@@ -623,9 +647,7 @@ where
         .idempotency(idempotency);
     match charges {
         Some((limits, charges)) => Kind::Admitting {
-            future: limits
-                .limiter
-                .admit(&shared.ledger, charges.into_vec(), reserve),
+            future: limits.admission.admit(charges.into_vec(), reserve),
             request: Some(request),
             service: Some(service),
             plan,
@@ -701,7 +723,7 @@ pin_project! {
         },
         // The rate limits and the hold in one step.
         Admitting {
-            future: AdmissionFuture,
+            future: AdmitFuture,
             request: Option<Request<InspectedBody<B>>>,
             service: Option<S>,
             plan: Plan,
@@ -803,7 +825,7 @@ where
                             let meter = tokens
                                 .take()
                                 .zip(limits)
-                                .and_then(|(tokens, limits)| limits.limiter.meter(&tokens));
+                                .and_then(|(tokens, limits)| limits.admission.meter(&tokens));
                             Kind::Passthrough {
                                 future: service.call(request),
                                 replayed: false,
@@ -855,7 +877,7 @@ where
                     let service = service.take().expect(POLLED_AFTER_COMPLETION);
                     let request = request.take().expect(POLLED_AFTER_COMPLETION);
                     match admitted {
-                        Admission::Admitted {
+                        Verdict::Admitted {
                             decision,
                             reservation,
                         } => call(
@@ -867,10 +889,10 @@ where
                             Some(decision),
                             tokens.take(),
                         ),
-                        Admission::Limited(decision) => {
+                        Verdict::Limited(decision) => {
                             return Poll::Ready(Ok(limited(this.shared, &decision, plan.grpc)))
                         }
-                        Admission::Refused(error) => Kind::Refused {
+                        Verdict::Refused(error) => Kind::Refused {
                             rejection: Some(error.into()),
                             grpc: plan.grpc,
                         },

@@ -1,7 +1,6 @@
 //! The PostgreSQL [`Ledger`]: one function call (one statement, one round trip) per operation.
 
 use std::{
-    any::Any,
     fmt,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -9,17 +8,12 @@ use std::{
 
 use sqlx::{postgres::PgRow, Row, SqlStr};
 
-use super::{
-    limiter::{decision, Bucket, Meta},
-    millis, to_i64, to_u64, BoxFuture, PostgresLimiter, Shared,
-};
+use super::{limiter::Bucket, millis, to_i64, to_u64, BoxFuture, Shared};
 use crate::{
     credits::{
-        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
-        JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-        TopUp, TopUpError, MAX_CREDITS,
+        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, Reservation,
+        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, MAX_CREDITS,
     },
-    ratelimit::{Charge, Correction, Decision, Limiter, Outcome},
     BackendError,
 };
 
@@ -109,7 +103,7 @@ pub struct PostgresLedger {
 
 /// What the reserve statement did: the hold placed or the replay, with the limits charged, or
 /// the limits refused; each with the limits' GCRA answer.
-enum Reserved {
+pub(super) enum Reserved {
     Held(Hold, Limits),
     Replayed(Limits),
     Limited(Limits),
@@ -120,7 +114,7 @@ enum Reserved {
 pub(super) type Limits = Option<(i32, i32, i64, Vec<i64>)>;
 
 /// Rate-limit corrections made by the close statement.
-enum Corrections {
+pub(super) enum Corrections {
     None,
     /// Whether or not the hold was still open (tokens reported by a response).
     Always(Vec<Bucket>),
@@ -136,13 +130,6 @@ impl PostgresLedger {
 
     fn hold_ttl_ms(&self) -> i64 {
         millis(self.shared.options.hold_ttl)
-    }
-
-    /// `limiter` as a [`PostgresLimiter`] of the same backend, whose buckets can join this
-    /// ledger's statements.
-    fn fused<'a, R: Limiter>(&self, limiter: &'a R) -> Option<&'a PostgresLimiter> {
-        let postgres = (limiter as &dyn Any).downcast_ref::<PostgresLimiter>()?;
-        postgres.shares(&self.shared).then_some(postgres)
     }
 
     /// After a reserve whose answer was lost, release the hold if it was placed (and give back
@@ -197,7 +184,7 @@ impl PostgresLedger {
     }
 
     /// The reserve statement, charging `buckets` with the hold.
-    fn reserve_charging(
+    pub(super) fn reserve_charging(
         &self,
         request: ReserveRequest,
         buckets: Vec<Bucket>,
@@ -313,7 +300,7 @@ impl PostgresLedger {
     /// Close a hold and apply rate-limit corrections to `buckets`, in one statement. When it
     /// fails, the close goes on in the background until it is made (the answer is still the
     /// error): a settle lost to an outage charges the usage, not the hold at its expiry.
-    fn close_correcting(
+    pub(super) fn close_correcting(
         &self,
         account: &str,
         id: i64,
@@ -416,76 +403,6 @@ impl Ledger for PostgresLedger {
                 }
             }
         })
-    }
-
-    /// One statement, one round trip, when `limiter` is a [`PostgresLimiter`] of the same
-    /// backend; else the two calls of [`reserve_then_limit`].
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture {
-        let Some(postgres) = self.fused(limiter) else {
-            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
-        };
-        let (buckets, meta) = postgres.buckets(&charges);
-        let now_ns = postgres.frozen_ns();
-        let call = self.reserve_charging(request, buckets, now_ns);
-        Box::pin(async move {
-            let decision = |limits: &Limits, meta: &[Meta]| match limits {
-                Some((verdict, idx, wait, rels)) if !meta.is_empty() => {
-                    decision(*verdict, *idx, *wait, rels, meta)
-                }
-                // Nothing to charge, or the hold was already placed (a repeated id).
-                _ => Ok(Decision::new(Outcome::Allowed)),
-            };
-            match call.await {
-                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
-                    decision: decision(&limits, &meta).unwrap_or_else(|error| {
-                        tracing::warn!(%error, "rate-limit status unreadable");
-                        Decision::new(Outcome::Allowed)
-                    }),
-                    reservation: Reservation::Held(hold),
-                },
-                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
-                    decision: decision(&limits, &meta).unwrap_or(Decision::new(Outcome::Allowed)),
-                    reservation: Reservation::Replayed,
-                },
-                Ok(Reserved::Limited(limits)) => match decision(&limits, &meta) {
-                    Ok(decision) => Admission::Limited(decision),
-                    Err(error) => Admission::Refused(error.into()),
-                },
-                Err(error) => Admission::Refused(error),
-            }
-        })
-    }
-
-    /// One statement when `limiter` is a [`PostgresLimiter`] of the same backend, as
-    /// [`reserve_limited`](Ledger::reserve_limited).
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        match self.fused(limiter) {
-            Some(postgres) => self.close_correcting(
-                hold.account(),
-                to_i64(hold.id()),
-                "settle",
-                actual,
-                false,
-                Corrections::Always(postgres.corrections(corrections)),
-            ),
-            None => {
-                if !corrections.is_empty() {
-                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
-                }
-                self.settle(hold, actual)
-            }
-        }
     }
 
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {

@@ -55,11 +55,13 @@ use sqlx::{
 
 use crate::BackendError;
 
+mod admission;
 mod keystore;
 mod ledger;
 mod limiter;
 
 pub use crate::backend::FailMode;
+pub use admission::PostgresAdmission;
 pub use keystore::PostgresKeyStore;
 pub use ledger::PostgresLedger;
 pub use limiter::PostgresLimiter;
@@ -480,6 +482,14 @@ impl PostgresBackend {
     /// The rate limiter.
     pub fn limiter(&self) -> PostgresLimiter {
         PostgresLimiter::new(Arc::clone(&self.shared))
+    }
+
+    /// The rate limits and the credit hold of a request in one statement, one round trip (and
+    /// the settlement with the token correction in one more), for
+    /// [`CreditsLayer::rate_limit_with`](crate::credits::CreditsLayer::rate_limit_with): this
+    /// backend's [`limiter`](Self::limiter) and [`ledger`](Self::ledger) together.
+    pub fn admission(&self) -> PostgresAdmission {
+        PostgresAdmission::new(self.ledger(), self.limiter())
     }
 
     /// The key store, with its local cache and its invalidation listener (`LISTEN` on a

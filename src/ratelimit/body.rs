@@ -91,7 +91,7 @@ impl Meter {
 }
 
 /// Poll a settlement once; spawn the rest on the current runtime if it is not done.
-pub(crate) fn drive_settlement<F>(mut fut: F)
+fn drive_settlement<F>(mut fut: F)
 where
     F: Future<Output = Result<(), crate::BackendError>> + Send + Unpin + 'static,
 {

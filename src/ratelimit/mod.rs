@@ -92,8 +92,8 @@ mod memory;
 mod plan;
 mod service;
 
+pub(crate) use body::Meter as TokenMeter;
 pub use body::RateLimitBody;
-pub(crate) use body::{drive_settlement, Meter as TokenMeter};
 pub use future::ResponseFuture;
 pub(crate) use gate::{Charges, Gate, RequestLimits};
 pub use headers::{go_duration, RATELIMIT, RATELIMIT_POLICY};

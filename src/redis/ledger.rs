@@ -1,7 +1,6 @@
 //! The Redis [`Ledger`]: one Lua script per operation, on keys hash-tagged per account.
 
 use std::{
-    any::Any,
     collections::HashMap,
     fmt,
     sync::{Arc, LazyLock, Mutex},
@@ -12,16 +11,16 @@ use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
 
 use super::{
     conn::Conn,
-    limiter::{decision, push_buckets, Bucket},
-    BoxFuture, RedisKeyStore, RedisLimiter, Shared,
+    limiter::{push_buckets, Bucket},
+    BoxFuture, RedisKeyStore, Shared,
 };
 use crate::{
     credits::{
-        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
-        JournalEntry, JournalQuery, Ledger, PlanChange, Promoted, Promotions, Reservation,
-        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, TopUpPromoter,
+        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, PlanChange,
+        Promoted, Promotions, Reservation, ReserveError, ReserveRequest, Settlement, TopUp,
+        TopUpError, TopUpPromoter,
     },
-    ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
+    ratelimit::{BucketKey, Subject},
     BackendError,
 };
 
@@ -234,23 +233,17 @@ impl RedisLedger {
         });
     }
 
-    /// `limiter` as a [`RedisLimiter`] whose buckets can join this ledger's scripts for
-    /// `account`: one of the same backend, and every bucket in the account's `{acct:ID}` slot
-    /// (a script must stay in one slot on Redis Cluster).
-    fn fused<'a, R: Limiter>(
-        &self,
-        limiter: &'a R,
+    /// Whether `buckets` can join this ledger's scripts for `account`: every one is in the
+    /// account's `{acct:ID}` slot (a script must stay in one slot on Redis Cluster).
+    pub(super) fn in_slot<'a>(
         account: &str,
         mut buckets: impl Iterator<Item = &'a BucketKey>,
-    ) -> Option<&'a RedisLimiter> {
-        let redis = (limiter as &dyn Any).downcast_ref::<RedisLimiter>()?;
-        let in_slot =
-            |key: &BucketKey| matches!(key.subject(), Subject::Account(id) if **id == *account);
-        (redis.shares(&self.shared) && buckets.all(in_slot)).then_some(redis)
+    ) -> bool {
+        buckets.all(|key| matches!(key.subject(), Subject::Account(id) if **id == *account))
     }
 
     /// The reserve script, charging `buckets` (in the account's slot) with the hold.
-    fn reserve_charging(
+    pub(super) fn reserve_charging(
         &self,
         request: ReserveRequest,
         buckets: Vec<Bucket>,
@@ -364,7 +357,7 @@ impl RedisLedger {
 
     /// Close a hold and apply rate-limit corrections to `buckets` (in the account's slot), in
     /// one script.
-    fn close_correcting(
+    pub(super) fn close_correcting(
         &self,
         account: &str,
         id: u64,
@@ -425,79 +418,6 @@ impl Ledger for RedisLedger {
                 }
             }
         })
-    }
-
-    /// One script, one round trip, when `limiter` is a [`RedisLimiter`] of the same backend and
-    /// every bucket is the account's own (keyed by account, in its `{acct:ID}` slot); else the
-    /// two calls of [`reserve_then_limit`] (a per-key or global bucket lives in another slot,
-    /// and a script must stay in one on Redis Cluster).
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture {
-        let fused = self.fused(limiter, &request.account, charges.iter().map(|c| &c.key));
-        let Some(redis) = fused else {
-            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
-        };
-        let (buckets, meta) = redis.buckets(&charges);
-        let call = self.reserve_charging(request, buckets);
-        Box::pin(async move {
-            let decision = |limits: &[i64]| {
-                if meta.is_empty() || limits.is_empty() {
-                    // Nothing to charge, or the hold was already placed (a repeated id).
-                    return Ok(Decision::new(Outcome::Allowed));
-                }
-                decision(limits, &meta)
-            };
-            match call.await {
-                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
-                    decision: decision(&limits).unwrap_or_else(|error| {
-                        tracing::warn!(%error, "rate-limit status unreadable");
-                        Decision::new(Outcome::Allowed)
-                    }),
-                    reservation: Reservation::Held(hold),
-                },
-                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
-                    decision: decision(&limits).unwrap_or(Decision::new(Outcome::Allowed)),
-                    reservation: Reservation::Replayed,
-                },
-                Ok(Reserved::Limited(limits)) => match decision(&limits) {
-                    Ok(decision) => Admission::Limited(decision),
-                    Err(error) => Admission::Refused(error.into()),
-                },
-                Err(error) => Admission::Refused(error),
-            }
-        })
-    }
-
-    /// One script when the corrections are on the account's own buckets of a [`RedisLimiter`]
-    /// of the same backend, as [`reserve_limited`](Ledger::reserve_limited).
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        let fused = self.fused(limiter, hold.account(), corrections.iter().map(|c| &c.key));
-        match fused {
-            Some(redis) => self.close_correcting(
-                hold.account(),
-                hold.id(),
-                "settle",
-                actual,
-                false,
-                Corrections::Always(redis.corrections(corrections)),
-            ),
-            None => {
-                if !corrections.is_empty() {
-                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
-                }
-                self.settle(hold, actual)
-            }
-        }
     }
 
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
@@ -617,14 +537,14 @@ fn hold_id() -> u64 {
 
 /// What the reserve script did: the hold placed or the replay, with the limits charged, or the
 /// limits refused; each with the limits' GCRA answer (empty without limits).
-enum Reserved {
+pub(super) enum Reserved {
     Held(Hold, Vec<i64>),
     Replayed(Vec<i64>),
     Limited(Vec<i64>),
 }
 
 /// Rate-limit corrections made by the close script.
-enum Corrections {
+pub(super) enum Corrections {
     None,
     /// Whether or not the hold was still open (tokens reported by a response).
     Always(Vec<Bucket>),

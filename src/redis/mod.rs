@@ -52,11 +52,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::BackendError;
 
+mod admission;
 mod conn;
 mod keystore;
 mod ledger;
 mod limiter;
 
+pub use admission::RedisAdmission;
 pub use keystore::RedisKeyStore;
 pub use ledger::{RedisLedger, RedisPromoter, MAX_BALANCE};
 pub use limiter::RedisLimiter;
@@ -284,6 +286,14 @@ impl RedisBackend {
     /// The credit ledger.
     pub fn ledger(&self) -> RedisLedger {
         RedisLedger::new(Arc::clone(&self.shared))
+    }
+
+    /// The rate limits and the credit hold of a request in one script, one round trip (and the
+    /// settlement with the token correction in one more), for
+    /// [`CreditsLayer::rate_limit_with`](crate::credits::CreditsLayer::rate_limit_with): this
+    /// backend's [`limiter`](Self::limiter) and [`ledger`](Self::ledger) together.
+    pub fn admission(&self) -> RedisAdmission {
+        RedisAdmission::new(self.ledger(), self.limiter())
     }
 
     /// The key store, with its local cache and its invalidation listener (a task on the current
