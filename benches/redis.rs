@@ -17,7 +17,10 @@ use std::num::NonZeroU32;
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::Quota;
 use tollgate::{
-    credits::{Admission, Ledger, MemoryLedger, Reservation, ReserveRequest, Verdict},
+    credits::{
+        ledger::{Reservation, ReserveRequest},
+        Admission, LedgerAdmin, MemoryLedger, Verdict,
+    },
     ratelimit::{BucketKey, Charge, Limiter, MemoryLimiter, Subject},
     LimitKind,
 };
@@ -31,7 +34,7 @@ fn charges() -> [Charge; 1] {
     }]
 }
 
-async fn request(limiter: &impl Limiter, ledger: &impl Ledger) {
+async fn request(limiter: &impl Limiter, ledger: &impl LedgerAdmin) {
     assert!(limiter.check(&charges()).await.unwrap().is_allowed());
     let hold = ledger
         .reserve(ReserveRequest::new("acct_1", 1))
@@ -110,7 +113,7 @@ fn layered(c: &mut Criterion) {
         .build()
         .unwrap();
 
-    async fn seed<K: KeyAdmin, L: Ledger>(keys: &K, ledger: &L) {
+    async fn seed<K: KeyAdmin, L: LedgerAdmin>(keys: &K, ledger: &L) {
         keys.put_account(AccountRecord::new("acct_1", "bench"))
             .await
             .unwrap();
@@ -139,7 +142,7 @@ fn layered(c: &mut Criterion) {
     > + Clone
     where
         K: KeyStore + Clone,
-        L: Ledger + Clone,
+        L: LedgerAdmin + Clone,
         A: Admission,
     {
         let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));
@@ -166,7 +169,7 @@ fn layered(c: &mut Criterion) {
     > + Clone
     where
         K: KeyStore + Clone,
-        L: Ledger + Clone,
+        L: LedgerAdmin + Clone,
         Lim: Limiter,
     {
         let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));

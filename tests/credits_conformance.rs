@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tollgate::credits::{conformance, Clock, ManualClock, MemoryLedger};
+use tollgate::credits::{conformance, ledger::Clock, ManualClock, MemoryLedger};
 
 /// The memory ledger on a clock the test moves.
 struct Memory(ManualClock);
@@ -102,7 +102,7 @@ mod sqlite {
     };
 
     use tollgate::{
-        credits::{conformance, Clock, ManualClock},
+        credits::{conformance, ledger::Clock, ManualClock},
         sqlite::{SqliteBackend, SqliteLedger, SqliteOptions},
     };
 

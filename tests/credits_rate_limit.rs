@@ -18,7 +18,10 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tollgate::{
-    credits::{Balance, CreditsLayer, EntryKind, JournalQuery, Ledger, MemoryLedger, Pricing},
+    credits::{
+        ledger::{Balance, EntryKind, JournalQuery},
+        CreditsLayer, LedgerAdmin, MemoryLedger, Pricing,
+    },
     inspect::InspectedBody,
     ratelimit::{MemoryLimiter, Plan, Plans, RateLimitLayer},
     Caller,
@@ -336,7 +339,7 @@ async fn concurrent_requests_charge_both_or_neither() {
 async fn nothing_is_refunded_for_a_check_that_charged_nothing() {
     use std::sync::Mutex;
     use tollgate::{
-        credits::{Admission, ReserveRequest, TwoStep, Verdict},
+        credits::{ledger::ReserveRequest, Admission, TwoStep, Verdict},
         ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
         BackendError, LimitKind,
     };

@@ -14,7 +14,10 @@ use governor::Quota;
 use redis_server::RedisServer;
 use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyRecord, KeyStatus, KeyStore},
-    credits::{EntryKind, Fingerprint, JournalQuery, Ledger, ReserveError, ReserveRequest},
+    credits::{
+        ledger::{EntryKind, Fingerprint, JournalQuery, ReserveError, ReserveRequest},
+        Ledger, LedgerAdmin,
+    },
     keys,
     ratelimit::{BucketKey, Charge, Limiter, Subject},
     redis::{FailMode, RedisBackend, RedisOptions},
@@ -69,7 +72,7 @@ where
 }
 
 /// Journal invariants: balance = Σ top-ups − Σ charges; every reserve closed at most once.
-async fn assert_journal_matches(ledger: &impl Ledger, account: &str) -> (u64, u64) {
+async fn assert_journal_matches(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
     let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
     let sum = |kind: EntryKind| -> u64 {
         journal
@@ -742,7 +745,7 @@ where
 }
 
 /// Waits until no hold of `acct_1` is open (settlements run after the body's end).
-async fn settled(ledger: &impl Ledger) -> tollgate::credits::Balance {
+async fn settled(ledger: &impl LedgerAdmin) -> tollgate::credits::ledger::Balance {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let balance = patiently(|| ledger.balance("acct_1")).await;
@@ -995,10 +998,13 @@ async fn a_huge_tokens_correction_still_settles_the_hold() {
 #[tokio::test]
 async fn a_huge_max_tokens_gets_the_same_answer_as_in_memory() {
     use http_body_util::BodyExt;
-    use tollgate::credits::{CreditsLayer, MemoryLedger, Price, Pricing, TopUpError, MAX_CREDITS};
+    use tollgate::credits::{
+        ledger::{TopUpError, MAX_CREDITS},
+        CreditsLayer, MemoryLedger, Price, Pricing,
+    };
     use tower::{Layer, ServiceExt};
 
-    async fn refusal<L: Ledger + Clone>(ledger: L) -> (u16, serde_json::Value) {
+    async fn refusal<L: LedgerAdmin + Clone>(ledger: L) -> (u16, serde_json::Value) {
         ledger.top_up("acct_1", 1_000_000, "initial").await.unwrap();
         let pricing = Pricing::flat(3).model("gpt-test", Price::flat(1).per_1k_tokens(10));
         let app = CreditsLayer::new(ledger, pricing).layer(tower::service_fn(

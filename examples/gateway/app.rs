@@ -34,12 +34,18 @@ use tollgate::{
         MemoryKeyStore,
     },
     config::{BackendKind, GatewayConfig, KeyStatusConfig, Route, RoutePrice, Upstream},
-    credits::{Admission, Balance, Hold, TwoStep, Verdict},
+    credits::promote::{Promote, TopUpPromoter},
     credits::{
-        CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
-        Price, Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        ledger::{Balance, Hold},
+        Admission, TwoStep, Verdict,
     },
-    credits::{Promote, TopUpPromoter},
+    credits::{
+        ledger::{
+            Expired, JournalEntry, JournalQuery, Reservation, ReserveError, ReserveRequest,
+            Settlement, TopUp, TopUpError,
+        },
+        CreditsLayer, Ledger, LedgerAdmin, MemoryLedger, ModelPricing, Price, Pricing,
+    },
     inspect::LlmRequest,
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
@@ -703,7 +709,7 @@ async fn assemble<K, L, A>(
 ) -> Result<Apps, String>
 where
     K: KeyStore + KeyAdmin + Clone,
-    L: Ledger + Clone,
+    L: LedgerAdmin + Clone,
     A: Admission,
 {
     let promoter = Promote::new(ledger.clone(), store.clone(), config.promotions());
@@ -723,7 +729,7 @@ async fn assemble_promoting<K, L, A, P>(
 ) -> Result<Apps, String>
 where
     K: KeyStore + KeyAdmin + Clone,
-    L: Ledger + Clone,
+    L: LedgerAdmin + Clone,
     A: Admission,
     P: TopUpPromoter,
 {
@@ -1258,7 +1264,7 @@ where
 }
 
 /// Settles expired holds every 10 seconds.
-fn spawn_expiry<L: Ledger>(ledger: L) {
+fn spawn_expiry<L: LedgerAdmin>(ledger: L) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(10));
         loop {
@@ -1311,10 +1317,6 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     type ReserveFuture = Observed<L::ReserveFuture, Result<Reservation, ReserveError>>;
     type SettleFuture = Observed<L::SettleFuture, Result<Settlement, BackendError>>;
     type ReleaseFuture = Observed<L::ReleaseFuture, Result<Settlement, BackendError>>;
-    type TopUpFuture = L::TopUpFuture;
-    type BalanceFuture = L::BalanceFuture;
-    type JournalFuture = L::JournalFuture;
-    type ExpireFuture = Observed<L::ExpireFuture, Result<Expired, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let holds = self.holds_open.clone();
@@ -1331,6 +1333,13 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.inner.release(hold).map(self.closed(hold))
     }
+}
+
+impl<L: LedgerAdmin + Clone> LedgerAdmin for MeteredLedger<L> {
+    type TopUpFuture = L::TopUpFuture;
+    type BalanceFuture = L::BalanceFuture;
+    type JournalFuture = L::JournalFuture;
+    type ExpireFuture = Observed<L::ExpireFuture, Result<Expired, BackendError>>;
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         self.inner.top_up(account, amount, idempotency_key)
     }

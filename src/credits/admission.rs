@@ -27,7 +27,7 @@ use crate::{
 /// ```
 /// use std::num::NonZeroU32;
 /// use governor::Quota;
-/// use tollgate::credits::{Admission, Ledger, MemoryLedger, ReserveRequest, TwoStep, Verdict};
+/// use tollgate::credits::{Admission, LedgerAdmin, MemoryLedger, TwoStep, Verdict, ledger::ReserveRequest};
 /// use tollgate::ratelimit::{BucketKey, Charge, MemoryLimiter, Subject};
 /// use tollgate::LimitKind;
 ///

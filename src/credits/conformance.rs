@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
-//! use tollgate::credits::{conformance, Clock, ManualClock, MemoryLedger};
+//! use tollgate::credits::{conformance, ManualClock, MemoryLedger, ledger::Clock};
 //!
 //! struct Memory(ManualClock);
 //!
@@ -42,8 +42,8 @@
 
 use std::{future::Future, time::Duration, time::SystemTime};
 
-use super::{
-    Balance, EntryKind, Fingerprint, JournalEntry, JournalQuery, Ledger, ReserveError,
+use super::ledger::{
+    Balance, EntryKind, Fingerprint, JournalEntry, JournalQuery, Ledger, LedgerAdmin, ReserveError,
     ReserveRequest, TopUpError,
 };
 
@@ -57,7 +57,7 @@ pub const LONG_TTL: Duration = Duration::from_secs(15 * 60);
 /// How a backend's test gives the scenarios their ledgers and their time.
 pub trait Fixture {
     /// The ledger under test.
-    type Ledger: Ledger + Clone;
+    type Ledger: LedgerAdmin + Clone;
 
     /// A fresh, empty ledger (no account of an earlier scenario visible) whose holds expire
     /// `hold_ttl` after they are placed.
@@ -66,7 +66,7 @@ pub trait Fixture {
     /// Let at least `by` pass on the ledgers' clock: advance a fake clock, or sleep.
     fn advance(&self, by: Duration) -> impl Future<Output = ()>;
 
-    /// The ledgers' clock now (what [`Ledger::expire_holds`] is given).
+    /// The ledgers' clock now (what [`LedgerAdmin::expire_holds`] is given).
     fn now(&self) -> SystemTime;
 }
 
@@ -97,7 +97,7 @@ pub async fn run<F: Fixture>(fixture: &F) {
 /// # Panics
 ///
 /// When any of these does not hold, or the ledger fails.
-pub async fn assert_books<L: Ledger>(
+pub async fn assert_books<L: LedgerAdmin>(
     ledger: &L,
     account: &str,
     scenario: &str,
@@ -182,12 +182,12 @@ fn kinds(journal: &[JournalEntry]) -> Vec<EntryKind> {
     journal.iter().map(|e| e.kind).collect()
 }
 
-async fn balance<L: Ledger>(ledger: &L, account: &str) -> Balance {
+async fn balance<L: LedgerAdmin>(ledger: &L, account: &str) -> Balance {
     ledger.balance(account).await.expect("balance")
 }
 
 /// Exact K of N: a balance covering K holds, N > K concurrent reserve + settle.
-async fn exactly_k_of_n_concurrent_holds<L: Ledger + Clone>(ledger: &L) {
+async fn exactly_k_of_n_concurrent_holds<L: LedgerAdmin + Clone>(ledger: &L) {
     const SCENARIO: &str = "exactly-k-of-n";
     let (k, price, n) = (300u64, 3u64, 1_000usize);
     ledger
@@ -245,7 +245,7 @@ async fn exactly_k_of_n_concurrent_holds<L: Ledger + Clone>(ledger: &L) {
 }
 
 /// A settlement above its hold is charged up to what is available, never below zero.
-async fn settle_above_the_hold_never_goes_negative<L: Ledger>(ledger: &L) {
+async fn settle_above_the_hold_never_goes_negative<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "settle-above-the-hold";
     ledger
         .top_up("acct_s", 100, "invoice-1")
@@ -307,7 +307,7 @@ async fn settle_above_the_hold_never_goes_negative<L: Ledger>(ledger: &L) {
 }
 
 /// Release charges nothing; closing a hold again is a no-op.
-async fn release_charges_nothing_and_closes_once<L: Ledger>(ledger: &L) {
+async fn release_charges_nothing_and_closes_once<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "release";
     ledger
         .top_up("acct_r", 10, "invoice-1")
@@ -438,7 +438,7 @@ async fn expired_holds_settle_at_their_held_amount<F: Fixture>(fixture: &F) {
 }
 
 /// A top-up's idempotency key applies it once; the key with another amount is refused.
-async fn top_ups_are_idempotent<L: Ledger>(ledger: &L) {
+async fn top_ups_are_idempotent<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "idempotent-top-up";
     let first = ledger
         .top_up("acct_t", 50, "invoice-7")
@@ -476,7 +476,7 @@ async fn top_ups_are_idempotent<L: Ledger>(ledger: &L) {
 }
 
 /// Concurrent top-ups (each retried) and holds: every top-up counted once.
-async fn top_ups_while_holds_run_are_all_counted<L: Ledger + Clone>(ledger: &L) {
+async fn top_ups_while_holds_run_are_all_counted<L: LedgerAdmin + Clone>(ledger: &L) {
     const SCENARIO: &str = "top-ups-while-holds-run";
     let holds: Vec<_> = (0..600)
         .map(|_| {
@@ -540,7 +540,7 @@ async fn top_ups_while_holds_run_are_all_counted<L: Ledger + Clone>(ledger: &L) 
 
 /// An `Idempotency-Key` holds once: in use while open, replayed once charged, reused with
 /// another request refused, free again after a release.
-async fn reserves_are_idempotent<L: Ledger>(ledger: &L) {
+async fn reserves_are_idempotent<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "idempotent-reserve";
     ledger
         .top_up("acct_i", 100, "invoice-1")
@@ -627,7 +627,7 @@ async fn reserves_are_idempotent<L: Ledger>(ledger: &L) {
 }
 
 /// Journal pages (`after`, `limit`) and an unknown account (all zeros, no entries).
-async fn journal_pages_and_unknown_accounts<L: Ledger>(ledger: &L) {
+async fn journal_pages_and_unknown_accounts<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "journal";
     for i in 0..5 {
         ledger

@@ -1,8 +1,16 @@
-//! The `Ledger` trait: prepaid balances, holds and an append-only journal.
+//! The ledger's vocabulary: the [`Ledger`] (hot path) and [`LedgerAdmin`] (operator) traits and
+//! the values they take and return (holds, settlements, balances, journal entries), the clock
+//! holds expire by, and the [`MemoryLedger`](super::MemoryLedger)'s builder.
+//!
+//! Values a backend builds (a [`Hold`], a [`Settlement`], a [`JournalEntry`], …) are made with
+//! the functions of [`credits::backend`](super::backend).
 
 use std::{fmt, future::Future, sync::Arc, time::SystemTime};
 
 use crate::BackendError;
+
+pub use super::clock::{Clock, SystemClock};
+pub use super::memory::MemoryLedgerBuilder;
 
 /// The most credits a balance, a top-up, a hold or a charge can be, on every backend:
 /// 2^53 − 1 (9,007,199,254,740,991), the largest integer a double holds exactly (Redis scripts
@@ -11,8 +19,9 @@ use crate::BackendError;
 /// at this amount, and refused as any hold above the balance is).
 pub const MAX_CREDITS: u64 = (1 << 53) - 1;
 
-/// Prepaid balances in credits: holds placed before a call, settled on real usage after it, and
-/// an append-only journal of every movement.
+/// The hot path of prepaid credits: a hold placed before a call, settled on real usage after
+/// it, or released. The operator's calls (top-ups, balances, the journal, expiry) are
+/// [`LedgerAdmin`].
 ///
 /// Amounts are whole **credits** (`u64`): no floats anywhere in money. A credit is whatever unit
 /// the operator prices in (a cent, a thousandth of a cent); pick one small enough that every
@@ -33,12 +42,13 @@ pub const MAX_CREDITS: u64 = (1 << 53) - 1;
 ///
 /// Every operation returns its own `'static` future type so that an in-memory ledger answers
 /// with [`std::future::Ready`] (no boxing on the hot path) while a remote one (Redis with Lua
-/// scripts) returns a real future.
+/// scripts) returns a real future. Every backend passes the same
+/// [conformance scenarios](super::conformance).
 ///
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::{Ledger, MemoryLedger, ReserveRequest};
+/// use tollgate::credits::{Ledger, LedgerAdmin, MemoryLedger, ledger::ReserveRequest};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -69,14 +79,6 @@ pub trait Ledger: Send + Sync + 'static {
     type SettleFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
     /// The future of [`release`](Ledger::release); `Unpin` for the same reason.
     type ReleaseFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
-    /// The future of [`top_up`](Ledger::top_up).
-    type TopUpFuture: Future<Output = Result<TopUp, TopUpError>> + Send + 'static;
-    /// The future of [`balance`](Ledger::balance).
-    type BalanceFuture: Future<Output = Result<Balance, BackendError>> + Send + 'static;
-    /// The future of [`journal`](Ledger::journal).
-    type JournalFuture: Future<Output = Result<Vec<JournalEntry>, BackendError>> + Send + 'static;
-    /// The future of [`expire_holds`](Ledger::expire_holds).
-    type ExpireFuture: Future<Output = Result<Expired, BackendError>> + Send + 'static;
 
     /// Place a hold of `request.amount` on the account, if it fits in what is available.
     ///
@@ -93,6 +95,36 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Close a hold without charging anything.
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture;
+}
+
+/// The operator's side of a [`Ledger`]: top-ups, balances, the journal and the expiry of holds
+/// nobody closed (as [`KeyAdmin`](crate::auth::KeyAdmin) is to
+/// [`KeyStore`](crate::auth::KeyStore)).
+///
+/// # Example
+///
+/// ```
+/// use tollgate::credits::{LedgerAdmin, MemoryLedger};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let ledger = MemoryLedger::new();
+/// let top_up = ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+/// assert!(top_up.applied);
+/// // The same invoice again is not counted twice.
+/// assert!(!ledger.top_up("acct_1", 100, "invoice-1").await.unwrap().applied);
+/// assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 100);
+/// # }
+/// ```
+pub trait LedgerAdmin: Ledger {
+    /// The future of [`top_up`](LedgerAdmin::top_up).
+    type TopUpFuture: Future<Output = Result<TopUp, TopUpError>> + Send + 'static;
+    /// The future of [`balance`](LedgerAdmin::balance).
+    type BalanceFuture: Future<Output = Result<Balance, BackendError>> + Send + 'static;
+    /// The future of [`journal`](LedgerAdmin::journal).
+    type JournalFuture: Future<Output = Result<Vec<JournalEntry>, BackendError>> + Send + 'static;
+    /// The future of [`expire_holds`](LedgerAdmin::expire_holds).
+    type ExpireFuture: Future<Output = Result<Expired, BackendError>> + Send + 'static;
 
     /// Add `amount` credits to an account. Idempotent: a second top-up with the same
     /// `idempotency_key` for the same account is not applied again (it answers with the first
@@ -116,7 +148,7 @@ pub trait Ledger: Send + Sync + 'static {
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::{Fingerprint, ReserveRequest};
+/// use tollgate::credits::{ledger::{Fingerprint, ReserveRequest}};
 ///
 /// let request = ReserveRequest::new("acct_1", 30)
 ///     .request_id(Some("req_42".into()))
@@ -179,7 +211,7 @@ impl ReserveRequest {
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::Fingerprint;
+/// use tollgate::credits::ledger::Fingerprint;
 ///
 /// let a = Fingerprint::of(&[b"POST", b"/v1/chat/completions", b"gpt-4o"]);
 /// let b = Fingerprint::of(&[b"POST", b"/v1/chat/completions", b"gpt-4o-mini"]);
@@ -205,7 +237,7 @@ impl Fingerprint {
     }
 
     /// A fingerprint from its bytes (as a remote ledger stores it).
-    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+    pub(crate) const fn from_bytes(bytes: [u8; 16]) -> Self {
         Fingerprint(bytes)
     }
 
@@ -239,8 +271,8 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// A hold as a ledger implementation returns it.
-    pub fn new(id: u64, account: Arc<str>, amount: u64, available_after: u64) -> Self {
+    /// A hold as a ledger implementation returns it ([`backend::hold`](super::backend::hold)).
+    pub(crate) fn new(id: u64, account: Arc<str>, amount: u64, available_after: u64) -> Self {
         Hold {
             id,
             account,
@@ -253,7 +285,7 @@ impl Hold {
     /// The request the hold was placed for (its `x-request-id`), as the ledger got it in the
     /// [`ReserveRequest`]: lets a settlement be logged against its request.
     #[must_use]
-    pub fn with_request_id(mut self, request_id: Option<Arc<str>>) -> Self {
+    pub(crate) fn with_request_id(mut self, request_id: Option<Arc<str>>) -> Self {
         self.request_id = request_id;
         self
     }
@@ -382,7 +414,7 @@ pub struct Settlement {
 
 impl Settlement {
     /// A settlement as a ledger implementation returns it.
-    pub fn new(charged: u64, balance: u64, was_open: bool) -> Self {
+    pub(crate) fn new(charged: u64, balance: u64, was_open: bool) -> Self {
         Settlement {
             charged,
             balance,
@@ -391,7 +423,7 @@ impl Settlement {
     }
 }
 
-/// An account's credits, as [`Ledger::balance`] reports them.
+/// An account's credits, as [`LedgerAdmin::balance`] reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Balance {
@@ -406,7 +438,14 @@ pub struct Balance {
 }
 
 impl Balance {
-    /// A balance as a ledger implementation returns it; `available` is computed.
+    /// A balance of `balance` credits with `holds` open holds of `held` credits in all;
+    /// `available` is computed.
+    ///
+    /// ```
+    /// use tollgate::credits::ledger::Balance;
+    ///
+    /// assert_eq!(Balance::new(100, 30, 1).available, 70);
+    /// ```
     pub fn new(balance: u64, held: u64, holds: u64) -> Self {
         Balance {
             balance,
@@ -417,7 +456,7 @@ impl Balance {
     }
 }
 
-/// The result of [`Ledger::top_up`].
+/// The result of [`LedgerAdmin::top_up`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TopUp {
@@ -429,12 +468,12 @@ pub struct TopUp {
 
 impl TopUp {
     /// A top-up result as a ledger implementation returns it.
-    pub fn new(applied: bool, balance: Balance) -> Self {
+    pub(crate) fn new(applied: bool, balance: Balance) -> Self {
         TopUp { applied, balance }
     }
 }
 
-/// Why [`Ledger::top_up`] added nothing.
+/// Why [`LedgerAdmin::top_up`] added nothing.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum TopUpError {
@@ -470,7 +509,7 @@ impl From<BackendError> for TopUpError {
     }
 }
 
-/// The result of [`Ledger::expire_holds`].
+/// The result of [`LedgerAdmin::expire_holds`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Expired {
@@ -482,18 +521,18 @@ pub struct Expired {
 
 impl Expired {
     /// An expiry result as a ledger implementation returns it.
-    pub fn new(holds: u64, charged: u64) -> Self {
+    pub(crate) fn new(holds: u64, charged: u64) -> Self {
         Expired { holds, charged }
     }
 }
 
-/// Which [`JournalEntry`]s [`Ledger::journal`] returns: those with a sequence number after
+/// Which [`JournalEntry`]s [`LedgerAdmin::journal`] returns: those with a sequence number after
 /// `after`, at most `limit` of them, oldest first.
 ///
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::JournalQuery;
+/// use tollgate::credits::ledger::JournalQuery;
 ///
 /// let first_page = JournalQuery::new().limit(100);
 /// let next_page = JournalQuery::new().after(Some(100)).limit(100);
@@ -599,7 +638,7 @@ pub struct JournalEntry {
 impl JournalEntry {
     /// An entry as a ledger implementation builds it.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         seq: u64,
         at: SystemTime,
         kind: EntryKind,

@@ -19,9 +19,10 @@ use super::{
     admission::{Admission, TwoStep, Verdict},
     body::{Meter, MeteredBody},
     ledger::{Fingerprint, Hold, Ledger, Reservation, ReserveRequest, Settlement},
+    memory::DEFAULT_IDEMPOTENCY_WINDOW,
     pricing::{Price, Pricing},
     replay::{Answer, ReplayStore, Stored, DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT},
-    MemoryLedger, DEFAULT_IDEMPOTENCY_WINDOW,
+    MemoryLedger,
 };
 use crate::{
     body::ResponseBody,
@@ -154,7 +155,7 @@ impl<A: Admission> Admit for Erased<A> {
 /// ```
 /// use std::convert::Infallible;
 /// use http::{Request, Response, StatusCode};
-/// use tollgate::{credits::{CreditsLayer, Ledger, MemoryLedger, Pricing}, Caller};
+/// use tollgate::{credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Pricing}, Caller};
 /// use tower::{service_fn, Layer, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")]

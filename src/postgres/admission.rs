@@ -8,7 +8,10 @@ use super::{
     to_i64, BoxFuture, PostgresLedger, PostgresLimiter,
 };
 use crate::{
-    credits::{Admission, Hold, Reservation, ReserveRequest, Settlement, Verdict},
+    credits::{
+        ledger::{Hold, Reservation, ReserveRequest, Settlement},
+        Admission, Verdict,
+    },
     ratelimit::{Charge, Correction, Decision, Outcome},
     BackendError,
 };

@@ -11,13 +11,16 @@ use sqlx::{postgres::PgRow, Row, SqlStr};
 use super::{limiter::Bucket, millis, to_i64, to_u64, BoxFuture, Shared};
 use crate::{
     credits::{
-        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, Reservation,
-        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, MAX_CREDITS,
+        ledger::{
+            Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Reservation,
+            ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, MAX_CREDITS,
+        },
+        Ledger, LedgerAdmin,
     },
     BackendError,
 };
 
-/// Holds settled per statement by [`Ledger::expire_holds`].
+/// Holds settled per statement by [`LedgerAdmin::expire_holds`].
 const EXPIRE_BATCH: i32 = 512;
 
 /// The statements, with the schema in them.
@@ -66,7 +69,7 @@ impl Statements {
 /// processes, and committed before it answers (a top-up answered is durable). `CHECK`
 /// constraints make a negative balance impossible. Every call on an account first settles its
 /// expired holds at their held amount, so a hold left by a replica that died is charged by
-/// whichever replica touches the account next (and by [`expire_holds`](Ledger::expire_holds)).
+/// whichever replica touches the account next (and by [`expire_holds`](LedgerAdmin::expire_holds)).
 /// The journal is the `journal` table, one row per movement appended in the same statement;
 /// time is the database's, never a replica's clock.
 ///
@@ -80,7 +83,7 @@ impl Statements {
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 /// use tollgate::postgres::PostgresBackend;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -387,10 +390,6 @@ impl Ledger for PostgresLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new(), None);
@@ -412,6 +411,13 @@ impl Ledger for PostgresLedger {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), to_i64(hold.id()), "release", 0)
     }
+}
+
+impl LedgerAdmin for PostgresLedger {
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         let sql = self.sql.top_up.clone();

@@ -278,6 +278,6 @@ fn estimate(llm: Option<&LlmRequest>, default_max_tokens: u64) -> u64 {
                     .saturating_mul(llm.choices.max(1)),
             )
             // Exact in every backend's arithmetic (Redis scripts use doubles).
-            .min(crate::credits::MAX_CREDITS)
+            .min(crate::credits::ledger::MAX_CREDITS)
     })
 }

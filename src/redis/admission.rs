@@ -8,7 +8,10 @@ use super::{
     BoxFuture, RedisLedger, RedisLimiter,
 };
 use crate::{
-    credits::{Admission, Hold, Reservation, ReserveRequest, Settlement, TwoStep, Verdict},
+    credits::{
+        ledger::{Hold, Reservation, ReserveRequest, Settlement},
+        Admission, TwoStep, Verdict,
+    },
     ratelimit::{Charge, Correction, Decision, Outcome},
     BackendError,
 };

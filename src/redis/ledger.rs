@@ -16,16 +16,19 @@ use super::{
 };
 use crate::{
     credits::{
-        Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Ledger, PlanChange,
-        Promoted, Promotions, Reservation, ReserveError, ReserveRequest, Settlement, TopUp,
-        TopUpError, TopUpPromoter,
+        ledger::{
+            Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Reservation,
+            ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        },
+        promote::{PlanChange, Promoted, Promotions, TopUpPromoter},
+        Ledger, LedgerAdmin,
     },
     ratelimit::{BucketKey, Subject},
     BackendError,
 };
 
 /// The largest balance the ledger keeps: Lua numbers are doubles, exact up to 2⁵³.
-pub const MAX_BALANCE: u64 = crate::credits::MAX_CREDITS;
+pub const MAX_BALANCE: u64 = crate::credits::ledger::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 
@@ -67,7 +70,7 @@ fn scripts(journal_limit: usize) -> &'static Scripts {
     })
 }
 
-/// Holds settled per account and script call by [`Ledger::expire_holds`].
+/// Holds settled per account and script call by [`LedgerAdmin::expire_holds`].
 const EXPIRE_BATCH: u64 = 256;
 
 /// A [`Ledger`] in Redis, shared by every replica connected to the same server.
@@ -76,7 +79,7 @@ const EXPIRE_BATCH: u64 = 256;
 /// exact under any concurrency from any number of processes; the balance can never go below
 /// zero. Every script first settles the account's expired holds at their held amount, so a hold
 /// left by a replica that died is charged by whichever replica touches the account next (and by
-/// [`expire_holds`](Ledger::expire_holds)). The journal is a Redis stream per account, appended in
+/// [`expire_holds`](LedgerAdmin::expire_holds)). The journal is a Redis stream per account, appended in
 /// the same script as the movement; idempotency records live in the same script with a TTL.
 /// Time is the Redis server's (`TIME`), never a replica's clock.
 ///
@@ -86,7 +89,7 @@ const EXPIRE_BATCH: u64 = 256;
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 /// use tollgate::redis::RedisBackend;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -402,10 +405,6 @@ impl Ledger for RedisLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new());
@@ -427,6 +426,13 @@ impl Ledger for RedisLedger {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), hold.id(), "release", 0, false)
     }
+}
+
+impl LedgerAdmin for RedisLedger {
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         let call = self.top_up_promoting(account, amount, idempotency_key, None);
@@ -627,7 +633,7 @@ fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Promotions, TopUpPromoter};
+/// use tollgate::credits::{promote::{Promotions, TopUpPromoter}};
 /// use tollgate::redis::{RedisBackend, RedisPromoter};
 ///
 /// # #[tokio::main(flavor = "current_thread")]

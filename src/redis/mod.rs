@@ -105,8 +105,8 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_millis(500),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
-            hold_ttl: crate::credits::DEFAULT_HOLD_TTL,
-            idempotency_window: crate::credits::DEFAULT_IDEMPOTENCY_WINDOW,
+            hold_ttl: crate::credits::defaults::DEFAULT_HOLD_TTL,
+            idempotency_window: crate::credits::defaults::DEFAULT_IDEMPOTENCY_WINDOW,
             key_cache_ttl: Duration::from_secs(5),
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
@@ -172,7 +172,7 @@ impl RedisOptions {
     }
 
     /// Keep only the latest `entries` journal entries per account (0, the default: all of
-    /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::MemoryLedgerBuilder::journal_limit)
+    /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::ledger::MemoryLedgerBuilder::journal_limit)
     /// does: the stream is trimmed in the same script that appends to it, so Redis memory per
     /// account stays flat (about 110 bytes an entry, two entries per billed request). Balances
     /// never depend on the journal: trimming changes none.
