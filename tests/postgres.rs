@@ -262,6 +262,7 @@ async fn a_hold_is_closed_once_across_replicas_and_a_settle_never_goes_negative(
             hold.amount(),
             0,
             None,
+            hold.ttl(),
         );
         let (settled, released) = tokio::join!(a.settle(&hold, 1), b.release(&twin));
         let (settled, released) = (settled.unwrap(), released.unwrap());

@@ -1317,6 +1317,7 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     type ReserveFuture = Observed<L::ReserveFuture, Result<Reservation, ReserveError>>;
     type SettleFuture = Observed<L::SettleFuture, Result<Settlement, BackendError>>;
     type ReleaseFuture = Observed<L::ReleaseFuture, Result<Settlement, BackendError>>;
+    type ExtendFuture = L::ExtendFuture;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let holds = self.holds_open.clone();
@@ -1332,6 +1333,12 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     }
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.inner.release(hold).map(self.closed(hold))
+    }
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        self.inner.extend(hold)
+    }
+    fn now(&self) -> SystemTime {
+        self.inner.now()
     }
 }
 

@@ -6,11 +6,13 @@
 //! # Example
 //!
 //! ```
-//! use std::time::SystemTime;
+//! use std::time::{Duration, SystemTime};
 //! use tollgate::credits::{backend, ledger::{Balance, EntryKind}};
 //!
-//! let hold = backend::hold(7, "acct_1".into(), 30, 70, Some("req_1".into()));
+//! let ttl = Some(Duration::from_secs(600));
+//! let hold = backend::hold(7, "acct_1".into(), 30, 70, Some("req_1".into()), ttl);
 //! assert_eq!((hold.id(), hold.amount(), hold.request_id()), (7, 30, Some("req_1")));
+//! assert_eq!(hold.ttl(), ttl);
 //!
 //! let settlement = backend::settlement(12, 88, true);
 //! assert_eq!(settlement.charged, 12);
@@ -21,7 +23,10 @@
 //! assert_eq!(backend::expired(1, 30).charged, 30);
 //! ```
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use super::ledger::{
     Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, Settlement, TopUp,
@@ -31,15 +36,19 @@ pub use super::body::pending_settlements;
 
 /// A hold of `amount` credits on `account`, with the ledger's id `id`, leaving `available_after`
 /// credits available, placed for the request `request_id` (as the
-/// [`ReserveRequest`](super::ledger::ReserveRequest) gave it).
+/// [`ReserveRequest`](super::ledger::ReserveRequest) gave it), expired after `ttl` of idle
+/// time unless [extended](super::Ledger::extend) (`None`: never).
 pub fn hold(
     id: u64,
     account: Arc<str>,
     amount: u64,
     available_after: u64,
     request_id: Option<Arc<str>>,
+    ttl: Option<Duration>,
 ) -> Hold {
-    Hold::new(id, account, amount, available_after).with_request_id(request_id)
+    Hold::new(id, account, amount, available_after)
+        .with_request_id(request_id)
+        .with_ttl(ttl)
 }
 
 /// The closing of a hold: `charged` credits taken, the account's `balance` afterwards, and

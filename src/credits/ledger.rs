@@ -5,7 +5,12 @@
 //! Values a backend builds (a [`Hold`], a [`Settlement`], a [`JournalEntry`], …) are made with
 //! the functions of [`credits::backend`](super::backend).
 
-use std::{fmt, future::Future, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use crate::BackendError;
 
@@ -79,6 +84,9 @@ pub trait Ledger: Send + Sync + 'static {
     type SettleFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
     /// The future of [`release`](Ledger::release); `Unpin` for the same reason.
     type ReleaseFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
+    /// The future of [`extend`](Ledger::extend); `Unpin` for the same reason (it is started
+    /// from a response body's `poll_frame`).
+    type ExtendFuture: Future<Output = Result<bool, BackendError>> + Send + Unpin + 'static;
 
     /// Place a hold of `request.amount` on the account, if it fits in what is available.
     ///
@@ -95,6 +103,20 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Close a hold without charging anything.
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture;
+
+    /// Keep an open hold alive: it now expires no earlier than its [TTL](Hold::ttl) from now
+    /// (never earlier than it would have). Answers whether the hold was still open; a closed
+    /// hold is left as it is.
+    ///
+    /// A hold's TTL is **idle time**: [`MeteredBody`](super::MeteredBody) extends its hold while
+    /// the response streams (at most once per half TTL), so a stream longer than the TTL is
+    /// settled at its usage, and only a response idle for a whole TTL (a stalled upstream, a
+    /// leaked body) has its hold expired at the held amount.
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture;
+
+    /// The time on the ledger's clock, the one hold TTLs are measured on: what a response body
+    /// compares to a hold's TTL to know when to [`extend`](Ledger::extend) it.
+    fn now(&self) -> SystemTime;
 }
 
 /// The operator's side of a [`Ledger`]: top-ups, balances, the journal and the expiry of holds
@@ -268,6 +290,7 @@ pub struct Hold {
     amount: u64,
     available_after: u64,
     request_id: Option<Arc<str>>,
+    ttl: Option<Duration>,
 }
 
 impl Hold {
@@ -279,7 +302,22 @@ impl Hold {
             amount,
             available_after,
             request_id: None,
+            ttl: None,
         }
+    }
+
+    /// The idle time after which the ledger expires the hold unless it is
+    /// [extended](Ledger::extend) (`None`: it never expires).
+    #[must_use]
+    pub(crate) fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long the hold may stay idle before the ledger expires it at its held amount:
+    /// [`Ledger::extend`] starts the time again (`None`: the hold never expires).
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
     }
 
     /// The request the hold was placed for (its `x-request-id`), as the ledger got it in the

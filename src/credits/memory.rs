@@ -397,8 +397,25 @@ impl MemoryLedger {
                 request.amount,
                 available - request.amount,
             )
-            .with_request_id(request_id),
+            .with_request_id(request_id)
+            .with_ttl(Some(self.inner.hold_ttl)),
         ))
+    }
+
+    fn extend_now(&self, hold: &Hold) -> bool {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(hold.account());
+        let open = shard
+            .accounts
+            .get_mut(hold.account())
+            .and_then(|account| account.holds.get_mut(&hold.id()));
+        match open {
+            Some(open) => {
+                open.expires_at = open.expires_at.max(now + self.inner.hold_ttl);
+                true
+            }
+            None => false,
+        }
     }
 
     fn close_now(&self, hold: &Hold, how: Close) -> Settlement {
@@ -564,6 +581,7 @@ impl Ledger for MemoryLedger {
     type ReserveFuture = Ready<Result<Reservation, ReserveError>>;
     type SettleFuture = Ready<Result<Settlement, BackendError>>;
     type ReleaseFuture = Ready<Result<Settlement, BackendError>>;
+    type ExtendFuture = Ready<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         ready(self.reserve_now(request))
@@ -575,6 +593,14 @@ impl Ledger for MemoryLedger {
 
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         ready(Ok(self.close_now(hold, Close::Release)))
+    }
+
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        ready(Ok(self.extend_now(hold)))
+    }
+
+    fn now(&self) -> SystemTime {
+        self.inner.clock.now()
     }
 }
 
@@ -633,9 +659,10 @@ pub struct MemoryLedgerBuilder {
 }
 
 impl MemoryLedgerBuilder {
-    /// How long a hold may stay open before [`LedgerAdmin::expire_holds`] settles it at its held
-    /// amount (default [`DEFAULT_HOLD_TTL`]). Make it longer than your longest response stream:
-    /// a stream still running when its hold expires is charged the hold, not its usage.
+    /// How long a hold may stay idle before [`LedgerAdmin::expire_holds`] settles it at its held
+    /// amount (default [`DEFAULT_HOLD_TTL`]): from the reserve, and from each
+    /// [`extend`](Ledger::extend) (a streaming response extends its hold while it streams, so
+    /// only a response idle for this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self

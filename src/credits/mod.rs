@@ -49,8 +49,27 @@
 //! Every backend passes the same [`conformance`] scenarios (exact K of N, never negative,
 //! expiry, idempotency, journal equals books).
 //!
-//! Holds that are never settled (a crashed handler, a leaked future) are settled at their held
-//! amount by [`LedgerAdmin::expire_holds`]; [`MemoryLedger::spawn_expiry`] runs it periodically.
+//! # Holds live as long as their response
+//!
+//! A hold's TTL ([`ledger::MemoryLedgerBuilder::hold_ttl`] and each backend's `hold_ttl`) is
+//! **idle time**: while a response streams, its [`MeteredBody`] keeps the hold alive with
+//! [`Ledger::extend`] (at most once per half TTL: a clock read per frame, the extension itself
+//! off the frame's path), so a stream longer than the TTL is settled at its usage. Holds nobody
+//! closes within a TTL of their last sign of life (a crashed handler, a leaked future, an upstream
+//! silent for a whole TTL) are settled at their held amount by [`LedgerAdmin::expire_holds`];
+//! [`MemoryLedger::spawn_expiry`] runs it periodically. Every backend behaves the same
+//! ([`conformance`]).
+//!
+//! # Shape
+//!
+//! - [`CreditsLayer`] / [`Credits`] / [`MeteredBody`]: the middleware; [`Pricing`] and [`Price`]
+//!   say what a request costs.
+//! - [`Ledger`]: the hot path (reserve, settle, release, extend); [`LedgerAdmin`]: the
+//!   operator's calls (top-up, balance, journal, expiry); their values are in [`ledger`].
+//! - [`Admission`]: the rate limits and the hold together ([`TwoStep`], or a backend's fused
+//!   one, for [`CreditsLayer::rate_limit_with`]).
+//! - [`backend`]: what a ledger implementation builds its answers with; [`conformance`]: the
+//!   scenarios it must pass.
 //!
 //! # Example
 //!

@@ -31,6 +31,7 @@ pub(super) struct Statements {
     balance: SqlStr,
     journal: SqlStr,
     expire: SqlStr,
+    extend: SqlStr,
 }
 
 impl Statements {
@@ -50,6 +51,7 @@ impl Statements {
             balance: shared.sql(
                 "SELECT balance, held, holds FROM @schema@.balances WHERE account = $1",
             ),
+            extend: shared.sql("SELECT @schema@.extend_hold($1, $2, $3)"),
             journal: shared.sql(
                 "SELECT seq, (extract(epoch FROM at) * 1000000)::bigint, kind, amount, hold, \
                  hold_id, balance_after, held_after, request_id, key_id, idempotency_key \
@@ -211,6 +213,7 @@ impl PostgresLedger {
         let sql = self.sql.reserve.clone();
         let account = request.account.clone();
         let ttl = self.hold_ttl_ms();
+        let hold_ttl = self.shared.options.hold_ttl;
         let window = millis(self.shared.options.idempotency_window);
         let request_id = request.request_id.as_deref().map(str::to_owned);
         let key_id = request.key_id.as_deref().map(str::to_owned);
@@ -274,7 +277,8 @@ impl PostgresLedger {
             match status.as_str() {
                 "held" => Ok(Reserved::Held(
                     Hold::new(to_u64(id), account, amount, to_u64(available))
-                        .with_request_id(request_arc),
+                        .with_request_id(request_arc)
+                        .with_ttl(Some(hold_ttl)),
                     limits,
                 )),
                 "insufficient" => Err(ReserveError::Insufficient {
@@ -390,6 +394,7 @@ impl Ledger for PostgresLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type ExtendFuture = BoxFuture<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new(), None);
@@ -410,6 +415,27 @@ impl Ledger for PostgresLedger {
 
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), to_i64(hold.id()), "release", 0)
+    }
+
+    /// One statement (`extend_hold`, migration 3): the hold's expiry moves to the hold TTL from
+    /// now (the database's clock).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        let sql = self.sql.extend.clone();
+        let account = hold.account().to_owned();
+        let (id, ttl) = (to_i64(hold.id()), self.hold_ttl_ms());
+        Box::pin(self.shared.call("extend", move |pool| async move {
+            let row = sqlx::query(sql)
+                .bind(account)
+                .bind(id)
+                .bind(ttl)
+                .fetch_one(&pool)
+                .await?;
+            Ok(row.try_get::<bool, _>(0)?)
+        }))
+    }
+
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
     }
 }
 

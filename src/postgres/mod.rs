@@ -69,7 +69,10 @@ pub use limiter::PostgresLimiter;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The migrations, in order: version, name, SQL (with `@schema@` for the schema).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (3, "extend", include_str!("migrations/0003_extend.sql")),
+];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
 ///
@@ -165,8 +168,10 @@ impl PostgresOptions {
         self
     }
 
-    /// How long a hold may stay open before it is settled at its held amount. Make it longer
-    /// than your longest response stream.
+    /// How long a hold may stay **idle** before it is settled at its held amount: from the
+    /// reserve, and from each [`extend`](crate::credits::Ledger::extend), which a streaming
+    /// response makes while its frames flow (so a stream longer than this is settled at its
+    /// usage; only a response idle this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self

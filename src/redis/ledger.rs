@@ -41,6 +41,7 @@ struct Scripts {
     top_up: Script,
     balance: Script,
     expire: Script,
+    extend: Script,
 }
 
 fn scripts(journal_limit: usize) -> &'static Scripts {
@@ -66,6 +67,7 @@ fn scripts(journal_limit: usize) -> &'static Scripts {
             top_up: script(include_str!("lua/top_up.lua")),
             balance: script(include_str!("lua/balance.lua")),
             expire: script(include_str!("lua/expire.lua")),
+            extend: script(include_str!("lua/extend.lua")),
         }))
     })
 }
@@ -259,6 +261,7 @@ impl RedisLedger {
         };
         let amount = request.amount;
         let ttl = self.hold_ttl_ms();
+        let hold_ttl = self.shared.options.hold_ttl;
         let window = millis(self.shared.options.idempotency_window);
         let request_arc = request.request_id.clone();
         let request_id = request.request_id.as_deref().unwrap_or("").to_owned();
@@ -307,7 +310,9 @@ impl RedisLedger {
             let limits = || reply.iter().skip(2).map(value_i64).collect::<Vec<i64>>();
             match reply.first().map(value_str).as_deref() {
                 Some("held") => Ok(Reserved::Held(
-                    Hold::new(id, account, amount, number(1)).with_request_id(request_arc),
+                    Hold::new(id, account, amount, number(1))
+                        .with_request_id(request_arc)
+                        .with_ttl(Some(hold_ttl)),
                     limits(),
                 )),
                 Some("insufficient") => Err(ReserveError::Insufficient {
@@ -405,6 +410,7 @@ impl Ledger for RedisLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
+    type ExtendFuture = BoxFuture<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new());
@@ -425,6 +431,23 @@ impl Ledger for RedisLedger {
 
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), hold.id(), "release", 0, false)
+    }
+
+    /// One small script: the hold's expiry moves to the hold TTL from now (Redis's clock).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        let key = self.account_key(hold.account());
+        let (id, ttl) = (hold.id(), self.hold_ttl_ms());
+        let scripts = self.scripts();
+        let call = self.conn().call("extend", move |mut conn| async move {
+            let mut invocation = scripts.extend.prepare_invoke();
+            invocation.key(key).arg(id).arg(ttl);
+            invocation.invoke_async::<i64>(&mut conn).await
+        });
+        Box::pin(async move { Ok(call.await? == 1) })
+    }
+
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
     }
 }
 

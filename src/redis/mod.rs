@@ -159,8 +159,10 @@ impl RedisOptions {
         self
     }
 
-    /// How long a hold may stay open before it is settled at its held amount. Make it longer
-    /// than your longest response stream.
+    /// How long a hold may stay **idle** before it is settled at its held amount: from the
+    /// reserve, and from each [`extend`](crate::credits::Ledger::extend), which a streaming
+    /// response makes while its frames flow (so a stream longer than this is settled at its
+    /// usage; only a response idle this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self

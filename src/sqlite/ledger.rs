@@ -296,6 +296,7 @@ impl Ledger for SqliteLedger {
     type ReserveFuture = Ready<Result<Reservation, ReserveError>>;
     type SettleFuture = Ready<Result<Settlement, BackendError>>;
     type ReleaseFuture = Ready<Result<Settlement, BackendError>>;
+    type ExtendFuture = Ready<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         if let Err(e) = self.queue.status.check() {
@@ -316,6 +317,16 @@ impl Ledger for SqliteLedger {
             return ready(Err(e));
         }
         self.memory.release(hold)
+    }
+
+    /// In memory only: a hold's expiry lives in the process (the file keeps the one it was
+    /// placed with, which is what a restart, with every stream gone, expires it by).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        self.memory.extend(hold)
+    }
+
+    fn now(&self) -> SystemTime {
+        self.memory.now()
     }
 }
 

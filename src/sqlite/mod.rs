@@ -237,8 +237,9 @@ impl SqliteOptions {
         }
     }
 
-    /// How long a hold may stay open before [`LedgerAdmin::expire_holds`] settles it at its held
-    /// amount.
+    /// How long a hold may stay **idle** before [`LedgerAdmin::expire_holds`] settles it at its
+    /// held amount: from the reserve, and from each [`extend`](crate::credits::Ledger::extend),
+    /// which a streaming response makes while its frames flow.
     ///
     /// [`LedgerAdmin::expire_holds`]: crate::credits::LedgerAdmin::expire_holds
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
