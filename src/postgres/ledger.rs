@@ -430,7 +430,7 @@ impl Ledger for PostgresLedger {
                 .bind(ttl)
                 .fetch_one(&pool)
                 .await?;
-            Ok(row.try_get::<bool, _>(0)?)
+            row.try_get::<bool, _>(0)
         }))
     }
 
