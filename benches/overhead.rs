@@ -101,7 +101,7 @@ fn stores() -> Stores {
         .build()
         .unwrap();
     rt.block_on(async {
-        use tollgate::credits::Ledger;
+        use tollgate::credits::LedgerAdmin;
         ledger.top_up("acct_bench", 1 << 50, "bench").await.unwrap();
         for i in 0..ACCOUNTS {
             ledger

@@ -1,7 +1,7 @@
 //! The per-request cost of the Redis-backed chain beside the in-memory one.
 //!
 //! - `limit+reserve+settle`: the backends alone. Two layers make three round trips (rate-limit
-//!   check, reserve, settle); `Ledger::reserve_limited` + `settle_limited` make two (one script
+//!   check, reserve, settle); the backend's fused `Admission` (`admit` + `settle`) makes two (one script
 //!   charges the limits and places the hold, one settles).
 //! - `chain`: the whole chain through the layers (normalize → auth → rate limit → credits → an
 //!   axum handler), in memory and on Redis, with `CreditsLayer::rate_limit` (one step) and with
@@ -17,7 +17,10 @@ use std::num::NonZeroU32;
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::Quota;
 use tollgate::{
-    credits::{Admission, Ledger, MemoryLedger, Reservation, ReserveRequest},
+    credits::{
+        ledger::{Reservation, ReserveRequest},
+        Admission, LedgerAdmin, MemoryLedger, Verdict,
+    },
     ratelimit::{BucketKey, Charge, Limiter, MemoryLimiter, Subject},
     LimitKind,
 };
@@ -31,7 +34,7 @@ fn charges() -> [Charge; 1] {
     }]
 }
 
-async fn request(limiter: &impl Limiter, ledger: &impl Ledger) {
+async fn request(limiter: &impl Limiter, ledger: &impl LedgerAdmin) {
     assert!(limiter.check(&charges()).await.unwrap().is_allowed());
     let hold = ledger
         .reserve(ReserveRequest::new("acct_1", 1))
@@ -42,22 +45,18 @@ async fn request(limiter: &impl Limiter, ledger: &impl Ledger) {
     ledger.settle(&hold, 1).await.unwrap();
 }
 
-async fn request_one_step<Lim: Limiter, L: Ledger + Clone>(limiter: &Lim, ledger: &L) {
-    let admission = ledger
-        .reserve_limited(
-            limiter,
-            charges().to_vec(),
-            ReserveRequest::new("acct_1", 1),
-        )
+async fn request_one_step(admission: &impl Admission) {
+    let verdict = admission
+        .admit(charges().to_vec(), ReserveRequest::new("acct_1", 1))
         .await;
-    let Admission::Admitted {
+    let Verdict::Admitted {
         reservation: Reservation::Held(hold),
         ..
-    } = admission
+    } = verdict
     else {
-        panic!("refused: {admission:?}");
+        panic!("refused: {verdict:?}");
     };
-    ledger.settle_limited(limiter, &hold, 1, &[]).await.unwrap();
+    admission.settle(&hold, 1, &[]).await.unwrap();
 }
 
 fn chain(c: &mut Criterion) {
@@ -80,6 +79,7 @@ fn chain(c: &mut Criterion) {
         .block_on(tollgate::redis::RedisBackend::connect(&server.url()))
         .unwrap();
     let (limiter, ledger) = (backend.limiter(), backend.ledger());
+    let admission = backend.admission();
     runtime
         .block_on(ledger.top_up("acct_1", u32::MAX.into(), "bench"))
         .unwrap();
@@ -87,7 +87,7 @@ fn chain(c: &mut Criterion) {
         b.iter(|| runtime.block_on(request(&limiter, &ledger)))
     });
     group.bench_function("redis (2 round trips, one step)", |b| {
-        b.iter(|| runtime.block_on(request_one_step(&limiter, &ledger)))
+        b.iter(|| runtime.block_on(request_one_step(&admission)))
     });
     group.finish();
 }
@@ -100,7 +100,7 @@ fn layered(c: &mut Criterion) {
     use http_body_util::BodyExt;
     use tollgate::{
         auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, KeyStore, MemoryKeyStore},
-        credits::{CreditsLayer, Pricing},
+        credits::{CreditsLayer, Pricing, TwoStep},
         keys,
         normalize::NormalizeLayer,
         ratelimit::{Plan, Plans, RateLimitLayer},
@@ -113,7 +113,7 @@ fn layered(c: &mut Criterion) {
         .build()
         .unwrap();
 
-    async fn seed<K: KeyAdmin, L: Ledger>(keys: &K, ledger: &L) {
+    async fn seed<K: KeyAdmin, L: LedgerAdmin>(keys: &K, ledger: &L) {
         keys.put_account(AccountRecord::new("acct_1", "bench"))
             .await
             .unwrap();
@@ -128,10 +128,11 @@ fn layered(c: &mut Criterion) {
             .unwrap();
     }
 
-    fn stack<K, L, Lim>(
+    fn stack<K, L, A>(
         keys: K,
         ledger: L,
-        limiter: Lim,
+        limiter: A::Limiter,
+        admission: A,
     ) -> impl Service<
         Request<Body>,
         Response = http::Response<
@@ -141,8 +142,8 @@ fn layered(c: &mut Criterion) {
     > + Clone
     where
         K: KeyStore + Clone,
-        L: Ledger + Clone,
-        Lim: Limiter,
+        L: LedgerAdmin + Clone,
+        A: Admission,
     {
         let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));
         ServiceBuilder::new()
@@ -150,7 +151,7 @@ fn layered(c: &mut Criterion) {
             .layer(AuthLayer::new(keys))
             .layer(
                 CreditsLayer::new(ledger, Pricing::flat(1))
-                    .rate_limit(RateLimitLayer::new(limiter, plans)),
+                    .rate_limit_with(RateLimitLayer::new(limiter, plans), admission),
             )
             .service(Router::new().route("/v1/models", get(|| async { "{}" })))
     }
@@ -168,7 +169,7 @@ fn layered(c: &mut Criterion) {
     > + Clone
     where
         K: KeyStore + Clone,
-        L: Ledger + Clone,
+        L: LedgerAdmin + Clone,
         Lim: Limiter,
     {
         let plans = Plans::new(Plan::new().requests_per_second(u32::MAX));
@@ -205,7 +206,13 @@ fn layered(c: &mut Criterion) {
     runtime.block_on(seed(&keys, &ledger));
     let mut memory = two_layers(keys.clone(), ledger.clone(), MemoryLimiter::new());
     group.bench_function("memory", |b| b.iter(|| runtime.block_on(call(&mut memory))));
-    let mut memory = stack(keys, ledger, MemoryLimiter::new());
+    let limiter = MemoryLimiter::new();
+    let mut memory = stack(
+        keys,
+        ledger.clone(),
+        limiter.clone(),
+        TwoStep::new(ledger, limiter),
+    );
     group.bench_function("memory_one_step", |b| {
         b.iter(|| runtime.block_on(call(&mut memory)))
     });
@@ -265,7 +272,12 @@ fn layered(c: &mut Criterion) {
             (total_after - total_before) as f64 / N as f64,
         );
     };
-    let mut redis = stack(keys.clone(), ledger.clone(), backend.limiter());
+    let mut redis = stack(
+        keys.clone(),
+        ledger.clone(),
+        backend.limiter(),
+        backend.admission(),
+    );
     let mut layered = two_layers(keys, ledger, backend.limiter());
     measure("redis", &mut || runtime.block_on(call(&mut redis)));
     measure("redis_two_layers", &mut || {

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tollgate::{
     auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, MemoryKeyStore},
-    credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+    credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Price, Pricing},
     normalize::NormalizeLayer,
     ratelimit::{Plan, Plans, RateLimitLayer},
     Caller,

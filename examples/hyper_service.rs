@@ -22,7 +22,7 @@ use hyper_util::{
 };
 use tollgate::{
     auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, MemoryKeyStore},
-    credits::{CreditsLayer, Ledger, MemoryLedger, Pricing},
+    credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Pricing},
     ip::PeerAddr,
     normalize::NormalizeLayer,
     ratelimit::{Plan, Plans, RateLimitLayer},

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use tollgate::{
     auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, MemoryKeyStore},
-    credits::{CreditsLayer, Ledger, MemoryLedger, Pricing},
+    credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Pricing},
     ip::{IpAllowLayer, IpSet, PeerAddr},
     normalize::NormalizeLayer,
     ratelimit::{Plan, Plans, RateLimitLayer},

@@ -23,7 +23,7 @@
 //! use std::net::SocketAddr;
 //! use tollgate::{
 //!     auth::{AccountRecord, AuthLayer, KeyAdmin, KeyRecord, MemoryKeyStore},
-//!     credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+//!     credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Price, Pricing},
 //!     format::Format,
 //!     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
 //!     normalize::NormalizeLayer,

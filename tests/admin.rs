@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tollgate::{
     admin,
     auth::{AccountRecord, AuthLayer, AuthShield, KeyAdmin, KeyRecord, KeyStatus, MemoryKeyStore},
-    credits::{JournalQuery, Ledger, MemoryLedger},
+    credits::{ledger::JournalQuery, LedgerAdmin, MemoryLedger},
     format::Format,
     normalize::NormalizeLayer,
 };

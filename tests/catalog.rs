@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyRecord, KeyStore, MemoryKeyStore},
     credits::{
-        EntryKind, JournalQuery, Ledger, MemoryLedger, PlanChange, Promote, Promotions,
-        TopUpPromoter,
+        ledger::{EntryKind, JournalQuery},
+        promote::{PlanChange, Promote, Promotions, TopUpPromoter},
+        LedgerAdmin, MemoryLedger,
     },
     format::{ErrorCatalog, ErrorOverride, Format, RenderContext},
     keys, LimitKind, Reason, Rejection,
@@ -297,7 +298,7 @@ async fn seed<K: KeyAdmin>(store: &K) {
 }
 
 /// Eight concurrent top-ups of one account: one promotion, every credit in the books.
-async fn promotes_once<P: TopUpPromoter, K: KeyStore + KeyAdmin, L: Ledger>(
+async fn promotes_once<P: TopUpPromoter, K: KeyStore + KeyAdmin, L: LedgerAdmin>(
     promoter: &P,
     store: &K,
     ledger: &L,

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tollgate::{
     credits::{
-        Balance, Clock, CreditsLayer, EntryKind, JournalEntry, JournalQuery, Ledger, ManualClock,
-        MemoryLedger, OnDisconnect, Price, Pricing, ReserveRequest,
+        ledger::{Balance, Clock, EntryKind, JournalEntry, JournalQuery, ReserveRequest},
+        CreditsLayer, Ledger, LedgerAdmin, ManualClock, MemoryLedger, OnDisconnect, Price, Pricing,
     },
     format::Format,
     inspect::InspectedBody,
@@ -627,7 +627,7 @@ async fn top_ups_are_idempotent() {
     assert_eq!(again.balance, Balance::new(50, 0, 0));
     assert!(matches!(
         ledger.top_up("acct_1", 60, "invoice-7").await,
-        Err(tollgate::credits::TopUpError::KeyReused { amount: 50 })
+        Err(tollgate::credits::ledger::TopUpError::KeyReused { amount: 50 })
     ));
     assert_eq!(balance(&ledger, "acct_1").await.balance, 50);
     assert_eq!(journal(&ledger, "acct_1").await.len(), 1);

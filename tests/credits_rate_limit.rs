@@ -18,7 +18,10 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tollgate::{
-    credits::{Balance, CreditsLayer, EntryKind, JournalQuery, Ledger, MemoryLedger, Pricing},
+    credits::{
+        ledger::{Balance, EntryKind, JournalQuery},
+        CreditsLayer, LedgerAdmin, MemoryLedger, Pricing,
+    },
     inspect::InspectedBody,
     ratelimit::{MemoryLimiter, Plan, Plans, RateLimitLayer},
     Caller,
@@ -336,7 +339,7 @@ async fn concurrent_requests_charge_both_or_neither() {
 async fn nothing_is_refunded_for_a_check_that_charged_nothing() {
     use std::sync::Mutex;
     use tollgate::{
-        credits::{Admission, ReserveRequest},
+        credits::{ledger::ReserveRequest, Admission, TwoStep, Verdict},
         ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
         BackendError, LimitKind,
     };
@@ -362,9 +365,9 @@ async fn nothing_is_refunded_for_a_check_that_charged_nothing() {
         quota: governor::Quota::per_minute(std::num::NonZeroU32::new(1).unwrap()),
         cost: 1,
     };
-    let refused = ledger
-        .reserve_limited(&limiter, vec![charge], ReserveRequest::new("acct_1", 5))
+    let refused = TwoStep::new(ledger, limiter.clone())
+        .admit(vec![charge], ReserveRequest::new("acct_1", 5))
         .await;
-    assert!(matches!(refused, Admission::Refused(_)), "{refused:?}");
+    assert!(matches!(refused, Verdict::Refused(_)), "{refused:?}");
     assert!(limiter.0.lock().unwrap().is_empty());
 }

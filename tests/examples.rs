@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tollgate::{
     auth::MemoryKeyStore,
-    credits::{Ledger, MemoryLedger},
+    credits::{LedgerAdmin, MemoryLedger},
     ratelimit::{Plan, Plans},
 };
 use tonic::Code;

@@ -18,7 +18,8 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tollgate::{
     credits::{
-        CreditsLayer, JournalQuery, Ledger, MemoryLedger, Price, Pricing, TopUpError, MAX_CREDITS,
+        ledger::{JournalQuery, TopUpError, MAX_CREDITS},
+        CreditsLayer, LedgerAdmin, MemoryLedger, Price, Pricing,
     },
     inspect::InspectedBody,
     normalize::NormalizeLayer,

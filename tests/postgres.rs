@@ -15,8 +15,11 @@ use pg_server::PgServer;
 use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyAdminError, KeyRecord, KeyStatus, KeyStore},
     credits::{
-        Admission, EntryKind, Fingerprint, Hold, JournalQuery, Ledger, Reservation, ReserveError,
-        ReserveRequest, TopUpError,
+        ledger::{
+            EntryKind, Fingerprint, Hold, JournalQuery, Reservation, ReserveError, ReserveRequest,
+            TopUpError,
+        },
+        Admission, Ledger, LedgerAdmin, Verdict,
     },
     keys,
     postgres::{FailMode, PostgresBackend, PostgresOptions},
@@ -79,7 +82,7 @@ where
 
 /// Journal invariants: balance = Σ top-ups − Σ charges; held = Σ held − Σ closed; sequence
 /// numbers without gaps; every hold closed at most once. Returns (charged, reserves).
-async fn assert_books(ledger: &impl Ledger, account: &str) -> (u64, u64) {
+async fn assert_books(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
     let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
     let sum = |kind: EntryKind| -> u64 {
         journal
@@ -253,7 +256,14 @@ async fn a_hold_is_closed_once_across_replicas_and_a_settle_never_goes_negative(
             .into_hold()
             .unwrap();
         // The same hold closed by both replicas at once: settled by one, released by the other.
-        let twin = Hold::new(hold.id(), hold.account_arc().clone(), hold.amount(), 0);
+        let twin = tollgate::credits::backend::hold(
+            hold.id(),
+            hold.account_arc().clone(),
+            hold.amount(),
+            0,
+            None,
+            hold.ttl(),
+        );
         let (settled, released) = tokio::join!(a.settle(&hold, 1), b.release(&twin));
         let (settled, released) = (settled.unwrap(), released.unwrap());
         assert!(
@@ -669,7 +679,10 @@ fn one_step(
         )
     });
     CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit(RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by))
+        .rate_limit_with(
+            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
+            backend.admission(),
+        )
         .layer(upstream)
 }
 
@@ -857,11 +870,12 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let lost = ledger
-        .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+    let lost = backend
+        .admission()
+        .admit(charges.clone(), ReserveRequest::new("acct_1", 4))
         .await;
     assert!(
-        matches!(lost, Admission::Refused(ReserveError::Backend(_))),
+        matches!(lost, Verdict::Refused(ReserveError::Backend(_))),
         "{lost:?}"
     );
     lock.await.unwrap();

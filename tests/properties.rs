@@ -16,8 +16,11 @@ use proptest::prelude::*;
 use tollgate::{
     auth::{AccountRecord, AuthLayer, KeyRecord, MemoryKeyStore},
     credits::{
-        Balance, Clock, EntryKind, Fingerprint, Hold, JournalQuery, Ledger, ManualClock,
-        MemoryLedger, Reservation, ReserveError, ReserveRequest, TopUpError,
+        ledger::{
+            Balance, Clock, EntryKind, Fingerprint, Hold, JournalQuery, Reservation, ReserveError,
+            ReserveRequest, TopUpError,
+        },
+        Ledger, LedgerAdmin, ManualClock, MemoryLedger,
     },
     inspect::LlmRequest,
     ip::{ClientIpResolver, ForwardedHeader, IpSet},

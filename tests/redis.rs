@@ -14,7 +14,10 @@ use governor::Quota;
 use redis_server::RedisServer;
 use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyRecord, KeyStatus, KeyStore},
-    credits::{EntryKind, Fingerprint, JournalQuery, Ledger, ReserveError, ReserveRequest},
+    credits::{
+        ledger::{EntryKind, Fingerprint, JournalQuery, ReserveError, ReserveRequest},
+        Ledger, LedgerAdmin,
+    },
     keys,
     ratelimit::{BucketKey, Charge, Limiter, Subject},
     redis::{FailMode, RedisBackend, RedisOptions},
@@ -69,7 +72,7 @@ where
 }
 
 /// Journal invariants: balance = Σ top-ups − Σ charges; every reserve closed at most once.
-async fn assert_journal_matches(ledger: &impl Ledger, account: &str) -> (u64, u64) {
+async fn assert_journal_matches(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
     let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
     let sum = |kind: EntryKind| -> u64 {
         journal
@@ -702,7 +705,10 @@ fn one_step(
         )
     });
     CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit(RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by))
+        .rate_limit_with(
+            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
+            backend.admission(),
+        )
         .layer(upstream)
 }
 
@@ -739,7 +745,7 @@ where
 }
 
 /// Waits until no hold of `acct_1` is open (settlements run after the body's end).
-async fn settled(ledger: &impl Ledger) -> tollgate::credits::Balance {
+async fn settled(ledger: &impl LedgerAdmin) -> tollgate::credits::ledger::Balance {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let balance = patiently(|| ledger.balance("acct_1")).await;
@@ -896,17 +902,18 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
 /// is released in the background and the rate-limit cell it charged is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
-    use tollgate::credits::Admission;
+    use tollgate::credits::{Admission, Verdict};
     let server = RedisServer::start();
     let backend = replica(&server, fast()).await;
     let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    let admission = backend.admission();
     ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
     let charges = vec![charge("acct_1", 1)];
     // Warm the scripts so that the lost call is the script itself.
-    let warm = ledger
-        .reserve_limited(&limiter, vec![], ReserveRequest::new("acct_1", 1))
+    let warm = admission
+        .admit(vec![], ReserveRequest::new("acct_1", 1))
         .await;
-    let Admission::Admitted { reservation, .. } = warm else {
+    let Verdict::Admitted { reservation, .. } = warm else {
         panic!("{warm:?}")
     };
     ledger
@@ -927,11 +934,11 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
             .await;
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let lost = ledger
-        .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
+    let lost = admission
+        .admit(charges.clone(), ReserveRequest::new("acct_1", 4))
         .await;
     assert!(
-        matches!(lost, Admission::Refused(ReserveError::Backend(_))),
+        matches!(lost, Verdict::Refused(ReserveError::Backend(_))),
         "{lost:?}"
     );
     busy.await.unwrap();
@@ -953,22 +960,22 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
 /// An absurd usage reported by an upstream cannot stop the settlement: the correction is capped.
 #[tokio::test]
 async fn a_huge_tokens_correction_still_settles_the_hold() {
-    use tollgate::{credits::Admission, ratelimit::Correction};
+    use tollgate::{
+        credits::{Admission, Verdict},
+        ratelimit::Correction,
+    };
     let server = RedisServer::start();
     let backend = replica(&server, RedisOptions::new()).await;
     let (ledger, limiter) = (backend.ledger(), backend.limiter());
+    let admission = backend.admission();
     ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
     let mut tokens = charge("acct_1", 60);
     tokens.kind = LimitKind::Tokens;
     tokens.cost = 5;
-    let admitted = ledger
-        .reserve_limited(
-            &limiter,
-            vec![tokens.clone()],
-            ReserveRequest::new("acct_1", 4),
-        )
+    let admitted = admission
+        .admit(vec![tokens.clone()], ReserveRequest::new("acct_1", 4))
         .await;
-    let Admission::Admitted { reservation, .. } = admitted else {
+    let Verdict::Admitted { reservation, .. } = admitted else {
         panic!("{admitted:?}")
     };
     let hold = reservation.into_hold().unwrap();
@@ -977,10 +984,7 @@ async fn a_huge_tokens_correction_still_settles_the_hold() {
         quota: tokens.quota,
         delta: i64::MAX,
     };
-    let settlement = ledger
-        .settle_limited(&limiter, &hold, 3, &[correction])
-        .await
-        .unwrap();
+    let settlement = admission.settle(&hold, 3, &[correction]).await.unwrap();
     assert!(settlement.was_open);
     assert_eq!(settlement.charged, 3);
     assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 7);
@@ -994,10 +998,13 @@ async fn a_huge_tokens_correction_still_settles_the_hold() {
 #[tokio::test]
 async fn a_huge_max_tokens_gets_the_same_answer_as_in_memory() {
     use http_body_util::BodyExt;
-    use tollgate::credits::{CreditsLayer, MemoryLedger, Price, Pricing, TopUpError, MAX_CREDITS};
+    use tollgate::credits::{
+        ledger::{TopUpError, MAX_CREDITS},
+        CreditsLayer, MemoryLedger, Price, Pricing,
+    };
     use tower::{Layer, ServiceExt};
 
-    async fn refusal<L: Ledger + Clone>(ledger: L) -> (u16, serde_json::Value) {
+    async fn refusal<L: LedgerAdmin + Clone>(ledger: L) -> (u16, serde_json::Value) {
         ledger.top_up("acct_1", 1_000_000, "initial").await.unwrap();
         let pricing = Pricing::flat(3).model("gpt-test", Price::flat(1).per_1k_tokens(10));
         let app = CreditsLayer::new(ledger, pricing).layer(tower::service_fn(

@@ -9,7 +9,11 @@ use sqlx::{ConnectOptions, Connection};
 use temp_dir::TempDir;
 use tollgate::{
     auth::{AccountRecord, AccountStatus, KeyAdmin, KeyRecord, KeyStatus, KeyStore},
-    credits::{conformance, Balance, EntryKind, Fingerprint, JournalQuery, Ledger, ReserveRequest},
+    credits::{
+        conformance,
+        ledger::{Balance, EntryKind, Fingerprint, JournalQuery, ReserveRequest},
+        Ledger, LedgerAdmin,
+    },
     keys,
     sqlite::{OpenErrorKind, SqliteBackend, SCHEMA_VERSION},
 };

@@ -33,17 +33,23 @@ use tollgate::{
         AccountRecord, AccountStatus, AuthLayer, KeyAdmin, KeyRecord, KeyStatus, KeyStore,
         MemoryKeyStore,
     },
-    credits::{Admission, AdmissionFuture, Balance, Hold},
+    credits::promote::{Promote, TopUpPromoter},
     credits::{
-        CreditsLayer, Expired, JournalEntry, JournalQuery, Ledger, MemoryLedger, ModelPricing,
-        Price, Pricing, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        ledger::{Balance, Hold},
+        Admission, TwoStep, Verdict,
     },
-    credits::{Promote, TopUpPromoter},
+    credits::{
+        ledger::{
+            Expired, JournalEntry, JournalQuery, Reservation, ReserveError, ReserveRequest,
+            Settlement, TopUp, TopUpError,
+        },
+        CreditsLayer, Ledger, LedgerAdmin, MemoryLedger, ModelPricing, Price, Pricing,
+    },
     inspect::LlmRequest,
     ip::{ClientIpLayer, ClientIpResolver, IpAllowLayer},
     keys::{self, KeyDigest},
     normalize::{classify, NormalizeLayer},
-    ratelimit::{Charge, Correction, Limiter, MemoryLimiter, Plan, Plans, RateLimitLayer},
+    ratelimit::{Charge, Correction, MemoryLimiter, Plan, Plans, RateLimitLayer},
     BackendError, Caller, Reason, Rejection,
 };
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
@@ -148,7 +154,8 @@ impl Gateway {
                     .build();
                 let limiter = MemoryLimiter::new();
                 limiter.spawn_evictor(Duration::from_secs(60));
-                assemble(&config, limits, store, ledger, limiter).await?
+                let admission = TwoStep::new(ledger.clone(), limiter.clone());
+                assemble(&config, limits, store, ledger, limiter, admission).await?
             }
             BackendKind::Redis => {
                 storage = "storage: redis (shared by replicas)".to_owned();
@@ -603,12 +610,14 @@ async fn sqlite_backend(
     // Rate limits stay in this process: a restart refilling the buckets is harmless.
     let limiter = MemoryLimiter::new();
     limiter.spawn_evictor(Duration::from_secs(60));
+    let admission = TwoStep::new(backend.ledger(), limiter.clone());
     let apps = assemble(
         config,
         limits,
         backend.key_store(),
         backend.ledger(),
         limiter,
+        admission,
     )
     .await?;
     Ok((apps, backend))
@@ -634,12 +643,14 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
     // Plan promotion in the top-up's own script: balance, journal and plan together.
     let promoter =
         redis::RedisPromoter::new(backend.ledger(), key_store.clone(), config.promotions());
+    // The limits and the hold in one script (and the settlement with the tokens in one more).
     assemble_promoting(
         config,
         limits,
         key_store,
         backend.ledger(),
         backend.limiter(),
+        backend.admission(),
         promoter,
     )
     .await
@@ -678,6 +689,7 @@ async fn postgres_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps
         backend.key_store(),
         backend.ledger(),
         backend.limiter(),
+        backend.admission(),
     )
     .await
 }
@@ -689,35 +701,38 @@ async fn postgres_backend(_config: &GatewayConfig, _limits: Limits) -> Result<Ap
 
 /// Load the config into the stores and build the chain; plan promotions (`after_top_up`) are
 /// applied by the top-up, then the plan change.
-async fn assemble<K, L, R>(
+async fn assemble<K, L, A>(
     config: &GatewayConfig,
     limits: Limits,
     store: K,
     ledger: L,
-    limiter: R,
+    limiter: A::Limiter,
+    admission: A,
 ) -> Result<Apps, String>
 where
     K: KeyStore + KeyAdmin + Clone,
-    L: Ledger + Clone,
-    R: Limiter,
+    L: LedgerAdmin + Clone,
+    A: Admission,
 {
     let promoter = Promote::new(ledger.clone(), store.clone(), config.promotions());
-    assemble_promoting(config, limits, store, ledger, limiter, promoter).await
+    assemble_promoting(config, limits, store, ledger, limiter, admission, promoter).await
 }
 
 /// [`assemble`] with the backend's own top-up promoter (atomic where the backend allows).
-async fn assemble_promoting<K, L, R, P>(
+#[allow(clippy::too_many_arguments)]
+async fn assemble_promoting<K, L, A, P>(
     config: &GatewayConfig,
     limits: Limits,
     store: K,
     ledger: L,
-    limiter: R,
+    limiter: A::Limiter,
+    admission: A,
     promoter: P,
 ) -> Result<Apps, String>
 where
     K: KeyStore + KeyAdmin + Clone,
-    L: Ledger + Clone,
-    R: Limiter,
+    L: LedgerAdmin + Clone,
+    A: Admission,
     P: TopUpPromoter,
 {
     let server = &config.server;
@@ -855,6 +870,11 @@ where
         inner: ledger,
         holds_open: holds_open.clone(),
     };
+    // The metrics wrap the admission too; its type (fused or not) is kept.
+    let admission = MeteredLedger {
+        inner: admission,
+        holds_open: holds_open.clone(),
+    };
     spawn_expiry(ledger.clone());
 
     let resolver = ClientIpResolver::new().trust_proxies(server.trusted_proxies.clone());
@@ -897,8 +917,9 @@ where
         .layer(
             CreditsLayer::new(ledger.clone(), pricing)
                 .body_limit(server.max_body_bytes)
-                .rate_limit(
+                .rate_limit_with(
                     RateLimitLayer::new(limiter, plans.clone()).body_limit(server.max_body_bytes),
+                    admission,
                 ),
         )
         // Inside Credits: a timeout releases the hold (outside it would count as a disconnect).
@@ -1245,7 +1266,7 @@ where
 }
 
 /// Settles expired holds every 10 seconds.
-fn spawn_expiry<L: Ledger>(ledger: L) {
+fn spawn_expiry<L: LedgerAdmin>(ledger: L) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(10));
         loop {
@@ -1268,7 +1289,7 @@ struct MeteredLedger<L> {
 type Observer<T> = Box<dyn FnOnce(T) -> T + Send>;
 type Observed<F, T> = futures_util::future::Map<F, Observer<T>>;
 
-impl<L: Ledger> MeteredLedger<L> {
+impl<L> MeteredLedger<L> {
     /// Counts a closed hold and logs what the request finally cost.
     fn closed(&self, hold: &Hold) -> Observer<Result<Settlement, BackendError>> {
         let holds = self.holds_open.clone();
@@ -1298,10 +1319,7 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     type ReserveFuture = Observed<L::ReserveFuture, Result<Reservation, ReserveError>>;
     type SettleFuture = Observed<L::SettleFuture, Result<Settlement, BackendError>>;
     type ReleaseFuture = Observed<L::ReleaseFuture, Result<Settlement, BackendError>>;
-    type TopUpFuture = L::TopUpFuture;
-    type BalanceFuture = L::BalanceFuture;
-    type JournalFuture = L::JournalFuture;
-    type ExpireFuture = Observed<L::ExpireFuture, Result<Expired, BackendError>>;
+    type ExtendFuture = L::ExtendFuture;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let holds = self.holds_open.clone();
@@ -1315,46 +1333,22 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.inner.settle(hold, actual).map(self.closed(hold))
     }
-    // The two `_limited` calls go to the inner ledger, so that Redis keeps them one script each.
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture
-    where
-        Self: Clone,
-    {
-        let holds = self.holds_open.clone();
-        Box::pin(
-            self.inner
-                .reserve_limited(limiter, charges, request)
-                .map(move |admission| {
-                    if let Admission::Admitted {
-                        reservation: Reservation::Held(_),
-                        ..
-                    } = &admission
-                    {
-                        holds.fetch_add(1, Ordering::Relaxed);
-                    }
-                    admission
-                }),
-        )
-    }
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        self.inner
-            .settle_limited(limiter, hold, actual, corrections)
-            .map(self.closed(hold))
-    }
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.inner.release(hold).map(self.closed(hold))
     }
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        self.inner.extend(hold)
+    }
+    fn now(&self) -> SystemTime {
+        self.inner.now()
+    }
+}
+
+impl<L: LedgerAdmin + Clone> LedgerAdmin for MeteredLedger<L> {
+    type TopUpFuture = L::TopUpFuture;
+    type BalanceFuture = L::BalanceFuture;
+    type JournalFuture = L::JournalFuture;
+    type ExpireFuture = Observed<L::ExpireFuture, Result<Expired, BackendError>>;
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         self.inner.top_up(account, amount, idempotency_key)
     }
@@ -1372,6 +1366,35 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
             }
             result
         }))
+    }
+}
+
+/// The admission counted the same way: a wrapper that forwards both calls, so a fused admission
+/// stays fused.
+impl<A: Admission> Admission for MeteredLedger<A> {
+    type Limiter = A::Limiter;
+    type AdmitFuture = futures_util::future::Map<A::AdmitFuture, Observer<Verdict>>;
+    type SettleFuture = Observed<A::SettleFuture, Result<Settlement, BackendError>>;
+
+    fn admit(&self, charges: Vec<Charge>, request: ReserveRequest) -> Self::AdmitFuture {
+        let holds = self.holds_open.clone();
+        self.inner
+            .admit(charges, request)
+            .map(Box::new(move |verdict| {
+                if let Verdict::Admitted {
+                    reservation: Reservation::Held(_),
+                    ..
+                } = &verdict
+                {
+                    holds.fetch_add(1, Ordering::Relaxed);
+                }
+                verdict
+            }))
+    }
+    fn settle(&self, hold: &Hold, actual: u64, corrections: &[Correction]) -> Self::SettleFuture {
+        self.inner
+            .settle(hold, actual, corrections)
+            .map(self.closed(hold))
     }
 }
 

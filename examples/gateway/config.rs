@@ -1051,7 +1051,7 @@ impl GatewayConfig {
         catalog
     }
 
-    /// The plans' `after_top_up` rules as [`Promotions`](tollgate::credits::Promotions).
+    /// The plans' `after_top_up` rules as [`Promotions`](tollgate::credits::promote::Promotions).
     ///
     /// ```
     /// use tollgate_gateway::config::GatewayConfig;
@@ -1065,13 +1065,14 @@ impl GatewayConfig {
     /// "#).unwrap();
     /// assert_eq!(config.promotions().target("free"), Some("trusted"));
     /// ```
-    pub fn promotions(&self) -> tollgate::credits::Promotions {
+    pub fn promotions(&self) -> tollgate::credits::promote::Promotions {
         self.plans
             .iter()
             .filter_map(|p| Some((p.name.get_ref(), p.after_top_up.as_ref()?.get_ref())))
-            .fold(tollgate::credits::Promotions::new(), |rules, (from, to)| {
-                rules.after_top_up(from.as_str(), to.as_str())
-            })
+            .fold(
+                tollgate::credits::promote::Promotions::new(),
+                |rules, (from, to)| rules.after_top_up(from.as_str(), to.as_str()),
+            )
     }
 }
 

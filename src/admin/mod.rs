@@ -108,7 +108,11 @@ use crate::{
     auth::{
         AccountRecord, AccountStatus, AuthShield, KeyAdmin, KeyAdminError, KeyRecord, KeyStatus,
     },
-    credits::{JournalQuery, Ledger, Promoted, TopUpError, TopUpPromoter},
+    credits::{
+        ledger::{JournalQuery, TopUpError},
+        promote::{Promoted, TopUpPromoter},
+        LedgerAdmin,
+    },
     ip::{peer_addr, ClientIp, ClientIpResolver, IpSet},
     keys::{self, KeyDigest},
     Reason, Rejection,
@@ -152,7 +156,7 @@ impl<K, L> fmt::Debug for AdminBuilder<K, L> {
 pub fn router<K, L>(store: K, ledger: L, admin_key: &str) -> AdminBuilder<K, L>
 where
     K: KeyAdmin + Clone,
-    L: Ledger + Clone,
+    L: LedgerAdmin + Clone,
 {
     AdminBuilder {
         store,
@@ -169,7 +173,7 @@ where
 impl<K, L> AdminBuilder<K, L>
 where
     K: KeyAdmin + Clone,
-    L: Ledger + Clone,
+    L: LedgerAdmin + Clone,
 {
     /// The plans an account may be moved to (unknown plans are a 422); any when never called.
     pub fn plans<I, S>(mut self, plans: I) -> Self
@@ -241,12 +245,12 @@ where
     }
 
     /// Apply top-ups through `promoter`, so an applied top-up also promotes the account's plan
-    /// (see [`credits::Promotions`](crate::credits::Promotions)); the answer then carries
+    /// (see [`credits::Promotions`](crate::credits::promote::Promotions)); the answer then carries
     /// `"plan"` and, when it moved, `"promoted_from"`.
     ///
     /// ```
     /// use tollgate::{admin, auth::{AccountRecord, MemoryKeyStore}};
-    /// use tollgate::credits::{MemoryLedger, Promote, Promotions};
+    /// use tollgate::credits::{MemoryLedger, promote::{Promote, Promotions}};
     ///
     /// let store = MemoryKeyStore::new().with_account(AccountRecord::new("acct_1", "free"));
     /// let ledger = MemoryLedger::new();
@@ -456,7 +460,7 @@ fn status_name(status: &AccountStatus) -> Value {
     }
 }
 
-async fn account_json<K: KeyAdmin, L: Ledger>(
+async fn account_json<K: KeyAdmin, L: LedgerAdmin>(
     state: &AdminState<K, L>,
     account: &AccountRecord,
 ) -> Result<Value, Rejection> {
@@ -473,7 +477,7 @@ async fn account_json<K: KeyAdmin, L: Ledger>(
     }))
 }
 
-async fn load_account<K: KeyAdmin, L: Ledger>(
+async fn load_account<K: KeyAdmin, L: LedgerAdmin>(
     state: &AdminState<K, L>,
     id: &str,
 ) -> Result<AccountRecord, Rejection> {
@@ -504,7 +508,7 @@ struct NewAccount {
     plan: String,
 }
 
-async fn create_account<K: KeyAdmin, L: Ledger>(
+async fn create_account<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     JsonObject(body): JsonObject<NewAccount>,
 ) -> Result<(StatusCode, Json<Value>), Rejection> {
@@ -524,7 +528,7 @@ async fn create_account<K: KeyAdmin, L: Ledger>(
     ))
 }
 
-async fn get_account<K: KeyAdmin, L: Ledger>(
+async fn get_account<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Rejection> {
@@ -539,7 +543,7 @@ struct AccountPatch {
     frozen: Option<bool>,
 }
 
-async fn patch_account<K: KeyAdmin, L: Ledger>(
+async fn patch_account<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
     JsonObject(patch): JsonObject<AccountPatch>,
@@ -564,7 +568,7 @@ struct TopUpBody {
     amount: u64,
 }
 
-async fn top_up<K: KeyAdmin, L: Ledger>(
+async fn top_up<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -630,7 +634,7 @@ struct JournalParams {
     limit: Option<String>,
 }
 
-async fn journal<K: KeyAdmin, L: Ledger>(
+async fn journal<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
     params: Result<Query<JournalParams>, QueryRejection>,
@@ -706,7 +710,7 @@ struct NewKey {
     expires_at: Option<String>,
 }
 
-async fn create_key<K: KeyAdmin, L: Ledger>(
+async fn create_key<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     JsonObject(body): JsonObject<NewKey>,
 ) -> Result<(StatusCode, Json<Value>), Rejection> {
@@ -778,7 +782,7 @@ async fn create_key<K: KeyAdmin, L: Ledger>(
     ))
 }
 
-async fn set_status<K: KeyAdmin, L: Ledger>(
+async fn set_status<K: KeyAdmin, L: LedgerAdmin>(
     state: &AdminState<K, L>,
     id: &str,
     status: KeyStatus,
@@ -807,21 +811,21 @@ async fn set_status<K: KeyAdmin, L: Ledger>(
     Ok(Json(json!({"id": id, "status": name})))
 }
 
-async fn revoke_key<K: KeyAdmin, L: Ledger>(
+async fn revoke_key<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Rejection> {
     set_status(&state, &id, KeyStatus::Revoked, "revoked").await
 }
 
-async fn disable_key<K: KeyAdmin, L: Ledger>(
+async fn disable_key<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Rejection> {
     set_status(&state, &id, KeyStatus::Disabled, "disabled").await
 }
 
-async fn enable_key<K: KeyAdmin, L: Ledger>(
+async fn enable_key<K: KeyAdmin, L: LedgerAdmin>(
     State(state): St<K, L>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Rejection> {

@@ -9,7 +9,7 @@ use std::{
         Arc,
     },
     task::{ready, Context, Poll, Waker},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -25,17 +25,10 @@ use super::{
 };
 use crate::{
     body::ResponseBody,
-    ratelimit::{corrections, Charge, TokenMeter},
+    ratelimit::{Charges, TokenMeter},
     usage::{CodedScanner, Usage},
     BackendError,
 };
-
-/// The tokens charged to rate limits before the call, corrected from the reported usage when
-/// the hold is settled ([`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit)).
-pub(super) struct TokenCharges {
-    pub(super) charges: Vec<Charge>,
-    pub(super) estimate: u64,
-}
 
 /// What is needed to close one hold, exactly once: on the body's end, on an upstream failure, or
 /// (by `Drop`) when the response or its body is abandoned.
@@ -47,13 +40,18 @@ pub(super) struct Meter<L: Ledger> {
     scanner: CodedScanner,
     sse: bool,
     events: EventCounter,
-    tokens: Option<TokenCharges>,
+    /// The tokens charged to rate limits before the call, corrected from the reported usage
+    /// when the hold is settled ([`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit)).
+    tokens: Option<Charges>,
     /// The account and `Idempotency-Key` whose answer is kept, until the answer's head is known.
     replay_key: Option<(Arc<str>, Arc<str>)>,
     /// The answer being kept for the retries of its `Idempotency-Key`.
     replay: Option<Capture>,
     /// The request's `max_tokens`: a reported completion above it is clamped.
     max_tokens: Option<u64>,
+    /// Half the hold's TTL, and when (on the ledger's clock) the hold is next extended while
+    /// frames flow; `None`: the hold never expires.
+    keep_alive: Option<(Duration, SystemTime)>,
 }
 
 impl<L: Ledger> Meter<L> {
@@ -63,7 +61,12 @@ impl<L: Ledger> Meter<L> {
         price: Price,
         prompt_estimate: u64,
     ) -> Self {
+        let keep_alive = hold.ttl().map(|ttl| {
+            let every = ttl / 2;
+            (every, shared.ledger.now() + every)
+        });
         Meter {
+            keep_alive,
             shared,
             hold: Some(hold),
             price,
@@ -79,7 +82,7 @@ impl<L: Ledger> Meter<L> {
     }
 
     /// Correct these tokens limits from the reported usage when settling.
-    pub(super) fn with_tokens(mut self, tokens: Option<TokenCharges>) -> Self {
+    pub(super) fn with_tokens(mut self, tokens: Option<Charges>) -> Self {
         self.tokens = tokens;
         self
     }
@@ -129,16 +132,14 @@ impl<L: Ledger> Meter<L> {
     fn settle(&mut self, hold: &Hold, charge: u64, usage: Option<Usage>) {
         let tokens = self.tokens.take();
         let limited = self.shared.limits.as_ref().zip(tokens).zip(usage);
-        let future = match limited {
+        match limited {
             Some(((limits, tokens), usage)) => {
-                let corrections = corrections(&tokens.charges, tokens.estimate, &usage);
-                limits
-                    .limiter
-                    .settle(&self.shared.ledger, hold, charge, &corrections)
+                let corrections = tokens.corrections(&usage);
+                let future = limits.admission.settle(hold, charge, &corrections);
+                drive(future, hold, "settle");
             }
-            None => self.shared.ledger.settle(hold, charge),
-        };
-        drive(future, hold, "settle");
+            None => drive(self.shared.ledger.settle(hold, charge), hold, "settle"),
+        }
     }
 
     pub(super) fn hold(&self) -> Option<&Hold> {
@@ -147,6 +148,21 @@ impl<L: Ledger> Meter<L> {
 
     pub(super) fn set_sse(&mut self, sse: bool) {
         self.sse = sse;
+    }
+
+    /// Frames are flowing: keep the hold alive (its TTL is idle time), at most once per half
+    /// TTL. A clock read and a comparison per frame; the extension itself runs off the frame's
+    /// path (polled once, then on its own task for a remote ledger).
+    fn keep_alive(&mut self) {
+        let (Some((every, at)), Some(hold)) = (self.keep_alive.as_mut(), self.hold.as_ref()) else {
+            return;
+        };
+        let now = self.shared.ledger.now();
+        if now < *at {
+            return;
+        }
+        *at = now + *every;
+        extend(self.shared.ledger.extend(hold), hold.id());
     }
 
     fn feed(&mut self, chunk: &[u8]) {
@@ -242,6 +258,28 @@ where
                 "no tokio runtime to close a credit hold; it will expire"
             ),
         },
+    }
+}
+
+/// Extend a hold without waiting: poll the extension once in place (an in-memory ledger is done
+/// then), else let it finish on the current tokio runtime. A failed extension is logged; the
+/// next frames try again.
+fn extend<F>(mut future: F, hold: u64)
+where
+    F: Future<Output = Result<bool, BackendError>> + Send + Unpin + 'static,
+{
+    let log = move |result: Result<bool, BackendError>| {
+        if let Err(error) = result {
+            tracing::warn!(%error, hold, "credit hold not extended");
+        }
+    };
+    match Pin::new(&mut future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => log(result),
+        Poll::Pending => {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { log(future.await) });
+            }
+        }
     }
 }
 
@@ -398,6 +436,7 @@ where
                 if let Some(meter) = this.meter.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         meter.feed(data);
+                        meter.keep_alive();
                     }
                     // A server may stop polling once the body says it has ended.
                     if this.inner.is_end_stream() {

@@ -16,7 +16,7 @@ use std::{
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use tollgate::credits::{Clock, ManualClock};
+/// use tollgate::credits::{ManualClock, ledger::Clock};
 ///
 /// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
 /// clock.advance(Duration::from_secs(90));
@@ -44,7 +44,7 @@ impl Clock for SystemClock {
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use tollgate::credits::{Clock, ManualClock};
+/// use tollgate::credits::{ManualClock, ledger::Clock};
 ///
 /// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
 /// let shared = clock.clone();

@@ -2,7 +2,9 @@
 //!
 //! [`run`] plays each scenario on a fresh ledger made by a [`Fixture`]: exactly K of N concurrent
 //! holds when the balance covers K, never negative, a settlement above the hold, release, expiry
-//! at the held amount, idempotent top-ups and reserves, and after every scenario the books:
+//! at the held amount, idempotent top-ups and reserves, a hold kept alive by its streaming
+//! response for longer than its TTL (and expired when the response is idle), and after every
+//! scenario the books:
 //! `balance == Σ top-ups − Σ charges` and `held == Σ holds placed − Σ holds closed` from the
 //! journal, one entry per movement, sequence numbers without gaps, no hold closed twice.
 //!
@@ -12,7 +14,7 @@
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
-//! use tollgate::credits::{conformance, Clock, ManualClock, MemoryLedger};
+//! use tollgate::credits::{conformance, ManualClock, MemoryLedger, ledger::Clock};
 //!
 //! struct Memory(ManualClock);
 //!
@@ -42,8 +44,26 @@
 
 use std::{future::Future, time::Duration, time::SystemTime};
 
-use super::{
-    Balance, EntryKind, Fingerprint, JournalEntry, JournalQuery, Ledger, ReserveError,
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{CreditsLayer, Price, Pricing};
+use crate::{inspect::InspectedBody, Caller};
+
+use super::ledger::{
+    Balance, EntryKind, Fingerprint, JournalEntry, JournalQuery, Ledger, LedgerAdmin, ReserveError,
     ReserveRequest, TopUpError,
 };
 
@@ -57,16 +77,17 @@ pub const LONG_TTL: Duration = Duration::from_secs(15 * 60);
 /// How a backend's test gives the scenarios their ledgers and their time.
 pub trait Fixture {
     /// The ledger under test.
-    type Ledger: Ledger + Clone;
+    type Ledger: LedgerAdmin + Clone;
 
     /// A fresh, empty ledger (no account of an earlier scenario visible) whose holds expire
-    /// `hold_ttl` after they are placed.
+    /// after `hold_ttl` of idle time (from the reserve, or the last
+    /// [`extend`](super::Ledger::extend)).
     fn ledger(&self, hold_ttl: Duration) -> impl Future<Output = Self::Ledger>;
 
     /// Let at least `by` pass on the ledgers' clock: advance a fake clock, or sleep.
     fn advance(&self, by: Duration) -> impl Future<Output = ()>;
 
-    /// The ledgers' clock now (what [`Ledger::expire_holds`] is given).
+    /// The ledgers' clock now (what [`LedgerAdmin::expire_holds`] is given).
     fn now(&self) -> SystemTime;
 }
 
@@ -86,6 +107,7 @@ pub async fn run<F: Fixture>(fixture: &F) {
     top_ups_while_holds_run_are_all_counted(&fixture.ledger(LONG_TTL).await).await;
     reserves_are_idempotent(&fixture.ledger(LONG_TTL).await).await;
     journal_pages_and_unknown_accounts(&fixture.ledger(LONG_TTL).await).await;
+    holds_live_as_long_as_their_response(fixture).await;
 }
 
 /// Checks the books of `account` from its journal; returns the journal.
@@ -97,7 +119,7 @@ pub async fn run<F: Fixture>(fixture: &F) {
 /// # Panics
 ///
 /// When any of these does not hold, or the ledger fails.
-pub async fn assert_books<L: Ledger>(
+pub async fn assert_books<L: LedgerAdmin>(
     ledger: &L,
     account: &str,
     scenario: &str,
@@ -182,12 +204,12 @@ fn kinds(journal: &[JournalEntry]) -> Vec<EntryKind> {
     journal.iter().map(|e| e.kind).collect()
 }
 
-async fn balance<L: Ledger>(ledger: &L, account: &str) -> Balance {
+async fn balance<L: LedgerAdmin>(ledger: &L, account: &str) -> Balance {
     ledger.balance(account).await.expect("balance")
 }
 
 /// Exact K of N: a balance covering K holds, N > K concurrent reserve + settle.
-async fn exactly_k_of_n_concurrent_holds<L: Ledger + Clone>(ledger: &L) {
+async fn exactly_k_of_n_concurrent_holds<L: LedgerAdmin + Clone>(ledger: &L) {
     const SCENARIO: &str = "exactly-k-of-n";
     let (k, price, n) = (300u64, 3u64, 1_000usize);
     ledger
@@ -245,7 +267,7 @@ async fn exactly_k_of_n_concurrent_holds<L: Ledger + Clone>(ledger: &L) {
 }
 
 /// A settlement above its hold is charged up to what is available, never below zero.
-async fn settle_above_the_hold_never_goes_negative<L: Ledger>(ledger: &L) {
+async fn settle_above_the_hold_never_goes_negative<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "settle-above-the-hold";
     ledger
         .top_up("acct_s", 100, "invoice-1")
@@ -307,7 +329,7 @@ async fn settle_above_the_hold_never_goes_negative<L: Ledger>(ledger: &L) {
 }
 
 /// Release charges nothing; closing a hold again is a no-op.
-async fn release_charges_nothing_and_closes_once<L: Ledger>(ledger: &L) {
+async fn release_charges_nothing_and_closes_once<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "release";
     ledger
         .top_up("acct_r", 10, "invoice-1")
@@ -438,7 +460,7 @@ async fn expired_holds_settle_at_their_held_amount<F: Fixture>(fixture: &F) {
 }
 
 /// A top-up's idempotency key applies it once; the key with another amount is refused.
-async fn top_ups_are_idempotent<L: Ledger>(ledger: &L) {
+async fn top_ups_are_idempotent<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "idempotent-top-up";
     let first = ledger
         .top_up("acct_t", 50, "invoice-7")
@@ -476,7 +498,7 @@ async fn top_ups_are_idempotent<L: Ledger>(ledger: &L) {
 }
 
 /// Concurrent top-ups (each retried) and holds: every top-up counted once.
-async fn top_ups_while_holds_run_are_all_counted<L: Ledger + Clone>(ledger: &L) {
+async fn top_ups_while_holds_run_are_all_counted<L: LedgerAdmin + Clone>(ledger: &L) {
     const SCENARIO: &str = "top-ups-while-holds-run";
     let holds: Vec<_> = (0..600)
         .map(|_| {
@@ -540,7 +562,7 @@ async fn top_ups_while_holds_run_are_all_counted<L: Ledger + Clone>(ledger: &L) 
 
 /// An `Idempotency-Key` holds once: in use while open, replayed once charged, reused with
 /// another request refused, free again after a release.
-async fn reserves_are_idempotent<L: Ledger>(ledger: &L) {
+async fn reserves_are_idempotent<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "idempotent-reserve";
     ledger
         .top_up("acct_i", 100, "invoice-1")
@@ -627,7 +649,7 @@ async fn reserves_are_idempotent<L: Ledger>(ledger: &L) {
 }
 
 /// Journal pages (`after`, `limit`) and an unknown account (all zeros, no entries).
-async fn journal_pages_and_unknown_accounts<L: Ledger>(ledger: &L) {
+async fn journal_pages_and_unknown_accounts<L: LedgerAdmin>(ledger: &L) {
     const SCENARIO: &str = "journal";
     for i in 0..5 {
         ledger
@@ -665,4 +687,175 @@ async fn journal_pages_and_unknown_accounts<L: Ledger>(ledger: &L) {
         other => panic!("{SCENARIO}: a hold on an unknown account: {other:?}"),
     }
     assert_books(ledger, "acct_p", SCENARIO).await;
+}
+
+/// A response body the scenario streams frame by frame.
+struct Streamed(mpsc::Receiver<Bytes>);
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// An upstream answering one SSE response whose chunks the scenario sends.
+#[derive(Clone)]
+struct Upstream(Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>);
+
+impl<B> Service<Request<InspectedBody<B>>> for Upstream {
+    type Response = Response<Streamed>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Streamed>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<InspectedBody<B>>) -> Self::Future {
+        let chunks = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("one call");
+        let response = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Streamed(chunks))
+            .expect("a response");
+        std::future::ready(Ok(response))
+    }
+}
+
+/// A streaming chat completion of `account` through a [`CreditsLayer`] on `ledger` (one credit
+/// per token): its response, and the sender of its chunks.
+async fn streaming<L: LedgerAdmin + Clone>(
+    ledger: &L,
+    account: &str,
+) -> (
+    Response<super::MeteredBody<Streamed, L>>,
+    mpsc::Sender<Bytes>,
+) {
+    let (chunks, receiver) = mpsc::channel(8);
+    let pricing = Pricing::new().model("m", Price::flat(0).per_1k_tokens(1000));
+    let mut service = CreditsLayer::new(ledger.clone(), pricing)
+        .layer(Upstream(Arc::new(Mutex::new(Some(receiver)))));
+    let mut request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .expect("a request");
+    request
+        .extensions_mut()
+        .insert(Caller::builder("key_1", account).build());
+    std::future::poll_fn(|cx| Service::<Request<Full<Bytes>>>::poll_ready(&mut service, cx))
+        .await
+        .expect("ready");
+    let response = service.call(request).await.expect("infallible");
+    assert_eq!(response.status(), 200, "{account}: admitted");
+    (response, chunks)
+}
+
+/// A hold's TTL is idle time: a response that streams for several TTLs keeps its hold alive
+/// (its body extends it while frames flow) and is settled at its usage, never expired; a
+/// response idle for longer than the TTL has its hold expired at the held amount, and its late
+/// end charges nothing more.
+async fn holds_live_as_long_as_their_response<F: Fixture>(fixture: &F) {
+    const SCENARIO: &str = "holds-live-as-long-as-their-response";
+    let ledger = fixture.ledger(EXPIRY_TTL).await;
+    for account in ["acct_s", "acct_i"] {
+        ledger
+            .top_up(account, 100, "invoice-1")
+            .await
+            .expect("top-up");
+    }
+
+    let (response, chunks) = streaming(&ledger, "acct_s").await;
+    let held: u64 = response.headers()["x-credits-held"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("x-credits-held");
+    let mut body = std::pin::pin!(response.into_body());
+    // Four frames, each a little more than half a TTL after the last: 2.2 TTLs in all.
+    for round in 0..4 {
+        fixture.advance(EXPIRY_TTL * 11 / 20).await;
+        chunks
+            .send(Bytes::from_static(b"data: {\"choices\":[]}\n\n"))
+            .await
+            .expect("send");
+        let frame = body.frame().await.expect("a frame").expect("data");
+        assert!(frame.is_data());
+        let expired = ledger
+            .expire_holds(fixture.now())
+            .await
+            .expect("expire_holds");
+        assert_eq!(
+            (expired.holds, expired.charged),
+            (0, 0),
+            "{SCENARIO}: a streaming hold is not expired (round {round})"
+        );
+    }
+    chunks
+        .send(Bytes::from_static(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":5,\"total_tokens\":7}}\n\ndata: [DONE]\n\n",
+        ))
+        .await
+        .expect("send");
+    drop(chunks);
+    while let Some(frame) = body.frame().await {
+        frame.expect("data");
+    }
+    super::finish_settlements(Duration::from_secs(10)).await;
+    assert_eq!(
+        balance(&ledger, "acct_s").await,
+        Balance::new(93, 0, 0),
+        "{SCENARIO}: settled at its usage (7 tokens), not its hold ({held})"
+    );
+    let journal = assert_books(&ledger, "acct_s", SCENARIO).await;
+    assert_eq!(
+        kinds(&journal),
+        [EntryKind::TopUp, EntryKind::Reserve, EntryKind::Settle],
+        "{SCENARIO}: never expired"
+    );
+    assert_eq!((journal[2].amount, journal[2].hold), (7, held));
+
+    // Idle past its TTL: expired at the hold.
+    let (response, chunks) = streaming(&ledger, "acct_i").await;
+    let held: u64 = response.headers()["x-credits-held"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("x-credits-held");
+    fixture.advance(EXPIRY_TTL + EXPIRY_TTL / 2).await;
+    let expired = ledger
+        .expire_holds(fixture.now())
+        .await
+        .expect("expire_holds");
+    assert_eq!(
+        (expired.holds, expired.charged),
+        (1, held),
+        "{SCENARIO}: an idle response's hold expires at its held amount"
+    );
+    drop(chunks);
+    drop(response);
+    super::finish_settlements(Duration::from_secs(10)).await;
+    assert_eq!(
+        balance(&ledger, "acct_i").await,
+        Balance::new(100 - held, 0, 0),
+        "{SCENARIO}: the late end of an expired hold charges nothing more"
+    );
+    let journal = assert_books(&ledger, "acct_i", SCENARIO).await;
+    assert_eq!(
+        kinds(&journal),
+        [EntryKind::TopUp, EntryKind::Reserve, EntryKind::Expire]
+    );
 }

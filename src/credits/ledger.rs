@@ -1,11 +1,21 @@
-//! The `Ledger` trait: prepaid balances, holds and an append-only journal.
+//! The ledger's vocabulary: the [`Ledger`] (hot path) and [`LedgerAdmin`] (operator) traits and
+//! the values they take and return (holds, settlements, balances, journal entries), the clock
+//! holds expire by, and the [`MemoryLedger`](super::MemoryLedger)'s builder.
+//!
+//! Values a backend builds (a [`Hold`], a [`Settlement`], a [`JournalEntry`], …) are made with
+//! the functions of [`credits::backend`](super::backend).
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc, time::SystemTime};
-
-use crate::{
-    ratelimit::{Charge, Correction, Decision, Limiter},
-    BackendError, LimitKind,
+use std::{
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
+
+use crate::BackendError;
+
+pub use super::clock::{Clock, SystemClock};
+pub use super::memory::MemoryLedgerBuilder;
 
 /// The most credits a balance, a top-up, a hold or a charge can be, on every backend:
 /// 2^53 − 1 (9,007,199,254,740,991), the largest integer a double holds exactly (Redis scripts
@@ -14,8 +24,9 @@ use crate::{
 /// at this amount, and refused as any hold above the balance is).
 pub const MAX_CREDITS: u64 = (1 << 53) - 1;
 
-/// Prepaid balances in credits: holds placed before a call, settled on real usage after it, and
-/// an append-only journal of every movement.
+/// The hot path of prepaid credits: a hold placed before a call, settled on real usage after
+/// it, or released. The operator's calls (top-ups, balances, the journal, expiry) are
+/// [`LedgerAdmin`].
 ///
 /// Amounts are whole **credits** (`u64`): no floats anywhere in money. A credit is whatever unit
 /// the operator prices in (a cent, a thousandth of a cent); pick one small enough that every
@@ -36,12 +47,13 @@ pub const MAX_CREDITS: u64 = (1 << 53) - 1;
 ///
 /// Every operation returns its own `'static` future type so that an in-memory ledger answers
 /// with [`std::future::Ready`] (no boxing on the hot path) while a remote one (Redis with Lua
-/// scripts) returns a real future.
+/// scripts) returns a real future. Every backend passes the same
+/// [conformance scenarios](super::conformance).
 ///
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::{Ledger, MemoryLedger, ReserveRequest};
+/// use tollgate::credits::{Ledger, LedgerAdmin, MemoryLedger, ledger::ReserveRequest};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -72,14 +84,9 @@ pub trait Ledger: Send + Sync + 'static {
     type SettleFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
     /// The future of [`release`](Ledger::release); `Unpin` for the same reason.
     type ReleaseFuture: Future<Output = Result<Settlement, BackendError>> + Send + Unpin + 'static;
-    /// The future of [`top_up`](Ledger::top_up).
-    type TopUpFuture: Future<Output = Result<TopUp, TopUpError>> + Send + 'static;
-    /// The future of [`balance`](Ledger::balance).
-    type BalanceFuture: Future<Output = Result<Balance, BackendError>> + Send + 'static;
-    /// The future of [`journal`](Ledger::journal).
-    type JournalFuture: Future<Output = Result<Vec<JournalEntry>, BackendError>> + Send + 'static;
-    /// The future of [`expire_holds`](Ledger::expire_holds).
-    type ExpireFuture: Future<Output = Result<Expired, BackendError>> + Send + 'static;
+    /// The future of [`extend`](Ledger::extend); `Unpin` for the same reason (it is started
+    /// from a response body's `poll_frame`).
+    type ExtendFuture: Future<Output = Result<bool, BackendError>> + Send + Unpin + 'static;
 
     /// Place a hold of `request.amount` on the account, if it fits in what is available.
     ///
@@ -97,6 +104,50 @@ pub trait Ledger: Send + Sync + 'static {
     /// Close a hold without charging anything.
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture;
 
+    /// Keep an open hold alive: it now expires no earlier than its [TTL](Hold::ttl) from now
+    /// (never earlier than it would have). Answers whether the hold was still open; a closed
+    /// hold is left as it is.
+    ///
+    /// A hold's TTL is **idle time**: [`MeteredBody`](super::MeteredBody) extends its hold while
+    /// the response streams (at most once per half TTL), so a stream longer than the TTL is
+    /// settled at its usage, and only a response idle for a whole TTL (a stalled upstream, a
+    /// leaked body) has its hold expired at the held amount.
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture;
+
+    /// The time on the ledger's clock, the one hold TTLs are measured on: what a response body
+    /// compares to a hold's TTL to know when to [`extend`](Ledger::extend) it.
+    fn now(&self) -> SystemTime;
+}
+
+/// The operator's side of a [`Ledger`]: top-ups, balances, the journal and the expiry of holds
+/// nobody closed (as [`KeyAdmin`](crate::auth::KeyAdmin) is to
+/// [`KeyStore`](crate::auth::KeyStore)).
+///
+/// # Example
+///
+/// ```
+/// use tollgate::credits::{LedgerAdmin, MemoryLedger};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let ledger = MemoryLedger::new();
+/// let top_up = ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+/// assert!(top_up.applied);
+/// // The same invoice again is not counted twice.
+/// assert!(!ledger.top_up("acct_1", 100, "invoice-1").await.unwrap().applied);
+/// assert_eq!(ledger.balance("acct_1").await.unwrap().balance, 100);
+/// # }
+/// ```
+pub trait LedgerAdmin: Ledger {
+    /// The future of [`top_up`](LedgerAdmin::top_up).
+    type TopUpFuture: Future<Output = Result<TopUp, TopUpError>> + Send + 'static;
+    /// The future of [`balance`](LedgerAdmin::balance).
+    type BalanceFuture: Future<Output = Result<Balance, BackendError>> + Send + 'static;
+    /// The future of [`journal`](LedgerAdmin::journal).
+    type JournalFuture: Future<Output = Result<Vec<JournalEntry>, BackendError>> + Send + 'static;
+    /// The future of [`expire_holds`](LedgerAdmin::expire_holds).
+    type ExpireFuture: Future<Output = Result<Expired, BackendError>> + Send + 'static;
+
     /// Add `amount` credits to an account. Idempotent: a second top-up with the same
     /// `idempotency_key` for the same account is not applied again (it answers with the first
     /// one's result and `applied: false`); with a different amount it is a
@@ -112,161 +163,6 @@ pub trait Ledger: Send + Sync + 'static {
     /// Settle, at their held amount, every hold that expired at or before `now` (a crashed
     /// handler, a leaked future), so that nothing is lost and nothing is locked forever.
     fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture;
-
-    /// Charge the rate limits `charges` on `limiter` and place the hold of `request`, both or
-    /// neither: the one step of [`CreditsLayer::rate_limit`](super::CreditsLayer::rate_limit).
-    ///
-    /// The limits are checked first. When they refuse, nothing is held and the answer is
-    /// [`Admission::Limited`]. When the ledger then refuses (insufficient credits, an
-    /// idempotency key in use or reused, a backend error), the limits are not charged either
-    /// and the answer is [`Admission::Refused`]. An idempotent [`Reservation::Replayed`] charges
-    /// the limits: the inner service is called again.
-    ///
-    /// The default makes two calls (`limiter.check`, then [`reserve`](Ledger::reserve)) and
-    /// gives the limits back with a refund ([`Limiter::settle`] with negative deltas) when the
-    /// reserve is refused; between the two another request may see the limits charged. A
-    /// ledger that keeps its state beside the limiter's overrides it to do both in one atomic
-    /// step: [`RedisLedger`](crate::redis::RedisLedger) with a
-    /// [`RedisLimiter`](crate::redis::RedisLimiter) of the same backend runs one script, one
-    /// round trip.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use std::num::NonZeroU32;
-    /// use governor::Quota;
-    /// use tollgate::credits::{Admission, Ledger, MemoryLedger, ReserveRequest};
-    /// use tollgate::ratelimit::{BucketKey, Charge, MemoryLimiter, Subject};
-    /// use tollgate::LimitKind;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() {
-    /// let (ledger, limiter) = (MemoryLedger::new(), MemoryLimiter::new());
-    /// ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
-    /// let charges = vec![Charge {
-    ///     key: BucketKey::new(Subject::Account("acct_1".into()), "plan:free", 0),
-    ///     kind: LimitKind::Requests,
-    ///     quota: Quota::per_minute(NonZeroU32::new(1).unwrap()),
-    ///     cost: 1,
-    /// }];
-    /// let admitted = ledger
-    ///     .reserve_limited(&limiter, charges.clone(), ReserveRequest::new("acct_1", 4))
-    ///     .await;
-    /// assert!(matches!(admitted, Admission::Admitted { .. }));
-    ///
-    /// // The bucket is empty now: refused, and nothing more is held.
-    /// let refused = ledger
-    ///     .reserve_limited(&limiter, charges, ReserveRequest::new("acct_1", 4))
-    ///     .await;
-    /// assert!(matches!(refused, Admission::Limited(_)));
-    /// assert_eq!(ledger.balance("acct_1").await.unwrap().available, 6);
-    /// # }
-    /// ```
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture
-    where
-        Self: Clone,
-    {
-        reserve_then_limit(self.clone(), limiter.clone(), charges, request)
-    }
-
-    /// Close `hold` charging `actual` (as [`settle`](Ledger::settle)) and apply `corrections`
-    /// to `limiter` (as [`Limiter::settle`]): the tokens a response reported against the
-    /// estimate charged before the call.
-    ///
-    /// The default starts the limiter's correction on its own (polled once, then spawned on
-    /// the current Tokio runtime) and returns the ledger's settlement. A ledger that keeps its
-    /// state beside the limiter's overrides it to do both in one step (Redis: one script).
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        if !corrections.is_empty() {
-            crate::ratelimit::drive_settlement(limiter.settle(corrections));
-        }
-        self.settle(hold, actual)
-    }
-}
-
-/// The future of [`Ledger::reserve_limited`].
-pub type AdmissionFuture = Pin<Box<dyn Future<Output = Admission> + Send + 'static>>;
-
-/// What [`Ledger::reserve_limited`] decided.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Admission {
-    /// Every limit was charged and the ledger answered with `reservation` (a hold, or an
-    /// idempotent replay).
-    Admitted {
-        /// The limits after the charge, for the rate-limit headers.
-        decision: Decision,
-        /// The hold, or [`Reservation::Replayed`].
-        reservation: Reservation,
-    },
-    /// A limit refused: nothing was charged and nothing is held.
-    Limited(Decision),
-    /// The ledger refused or could not answer: nothing is held and no limit stays charged.
-    Refused(ReserveError),
-}
-
-/// [`Ledger::reserve_limited`] in two calls: check the limits, reserve, refund the limits when
-/// the reserve is refused. What the default method does; for ledgers that override it only for
-/// some limiters.
-pub fn reserve_then_limit<L, R>(
-    ledger: L,
-    limiter: R,
-    charges: Vec<Charge>,
-    request: ReserveRequest,
-) -> AdmissionFuture
-where
-    L: Ledger,
-    R: Limiter,
-{
-    Box::pin(async move {
-        let decision = match limiter.check(&charges).await {
-            Ok(decision) => decision,
-            Err(error) => return Admission::Refused(ReserveError::Backend(error)),
-        };
-        if !decision.is_allowed() {
-            return Admission::Limited(decision);
-        }
-        match ledger.reserve(request).await {
-            Ok(reservation) => Admission::Admitted {
-                decision,
-                reservation,
-            },
-            Err(error)
-                if decision.status(LimitKind::Requests).is_none()
-                    && decision.status(LimitKind::Tokens).is_none() =>
-            {
-                // Allowed without charging any bucket (a limiter failing open): nothing to
-                // give back.
-                Admission::Refused(error)
-            }
-            Err(error) => {
-                let refunds: Vec<Correction> = charges
-                    .into_iter()
-                    .filter(|c| c.cost > 0)
-                    .map(|c| Correction {
-                        key: c.key,
-                        quota: c.quota,
-                        delta: -i64::try_from(c.cost).unwrap_or(i64::MAX),
-                    })
-                    .collect();
-                if let Err(refund) = limiter.settle(&refunds).await {
-                    tracing::warn!(error = %refund, "rate-limit refund after a refused reserve failed");
-                }
-                Admission::Refused(error)
-            }
-        }
-    })
 }
 
 /// What [`Ledger::reserve`] is asked for.
@@ -274,7 +170,7 @@ where
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::{Fingerprint, ReserveRequest};
+/// use tollgate::credits::{ledger::{Fingerprint, ReserveRequest}};
 ///
 /// let request = ReserveRequest::new("acct_1", 30)
 ///     .request_id(Some("req_42".into()))
@@ -337,7 +233,7 @@ impl ReserveRequest {
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::Fingerprint;
+/// use tollgate::credits::ledger::Fingerprint;
 ///
 /// let a = Fingerprint::of(&[b"POST", b"/v1/chat/completions", b"gpt-4o"]);
 /// let b = Fingerprint::of(&[b"POST", b"/v1/chat/completions", b"gpt-4o-mini"]);
@@ -363,7 +259,7 @@ impl Fingerprint {
     }
 
     /// A fingerprint from its bytes (as a remote ledger stores it).
-    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+    pub(crate) const fn from_bytes(bytes: [u8; 16]) -> Self {
         Fingerprint(bytes)
     }
 
@@ -394,24 +290,40 @@ pub struct Hold {
     amount: u64,
     available_after: u64,
     request_id: Option<Arc<str>>,
+    ttl: Option<Duration>,
 }
 
 impl Hold {
-    /// A hold as a ledger implementation returns it.
-    pub fn new(id: u64, account: Arc<str>, amount: u64, available_after: u64) -> Self {
+    /// A hold as a ledger implementation returns it ([`backend::hold`](super::backend::hold)).
+    pub(crate) fn new(id: u64, account: Arc<str>, amount: u64, available_after: u64) -> Self {
         Hold {
             id,
             account,
             amount,
             available_after,
             request_id: None,
+            ttl: None,
         }
+    }
+
+    /// The idle time after which the ledger expires the hold unless it is
+    /// [extended](Ledger::extend) (`None`: it never expires).
+    #[must_use]
+    pub(crate) fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long the hold may stay idle before the ledger expires it at its held amount:
+    /// [`Ledger::extend`] starts the time again (`None`: the hold never expires).
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
     }
 
     /// The request the hold was placed for (its `x-request-id`), as the ledger got it in the
     /// [`ReserveRequest`]: lets a settlement be logged against its request.
     #[must_use]
-    pub fn with_request_id(mut self, request_id: Option<Arc<str>>) -> Self {
+    pub(crate) fn with_request_id(mut self, request_id: Option<Arc<str>>) -> Self {
         self.request_id = request_id;
         self
     }
@@ -540,7 +452,7 @@ pub struct Settlement {
 
 impl Settlement {
     /// A settlement as a ledger implementation returns it.
-    pub fn new(charged: u64, balance: u64, was_open: bool) -> Self {
+    pub(crate) fn new(charged: u64, balance: u64, was_open: bool) -> Self {
         Settlement {
             charged,
             balance,
@@ -549,7 +461,7 @@ impl Settlement {
     }
 }
 
-/// An account's credits, as [`Ledger::balance`] reports them.
+/// An account's credits, as [`LedgerAdmin::balance`] reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Balance {
@@ -564,7 +476,14 @@ pub struct Balance {
 }
 
 impl Balance {
-    /// A balance as a ledger implementation returns it; `available` is computed.
+    /// A balance of `balance` credits with `holds` open holds of `held` credits in all;
+    /// `available` is computed.
+    ///
+    /// ```
+    /// use tollgate::credits::ledger::Balance;
+    ///
+    /// assert_eq!(Balance::new(100, 30, 1).available, 70);
+    /// ```
     pub fn new(balance: u64, held: u64, holds: u64) -> Self {
         Balance {
             balance,
@@ -575,7 +494,7 @@ impl Balance {
     }
 }
 
-/// The result of [`Ledger::top_up`].
+/// The result of [`LedgerAdmin::top_up`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TopUp {
@@ -587,12 +506,12 @@ pub struct TopUp {
 
 impl TopUp {
     /// A top-up result as a ledger implementation returns it.
-    pub fn new(applied: bool, balance: Balance) -> Self {
+    pub(crate) fn new(applied: bool, balance: Balance) -> Self {
         TopUp { applied, balance }
     }
 }
 
-/// Why [`Ledger::top_up`] added nothing.
+/// Why [`LedgerAdmin::top_up`] added nothing.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum TopUpError {
@@ -628,7 +547,7 @@ impl From<BackendError> for TopUpError {
     }
 }
 
-/// The result of [`Ledger::expire_holds`].
+/// The result of [`LedgerAdmin::expire_holds`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Expired {
@@ -640,18 +559,18 @@ pub struct Expired {
 
 impl Expired {
     /// An expiry result as a ledger implementation returns it.
-    pub fn new(holds: u64, charged: u64) -> Self {
+    pub(crate) fn new(holds: u64, charged: u64) -> Self {
         Expired { holds, charged }
     }
 }
 
-/// Which [`JournalEntry`]s [`Ledger::journal`] returns: those with a sequence number after
+/// Which [`JournalEntry`]s [`LedgerAdmin::journal`] returns: those with a sequence number after
 /// `after`, at most `limit` of them, oldest first.
 ///
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::JournalQuery;
+/// use tollgate::credits::ledger::JournalQuery;
 ///
 /// let first_page = JournalQuery::new().limit(100);
 /// let next_page = JournalQuery::new().after(Some(100)).limit(100);
@@ -757,7 +676,7 @@ pub struct JournalEntry {
 impl JournalEntry {
     /// An entry as a ledger implementation builds it.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         seq: u64,
         at: SystemTime,
         kind: EntryKind,

@@ -17,7 +17,7 @@ use super::{
     ledger::MAX_CREDITS,
     ledger::{
         Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
-        Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        LedgerAdmin, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
     },
 };
 use crate::BackendError;
@@ -44,7 +44,7 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use tollgate::credits::{Ledger, ManualClock, MemoryLedger, ReserveRequest};
+/// use tollgate::credits::{Ledger, LedgerAdmin, ManualClock, MemoryLedger, ledger::ReserveRequest};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -64,7 +64,7 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 /// let balance = ledger.balance("acct_1").await.unwrap();
 /// assert_eq!((balance.balance, balance.held), (30, 0));
 /// # }
-/// # use tollgate::credits::Clock;
+/// # use tollgate::credits::ledger::Clock;
 /// ```
 #[derive(Clone)]
 pub struct MemoryLedger {
@@ -397,8 +397,25 @@ impl MemoryLedger {
                 request.amount,
                 available - request.amount,
             )
-            .with_request_id(request_id),
+            .with_request_id(request_id)
+            .with_ttl(Some(self.inner.hold_ttl)),
         ))
+    }
+
+    fn extend_now(&self, hold: &Hold) -> bool {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(hold.account());
+        let open = shard
+            .accounts
+            .get_mut(hold.account())
+            .and_then(|account| account.holds.get_mut(&hold.id()));
+        match open {
+            Some(open) => {
+                open.expires_at = open.expires_at.max(now + self.inner.hold_ttl);
+                true
+            }
+            None => false,
+        }
     }
 
     fn close_now(&self, hold: &Hold, how: Close) -> Settlement {
@@ -564,10 +581,7 @@ impl Ledger for MemoryLedger {
     type ReserveFuture = Ready<Result<Reservation, ReserveError>>;
     type SettleFuture = Ready<Result<Settlement, BackendError>>;
     type ReleaseFuture = Ready<Result<Settlement, BackendError>>;
-    type TopUpFuture = Ready<Result<TopUp, TopUpError>>;
-    type BalanceFuture = Ready<Result<Balance, BackendError>>;
-    type JournalFuture = Ready<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = Ready<Result<Expired, BackendError>>;
+    type ExtendFuture = Ready<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         ready(self.reserve_now(request))
@@ -580,6 +594,21 @@ impl Ledger for MemoryLedger {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         ready(Ok(self.close_now(hold, Close::Release)))
     }
+
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        ready(Ok(self.extend_now(hold)))
+    }
+
+    fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+}
+
+impl LedgerAdmin for MemoryLedger {
+    type TopUpFuture = Ready<Result<TopUp, TopUpError>>;
+    type BalanceFuture = Ready<Result<Balance, BackendError>>;
+    type JournalFuture = Ready<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = Ready<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         ready(self.top_up_now(account, amount, idempotency_key))
@@ -630,9 +659,10 @@ pub struct MemoryLedgerBuilder {
 }
 
 impl MemoryLedgerBuilder {
-    /// How long a hold may stay open before [`Ledger::expire_holds`] settles it at its held
-    /// amount (default [`DEFAULT_HOLD_TTL`]). Make it longer than your longest response stream:
-    /// a stream still running when its hold expires is charged the hold, not its usage.
+    /// How long a hold may stay idle before [`LedgerAdmin::expire_holds`] settles it at its held
+    /// amount (default [`DEFAULT_HOLD_TTL`]): from the reserve, and from each
+    /// [`extend`](Ledger::extend) (a streaming response extends its hold while it streams, so
+    /// only a response idle for this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self

@@ -16,14 +16,14 @@
 //!    body dropped before its end (client disconnected) is charged the hold, or the usage so far
 //!    ([`OnDisconnect`]); never zero, never twice.
 //!
-//! Successful responses carry [`x-credits-held`](CREDITS_HELD) and
-//! [`x-credits-balance`](CREDITS_BALANCE). The final charge is known only when the body ends,
-//! after the headers were sent: it is in the [journal](Ledger::journal).
+//! Successful responses carry [`x-credits-held`](headers::CREDITS_HELD) and
+//! [`x-credits-balance`](headers::CREDITS_BALANCE). The final charge is known only when the body ends,
+//! after the headers were sent: it is in the [journal](LedgerAdmin::journal).
 //!
 //! # Idempotency-Key
 //!
 //! A retried request with the same `Idempotency-Key` header (per account, within the ledger's
-//! window, [`MemoryLedgerBuilder::idempotency_window`]) is charged once and **never sent to the
+//! window, [`MemoryLedgerBuilder::idempotency_window`](ledger::MemoryLedgerBuilder::idempotency_window)) is charged once and **never sent to the
 //! inner service twice**, as Stripe does: the request is fingerprinted whole (method, path and
 //! query, and a digest of every byte of its body; a JSON body with a key is always read). The
 //! same request again after the first was charged gets the first answer, kept as it streamed
@@ -40,15 +40,36 @@
 //! `missing_api_key`, or let through free with [`CreditsLayer::allow_anonymous`].
 //!
 //! With [`CreditsLayer::rate_limit`] the same layer also rate-limits: the limits and the hold
-//! are charged in one step, both or neither ([`Ledger::reserve_limited`]), and the tokens are
-//! corrected with the settlement ([`Ledger::settle_limited`]); on Redis each step is one script,
-//! one round trip.
+//! are charged together, both or neither, and the tokens are corrected with the settlement, by
+//! an [`Admission`]: [`TwoStep`] for any ledger and limiter, or the fused one of a backend that
+//! keeps both ([`CreditsLayer::rate_limit_with`] and
+//! [`RedisBackend::admission`](crate::redis::RedisBackend::admission): one script, one round
+//! trip each way).
 //!
 //! Every backend passes the same [`conformance`] scenarios (exact K of N, never negative,
 //! expiry, idempotency, journal equals books).
 //!
-//! Holds that are never settled (a crashed handler, a leaked future) are settled at their held
-//! amount by [`Ledger::expire_holds`]; [`MemoryLedger::spawn_expiry`] runs it periodically.
+//! # Holds live as long as their response
+//!
+//! A hold's TTL ([`ledger::MemoryLedgerBuilder::hold_ttl`] and each backend's `hold_ttl`) is
+//! **idle time**: while a response streams, its [`MeteredBody`] keeps the hold alive with
+//! [`Ledger::extend`] (at most once per half TTL: a clock read per frame, the extension itself
+//! off the frame's path), so a stream longer than the TTL is settled at its usage. Holds nobody
+//! closes within a TTL of their last sign of life (a crashed handler, a leaked future, an upstream
+//! silent for a whole TTL) are settled at their held amount by [`LedgerAdmin::expire_holds`];
+//! [`MemoryLedger::spawn_expiry`] runs it periodically. Every backend behaves the same
+//! ([`conformance`]).
+//!
+//! # Shape
+//!
+//! - [`CreditsLayer`] / [`Credits`] / [`MeteredBody`]: the middleware; [`Pricing`] and [`Price`]
+//!   say what a request costs.
+//! - [`Ledger`]: the hot path (reserve, settle, release, extend); [`LedgerAdmin`]: the
+//!   operator's calls (top-up, balance, journal, expiry); their values are in [`ledger`].
+//! - [`Admission`]: the rate limits and the hold together ([`TwoStep`], or a backend's fused
+//!   one, for [`CreditsLayer::rate_limit_with`]).
+//! - [`backend`]: what a ledger implementation builds its answers with; [`conformance`]: the
+//!   scenarios it must pass.
 //!
 //! # Example
 //!
@@ -56,7 +77,7 @@
 //! use axum::{routing::post, Extension, Router};
 //! use http::{Request, StatusCode};
 //! use tollgate::{
-//!     credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+//!     credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Price, Pricing},
 //!     Caller,
 //! };
 //! use tower::ServiceExt;
@@ -97,31 +118,37 @@
 //! # }
 //! ```
 
+mod admission;
+pub mod backend;
 mod body;
 mod clock;
 pub mod conformance;
-mod ledger;
+pub mod ledger;
 pub(crate) mod memory;
 mod pricing;
-mod promote;
+pub mod promote;
 mod replay;
 mod service;
 
-pub use body::{finish_settlements, pending_settlements, MeteredBody};
-pub use clock::{Clock, ManualClock, SystemClock};
-pub use ledger::{
-    reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Fingerprint, Hold,
-    JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-    TopUp, TopUpError, MAX_CREDITS,
-};
-pub use memory::{MemoryLedger, MemoryLedgerBuilder, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
-pub use pricing::{ModelPricing, Price, Pricing, DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};
-pub use promote::{PlanChange, Promote, Promoted, Promotions, TopUpPromoter};
-pub use replay::{DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT};
-pub use service::{
-    Credits, CreditsLayer, OnDisconnect, ResponseFuture, CREDITS_BALANCE, CREDITS_HELD,
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
-};
+pub use admission::{Admission, TwoStep, Verdict};
+pub use body::{finish_settlements, MeteredBody};
+pub use clock::ManualClock;
+pub use ledger::{Ledger, LedgerAdmin};
+pub use memory::MemoryLedger;
+pub use pricing::{ModelPricing, Price, Pricing};
+pub use service::{Credits, CreditsLayer, OnDisconnect, ResponseFuture};
+
+/// The headers the [`CreditsLayer`] reads and writes.
+pub mod headers {
+    pub use super::service::{CREDITS_BALANCE, CREDITS_HELD, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+}
+
+/// The defaults of the credits layer, its pricing and the memory ledger.
+pub mod defaults {
+    pub use super::memory::{DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
+    pub use super::pricing::{DEFAULT_MAX_TOKENS, DEFAULT_USAGE_CEILING};
+    pub use super::replay::{DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT};
+}
 
 #[allow(unused_imports)] // doc links
 use crate::Caller;

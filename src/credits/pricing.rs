@@ -278,7 +278,7 @@ impl Pricing {
         };
         self.max_hold
             .map_or(hold, |max| hold.min(max))
-            .min(super::MAX_CREDITS)
+            .min(super::ledger::MAX_CREDITS)
     }
 
     /// Whether pricing a request can depend on its body (a model price or a token rate).

@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, fmt, future::Future, sync::Arc};
 
-use super::{Ledger, TopUp, TopUpError};
+use super::ledger::{LedgerAdmin, TopUp, TopUpError};
 use crate::auth::{KeyAdmin, KeyAdminError};
 
 /// Which plan an account moves to when a top-up is applied to it.
@@ -10,7 +10,7 @@ use crate::auth::{KeyAdmin, KeyAdminError};
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::Promotions;
+/// use tollgate::credits::promote::Promotions;
 ///
 /// let promotions = Promotions::new().after_top_up("free", "trusted");
 /// assert_eq!(promotions.target("free"), Some("trusted"));
@@ -76,7 +76,7 @@ impl PlanChange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Promoted {
-    /// The top-up, as [`Ledger::top_up`] reports it.
+    /// The top-up, as [`LedgerAdmin::top_up`] reports it.
     pub top_up: TopUp,
     /// The promotion it triggered, if any.
     pub plan_change: Option<PlanChange>,
@@ -105,7 +105,7 @@ impl Promoted {
 /// |---|---|---|
 /// | memory | [`Promote`] over a [`MemoryLedger`](super::MemoryLedger) and a [`MemoryKeyStore`](crate::auth::MemoryKeyStore) | both are applied before the call returns, in process |
 /// | Redis | `RedisPromoter` (feature `redis`) | yes: one script changes the balance, the journal and the plan |
-/// | any other [`Ledger`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan, one at a time per process (a failure in between is reported as an error and the top-up stays applied; a replay of it then promotes nothing) |
+/// | any other [`LedgerAdmin`] + [`KeyAdmin`] | [`Promote`] | no: the top-up, then the plan, one at a time per process (a failure in between is reported as an error and the top-up stays applied; a replay of it then promotes nothing) |
 ///
 /// A backend where keys and balances live in one database (SQLite, PostgreSQL) implements
 /// [`TopUpPromoter`] in one transaction: insert the top-up (by its idempotency key), and only
@@ -116,7 +116,7 @@ impl Promoted {
 ///
 /// ```
 /// use tollgate::auth::{AccountRecord, KeyAdmin, MemoryKeyStore};
-/// use tollgate::credits::{MemoryLedger, Promote, Promotions, TopUpPromoter};
+/// use tollgate::credits::{MemoryLedger, promote::{Promote, Promotions, TopUpPromoter}};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -144,7 +144,7 @@ impl Promoted {
 /// the account's next authentication once the future resolves.
 pub trait TopUpPromoter: Send + Sync + 'static {
     /// Add `amount` credits to `account` (idempotent per `idempotency_key`, as
-    /// [`Ledger::top_up`]) and promote the account's plan when the top-up was applied.
+    /// [`LedgerAdmin::top_up`]) and promote the account's plan when the top-up was applied.
     fn top_up_and_promote(
         &self,
         account: &str,
@@ -153,7 +153,7 @@ pub trait TopUpPromoter: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Promoted, TopUpError>> + Send;
 }
 
-/// A [`TopUpPromoter`] over any [`Ledger`] and [`KeyAdmin`]: the top-up, then the plan.
+/// A [`TopUpPromoter`] over any [`LedgerAdmin`] and [`KeyAdmin`]: the top-up, then the plan.
 ///
 /// An account the key store does not know (a ledger account without keys) is topped up and not
 /// promoted. See [`TopUpPromoter`] for an example.
@@ -192,7 +192,7 @@ impl<L, K> Promote<L, K> {
     }
 }
 
-impl<L: Ledger, K: KeyAdmin> TopUpPromoter for Promote<L, K> {
+impl<L: LedgerAdmin, K: KeyAdmin> TopUpPromoter for Promote<L, K> {
     fn top_up_and_promote(
         &self,
         account: &str,

@@ -16,11 +16,13 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
-    body::{Meter, MeteredBody, TokenCharges},
-    ledger::{Admission, AdmissionFuture, Fingerprint, Hold, Ledger, Reservation, ReserveRequest},
+    admission::{Admission, TwoStep, Verdict},
+    body::{Meter, MeteredBody},
+    ledger::{Fingerprint, Hold, Ledger, Reservation, ReserveRequest, Settlement},
+    memory::DEFAULT_IDEMPOTENCY_WINDOW,
     pricing::{Price, Pricing},
     replay::{Answer, ReplayStore, Stored, DEFAULT_REPLAY_CAPACITY, DEFAULT_REPLAY_LIMIT},
-    MemoryLedger, DEFAULT_IDEMPOTENCY_WINDOW,
+    MemoryLedger,
 };
 use crate::{
     body::ResponseBody,
@@ -30,9 +32,10 @@ use crate::{
     },
     normalize::REQUEST_ID,
     ratelimit::{
-        self, Charge, Correction, Decision, Limiter, Policies, RateLimitLayer, TokenMeter,
+        Charge, Charges, Correction, Decision, Gate, Limiter, RateLimitLayer, RequestLimits,
+        TokenMeter,
     },
-    BackendError, BoxError, Caller, LimitKind, Reason, Rejection,
+    BackendError, BoxError, Caller, Reason, Rejection,
 };
 
 /// `x-credits-held`: the credits held for this request (its price or its estimate, see
@@ -88,60 +91,55 @@ pub(super) struct Shared<L: Ledger> {
     pub(super) on_disconnect: OnDisconnect,
     pub(super) allow_anonymous: bool,
     pub(super) body_limit: usize,
-    pub(super) limits: Option<Arc<Limits<L>>>,
+    pub(super) limits: Option<Arc<Limits>>,
     pub(super) replays: ReplayStore,
 }
 
 /// The rate limits charged in the same step as the hold ([`CreditsLayer::rate_limit`]).
-pub(super) struct Limits<L: Ledger> {
-    config: Arc<ratelimit::Config>,
-    pub(super) limiter: Box<dyn LimitsBackend<L>>,
+pub(super) struct Limits {
+    gate: Gate,
+    pub(super) admission: Box<dyn Admit>,
 }
 
 type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
+type AdmitFuture = Pin<Box<dyn Future<Output = Verdict> + Send>>;
+pub(super) type SettleFuture =
+    Pin<Box<dyn Future<Output = Result<Settlement, BackendError>> + Send>>;
 
-/// A [`Limiter`] with its type erased, so that neither [`Credits`] nor its body carry it.
-pub(super) trait LimitsBackend<L: Ledger>: Send + Sync {
+/// An [`Admission`] and its [`Limiter`] with their types erased, so that neither [`Credits`]
+/// nor its body carry them.
+pub(super) trait Admit: Send + Sync {
     /// The limits and the hold, both or neither.
-    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture;
+    fn admit(&self, charges: Vec<Charge>, request: ReserveRequest) -> AdmitFuture;
     /// The limits alone (a request without a [`Caller`], let through uncharged).
     fn check(&self, charges: &[Charge]) -> CheckFuture;
     /// Settle a hold and correct the tokens limits.
-    fn settle(
-        &self,
-        ledger: &L,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> L::SettleFuture;
+    fn settle(&self, hold: &Hold, actual: u64, corrections: &[Correction]) -> SettleFuture;
     /// Corrects the tokens limits from a response without a hold (a replay, a request without
     /// a `Caller`).
-    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter;
+    fn meter(&self, charges: &Charges) -> Option<TokenMeter>;
 }
 
-struct Erased<R>(R);
+struct Erased<A: Admission> {
+    admission: A,
+    limiter: A::Limiter,
+}
 
-impl<L: Ledger + Clone, R: Limiter> LimitsBackend<L> for Erased<R> {
-    fn admit(&self, ledger: &L, charges: Vec<Charge>, request: ReserveRequest) -> AdmissionFuture {
-        ledger.reserve_limited(&self.0, charges, request)
+impl<A: Admission> Admit for Erased<A> {
+    fn admit(&self, charges: Vec<Charge>, request: ReserveRequest) -> AdmitFuture {
+        Box::pin(self.admission.admit(charges, request))
     }
 
     fn check(&self, charges: &[Charge]) -> CheckFuture {
-        Box::pin(self.0.check(charges))
+        Box::pin(self.limiter.check(charges))
     }
 
-    fn settle(
-        &self,
-        ledger: &L,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> L::SettleFuture {
-        ledger.settle_limited(&self.0, hold, actual, corrections)
+    fn settle(&self, hold: &Hold, actual: u64, corrections: &[Correction]) -> SettleFuture {
+        Box::pin(self.admission.settle(hold, actual, corrections))
     }
 
-    fn meter(&self, charges: Vec<Charge>, estimate: u64) -> TokenMeter {
-        TokenMeter::new(self.0.clone(), charges, estimate)
+    fn meter(&self, charges: &Charges) -> Option<TokenMeter> {
+        charges.meter(self.limiter.clone())
     }
 }
 
@@ -157,7 +155,7 @@ impl<L: Ledger + Clone, R: Limiter> LimitsBackend<L> for Erased<R> {
 /// ```
 /// use std::convert::Infallible;
 /// use http::{Request, Response, StatusCode};
-/// use tollgate::{credits::{CreditsLayer, Ledger, MemoryLedger, Pricing}, Caller};
+/// use tollgate::{credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Pricing}, Caller};
 /// use tower::{service_fn, Layer, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -191,7 +189,7 @@ pub struct CreditsLayer<L: Ledger = MemoryLedger> {
     on_disconnect: OnDisconnect,
     allow_anonymous: bool,
     body_limit: usize,
-    limits: Option<Arc<Limits<L>>>,
+    limits: Option<Arc<Limits>>,
     replays: ReplayStore,
 }
 
@@ -271,18 +269,17 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// corrected from the reported usage. The differences are in the order of the two
     /// charges:
     ///
-    /// - **One step.** [`Ledger::reserve_limited`] charges the limits and places the hold
-    ///   together, and [`Ledger::settle_limited`] settles the hold and corrects the tokens
-    ///   together. A [`RedisLedger`](crate::redis::RedisLedger) with a
-    ///   [`RedisLimiter`](crate::redis::RedisLimiter) of the same backend makes each of them
-    ///   one script, one round trip (two layers make two before the call, and two after it
-    ///   when tokens are corrected).
     /// - **Both or neither.** A request refused for its credits (402, 409, 422, 503) does not
     ///   use up its rate limit, and a rate-limited one places no hold. The limits are checked
     ///   first: a caller out of both gets the 429. Only the 429 carries rate-limit headers
     ///   among the refusals.
     /// - Requests without a [`Caller`] let through by [`allow_anonymous`](Self::allow_anonymous)
     ///   are rate-limited alone, as the `RateLimit` layer would (by client IP).
+    ///
+    /// The two charges are made by [`TwoStep`] on this layer's ledger and `layer`'s limiter
+    /// (two calls before the request, and the settlement with the token correction after it).
+    /// A backend that keeps both in one place does each in one step: pass its
+    /// [`Admission`] to [`rate_limit_with`](Self::rate_limit_with).
     ///
     /// # Example
     ///
@@ -294,10 +291,40 @@ impl<L: Ledger + Clone> CreditsLayer<L> {
     /// let layer = CreditsLayer::new(MemoryLedger::new(), Pricing::flat(1)).rate_limit(limits);
     /// # let _ = layer;
     /// ```
-    pub fn rate_limit<R: Limiter>(mut self, layer: RateLimitLayer<R>) -> Self {
+    pub fn rate_limit<R: Limiter>(self, layer: RateLimitLayer<R>) -> Self {
+        let admission = TwoStep::new(self.ledger.clone(), layer.limiter().clone());
+        self.rate_limit_with(layer, admission)
+    }
+
+    /// [`rate_limit`](Self::rate_limit), with the limits and the hold charged by `admission`:
+    /// a backend's fused one ([`RedisBackend::admission`](crate::redis::RedisBackend::admission):
+    /// one script, one round trip each way), or a wrapper of one.
+    ///
+    /// `admission` must charge `layer`'s limiter and hold on this layer's ledger: the ledger
+    /// releases the holds it places (an upstream error) and `layer`'s limiter rate-limits the
+    /// requests without a [`Caller`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tollgate::credits::{CreditsLayer, MemoryLedger, Pricing, TwoStep};
+    /// use tollgate::ratelimit::{MemoryLimiter, Plan, Plans, RateLimitLayer};
+    ///
+    /// let (ledger, limiter) = (MemoryLedger::new(), MemoryLimiter::new());
+    /// let limits = RateLimitLayer::new(limiter.clone(), Plans::new(Plan::new().requests_per_minute(60)));
+    /// let layer = CreditsLayer::new(ledger.clone(), Pricing::flat(1))
+    ///     .rate_limit_with(limits, TwoStep::new(ledger, limiter));
+    /// # let _ = layer;
+    /// ```
+    pub fn rate_limit_with<A: Admission>(
+        mut self,
+        layer: RateLimitLayer<A::Limiter>,
+        admission: A,
+    ) -> Self {
+        let (limiter, gate) = layer.into_parts();
         self.limits = Some(Arc::new(Limits {
-            config: layer.config,
-            limiter: Box::new(Erased(layer.limiter)),
+            gate,
+            admission: Box::new(Erased { admission, limiter }),
         }));
         self
     }
@@ -345,7 +372,7 @@ impl<L: Ledger + fmt::Debug> fmt::Debug for CreditsLayer<L> {
             .field("allow_anonymous", &self.allow_anonymous)
             .field("body_limit", &self.body_limit)
             .field("replays", &self.replays)
-            .field("rate_limit", &self.limits.as_ref().map(|l| &l.config.plans))
+            .field("rate_limit", &self.limits.as_ref().map(|l| l.gate.plans()))
             .finish()
     }
 }
@@ -407,7 +434,7 @@ where
         let limits = shared
             .limits
             .as_ref()
-            .and_then(|limits| limits.config.policies(&request));
+            .and_then(|limits| limits.gate.limits(&request));
         let caller = request.extensions().get::<Caller>().cloned();
         if caller.is_none() && !shared.allow_anonymous {
             return refused(Rejection::new(Reason::MissingApiKey));
@@ -442,9 +469,7 @@ where
             // charge the default price for what may be an expensive model.
             return refused(Rejection::new(Reason::UnsupportedMediaType));
         }
-        let tokens = limits
-            .as_ref()
-            .is_some_and(|p| ratelimit::has_tokens(&p.policy, p.global.as_deref()));
+        let tokens = limits.as_ref().is_some_and(RequestLimits::needs_body);
         let pending = Pending {
             caller,
             idempotency_key,
@@ -456,8 +481,8 @@ where
         if (priced || tokens || keyed) && wants_inspection(&request) {
             // Both bounds apply: the rate limit's (when it reads the body) and ours.
             let limit = match (&shared.limits, tokens) {
-                (Some(limits), true) if priced => shared.body_limit.min(limits.config.body_limit),
-                (Some(limits), true) => limits.config.body_limit,
+                (Some(limits), true) if priced => shared.body_limit.min(limits.gate.body_limit()),
+                (Some(limits), true) => limits.gate.body_limit(),
                 _ => shared.body_limit,
             };
             return ResponseFuture {
@@ -481,7 +506,7 @@ struct Pending {
     idempotency_key: Option<Arc<str>>,
     grpc: bool,
     /// The rate limits to charge with the hold ([`CreditsLayer::rate_limit`]).
-    limits: Option<Policies>,
+    limits: Option<RequestLimits>,
 }
 
 /// What settlement needs to know about a request.
@@ -521,31 +546,6 @@ fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejectio
     Ok(value.to_str().ok().map(Arc::from))
 }
 
-/// The rate-limit charges of a request: all of them, and the tokens ones to correct from the
-/// reported usage (`None` when no tokens were charged).
-fn limit_charges<L: Ledger>(
-    limits: &Limits<L>,
-    policies: &Policies,
-    llm: Option<&LlmRequest>,
-) -> (Vec<Charge>, Option<TokenCharges>) {
-    let estimate = ratelimit::estimate(llm, limits.config.default_max_tokens);
-    let charges = ratelimit::charges(
-        &policies.subject,
-        &policies.policy,
-        policies.global.as_deref(),
-        estimate,
-    );
-    let tokens = ratelimit::charges_tokens(&charges).then(|| TokenCharges {
-        charges: charges
-            .iter()
-            .filter(|c| c.kind == LimitKind::Tokens)
-            .cloned()
-            .collect(),
-        estimate,
-    });
-    (charges, tokens)
-}
-
 fn admit<S, B, L>(
     shared: &Shared<L>,
     request: Request<InspectedBody<B>>,
@@ -559,8 +559,9 @@ where
     let llm = request.extensions().get::<LlmRequest>();
     let limited = shared.limits.as_ref().zip(pending.limits.as_ref());
     let (charges, tokens) = match limited {
-        Some((limits, policies)) => {
-            let (charges, tokens) = limit_charges(limits, policies, llm);
+        Some((limits, request_limits)) => {
+            let charges = limits.gate.charges(request_limits, &request);
+            let tokens = charges.tokens();
             (Some((limits, charges)), tokens)
         }
         None => (None, None),
@@ -572,7 +573,7 @@ where
             unreachable!("an anonymous request reaches `admit` only when it is rate-limited")
         };
         return Kind::Checking {
-            future: limits.limiter.check(&charges),
+            future: limits.admission.check(charges.as_slice()),
             request: Some(request),
             service: Some(service),
             tokens,
@@ -647,7 +648,7 @@ where
         .idempotency(idempotency);
     match charges {
         Some((limits, charges)) => Kind::Admitting {
-            future: limits.limiter.admit(&shared.ledger, charges, reserve),
+            future: limits.admission.admit(charges.into_vec(), reserve),
             request: Some(request),
             service: Some(service),
             plan,
@@ -711,7 +712,7 @@ pin_project! {
             future: CheckFuture,
             request: Option<Request<InspectedBody<B>>>,
             service: Option<S>,
-            tokens: Option<TokenCharges>,
+            tokens: Option<Charges>,
             grpc: bool,
         },
         Reserving {
@@ -723,11 +724,11 @@ pin_project! {
         },
         // The rate limits and the hold in one step.
         Admitting {
-            future: AdmissionFuture,
+            future: AdmitFuture,
             request: Option<Request<InspectedBody<B>>>,
             service: Option<S>,
             plan: Plan,
-            tokens: Option<TokenCharges>,
+            tokens: Option<Charges>,
         },
         Calling {
             #[pin]
@@ -822,9 +823,10 @@ where
                     match checked {
                         Ok(decision) if decision.is_allowed() => {
                             let limits = this.shared.limits.as_ref();
-                            let meter = tokens.take().zip(limits).map(|(tokens, limits)| {
-                                limits.limiter.meter(tokens.charges, tokens.estimate)
-                            });
+                            let meter = tokens
+                                .take()
+                                .zip(limits)
+                                .and_then(|(tokens, limits)| limits.admission.meter(&tokens));
                             Kind::Passthrough {
                                 future: service.call(request),
                                 replayed: false,
@@ -876,7 +878,7 @@ where
                     let service = service.take().expect(POLLED_AFTER_COMPLETION);
                     let request = request.take().expect(POLLED_AFTER_COMPLETION);
                     match admitted {
-                        Admission::Admitted {
+                        Verdict::Admitted {
                             decision,
                             reservation,
                         } => call(
@@ -888,10 +890,10 @@ where
                             Some(decision),
                             tokens.take(),
                         ),
-                        Admission::Limited(decision) => {
+                        Verdict::Limited(decision) => {
                             return Poll::Ready(Ok(limited(this.shared, &decision, plan.grpc)))
                         }
-                        Admission::Refused(error) => Kind::Refused {
+                        Verdict::Refused(error) => Kind::Refused {
                             rejection: Some(error.into()),
                             grpc: plan.grpc,
                         },
@@ -955,7 +957,7 @@ fn call<S, B, L>(
     reservation: Reservation,
     plan: Plan,
     decision: Option<Decision>,
-    tokens: Option<TokenCharges>,
+    tokens: Option<Charges>,
 ) -> Kind<S, B, L>
 where
     S: Service<Request<InspectedBody<B>>>,
@@ -1015,9 +1017,7 @@ fn limit_headers<L: Ledger>(
     decision: Option<&Decision>,
 ) {
     if let (Some(decision), Some(limits)) = (decision, &shared.limits) {
-        if limits.config.headers {
-            ratelimit::insert_headers(headers, decision);
-        }
+        limits.gate.headers(headers, decision);
     }
 }
 
@@ -1027,9 +1027,13 @@ fn limited<B, L: Ledger>(
     decision: &Decision,
     grpc: bool,
 ) -> Response<MeteredBody<B, L>> {
-    let mut response = render(&ratelimit::rejection(decision.outcome()), grpc);
-    limit_headers(shared, response.headers_mut(), Some(decision));
-    response
+    match &shared.limits {
+        Some(limits) => limits
+            .gate
+            .refusal(decision, grpc)
+            .map(|bytes| MeteredBody::new(ResponseBody::full(bytes), None)),
+        None => render(&Rejection::new(Reason::Internal), grpc),
+    }
 }
 
 fn render<B, L: Ledger>(rejection: &Rejection, grpc: bool) -> Response<MeteredBody<B, L>> {

@@ -1,7 +1,6 @@
 //! The PostgreSQL [`Ledger`]: one function call (one statement, one round trip) per operation.
 
 use std::{
-    any::Any,
     fmt,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -9,21 +8,19 @@ use std::{
 
 use sqlx::{postgres::PgRow, Row, SqlStr};
 
-use super::{
-    limiter::{decision, Bucket, Meta},
-    millis, to_i64, to_u64, BoxFuture, PostgresLimiter, Shared,
-};
+use super::{limiter::Bucket, millis, to_i64, to_u64, BoxFuture, Shared};
 use crate::{
     credits::{
-        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
-        JournalEntry, JournalQuery, Ledger, Reservation, ReserveError, ReserveRequest, Settlement,
-        TopUp, TopUpError, MAX_CREDITS,
+        ledger::{
+            Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Reservation,
+            ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, MAX_CREDITS,
+        },
+        Ledger, LedgerAdmin,
     },
-    ratelimit::{Charge, Correction, Decision, Limiter, Outcome},
     BackendError,
 };
 
-/// Holds settled per statement by [`Ledger::expire_holds`].
+/// Holds settled per statement by [`LedgerAdmin::expire_holds`].
 const EXPIRE_BATCH: i32 = 512;
 
 /// The statements, with the schema in them.
@@ -34,6 +31,7 @@ pub(super) struct Statements {
     balance: SqlStr,
     journal: SqlStr,
     expire: SqlStr,
+    extend: SqlStr,
 }
 
 impl Statements {
@@ -53,6 +51,7 @@ impl Statements {
             balance: shared.sql(
                 "SELECT balance, held, holds FROM @schema@.balances WHERE account = $1",
             ),
+            extend: shared.sql("SELECT @schema@.extend_hold($1, $2, $3)"),
             journal: shared.sql(
                 "SELECT seq, (extract(epoch FROM at) * 1000000)::bigint, kind, amount, hold, \
                  hold_id, balance_after, held_after, request_id, key_id, idempotency_key \
@@ -72,7 +71,7 @@ impl Statements {
 /// processes, and committed before it answers (a top-up answered is durable). `CHECK`
 /// constraints make a negative balance impossible. Every call on an account first settles its
 /// expired holds at their held amount, so a hold left by a replica that died is charged by
-/// whichever replica touches the account next (and by [`expire_holds`](Ledger::expire_holds)).
+/// whichever replica touches the account next (and by [`expire_holds`](LedgerAdmin::expire_holds)).
 /// The journal is the `journal` table, one row per movement appended in the same statement;
 /// time is the database's, never a replica's clock.
 ///
@@ -86,7 +85,7 @@ impl Statements {
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 /// use tollgate::postgres::PostgresBackend;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -109,7 +108,7 @@ pub struct PostgresLedger {
 
 /// What the reserve statement did: the hold placed or the replay, with the limits charged, or
 /// the limits refused; each with the limits' GCRA answer.
-enum Reserved {
+pub(super) enum Reserved {
     Held(Hold, Limits),
     Replayed(Limits),
     Limited(Limits),
@@ -120,7 +119,7 @@ enum Reserved {
 pub(super) type Limits = Option<(i32, i32, i64, Vec<i64>)>;
 
 /// Rate-limit corrections made by the close statement.
-enum Corrections {
+pub(super) enum Corrections {
     None,
     /// Whether or not the hold was still open (tokens reported by a response).
     Always(Vec<Bucket>),
@@ -136,13 +135,6 @@ impl PostgresLedger {
 
     fn hold_ttl_ms(&self) -> i64 {
         millis(self.shared.options.hold_ttl)
-    }
-
-    /// `limiter` as a [`PostgresLimiter`] of the same backend, whose buckets can join this
-    /// ledger's statements.
-    fn fused<'a, R: Limiter>(&self, limiter: &'a R) -> Option<&'a PostgresLimiter> {
-        let postgres = (limiter as &dyn Any).downcast_ref::<PostgresLimiter>()?;
-        postgres.shares(&self.shared).then_some(postgres)
     }
 
     /// After a reserve whose answer was lost, release the hold if it was placed (and give back
@@ -197,7 +189,7 @@ impl PostgresLedger {
     }
 
     /// The reserve statement, charging `buckets` with the hold.
-    fn reserve_charging(
+    pub(super) fn reserve_charging(
         &self,
         request: ReserveRequest,
         buckets: Vec<Bucket>,
@@ -221,6 +213,7 @@ impl PostgresLedger {
         let sql = self.sql.reserve.clone();
         let account = request.account.clone();
         let ttl = self.hold_ttl_ms();
+        let hold_ttl = self.shared.options.hold_ttl;
         let window = millis(self.shared.options.idempotency_window);
         let request_id = request.request_id.as_deref().map(str::to_owned);
         let key_id = request.key_id.as_deref().map(str::to_owned);
@@ -284,7 +277,8 @@ impl PostgresLedger {
             match status.as_str() {
                 "held" => Ok(Reserved::Held(
                     Hold::new(to_u64(id), account, amount, to_u64(available))
-                        .with_request_id(request_arc),
+                        .with_request_id(request_arc)
+                        .with_ttl(Some(hold_ttl)),
                     limits,
                 )),
                 "insufficient" => Err(ReserveError::Insufficient {
@@ -313,7 +307,7 @@ impl PostgresLedger {
     /// Close a hold and apply rate-limit corrections to `buckets`, in one statement. When it
     /// fails, the close goes on in the background until it is made (the answer is still the
     /// error): a settle lost to an outage charges the usage, not the hold at its expiry.
-    fn close_correcting(
+    pub(super) fn close_correcting(
         &self,
         account: &str,
         id: i64,
@@ -400,10 +394,7 @@ impl Ledger for PostgresLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
+    type ExtendFuture = BoxFuture<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new(), None);
@@ -418,76 +409,6 @@ impl Ledger for PostgresLedger {
         })
     }
 
-    /// One statement, one round trip, when `limiter` is a [`PostgresLimiter`] of the same
-    /// backend; else the two calls of [`reserve_then_limit`].
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture {
-        let Some(postgres) = self.fused(limiter) else {
-            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
-        };
-        let (buckets, meta) = postgres.buckets(&charges);
-        let now_ns = postgres.frozen_ns();
-        let call = self.reserve_charging(request, buckets, now_ns);
-        Box::pin(async move {
-            let decision = |limits: &Limits, meta: &[Meta]| match limits {
-                Some((verdict, idx, wait, rels)) if !meta.is_empty() => {
-                    decision(*verdict, *idx, *wait, rels, meta)
-                }
-                // Nothing to charge, or the hold was already placed (a repeated id).
-                _ => Ok(Decision::new(Outcome::Allowed)),
-            };
-            match call.await {
-                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
-                    decision: decision(&limits, &meta).unwrap_or_else(|error| {
-                        tracing::warn!(%error, "rate-limit status unreadable");
-                        Decision::new(Outcome::Allowed)
-                    }),
-                    reservation: Reservation::Held(hold),
-                },
-                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
-                    decision: decision(&limits, &meta).unwrap_or(Decision::new(Outcome::Allowed)),
-                    reservation: Reservation::Replayed,
-                },
-                Ok(Reserved::Limited(limits)) => match decision(&limits, &meta) {
-                    Ok(decision) => Admission::Limited(decision),
-                    Err(error) => Admission::Refused(error.into()),
-                },
-                Err(error) => Admission::Refused(error),
-            }
-        })
-    }
-
-    /// One statement when `limiter` is a [`PostgresLimiter`] of the same backend, as
-    /// [`reserve_limited`](Ledger::reserve_limited).
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        match self.fused(limiter) {
-            Some(postgres) => self.close_correcting(
-                hold.account(),
-                to_i64(hold.id()),
-                "settle",
-                actual,
-                false,
-                Corrections::Always(postgres.corrections(corrections)),
-            ),
-            None => {
-                if !corrections.is_empty() {
-                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
-                }
-                self.settle(hold, actual)
-            }
-        }
-    }
-
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.close(hold.account(), to_i64(hold.id()), "settle", actual)
     }
@@ -495,6 +416,34 @@ impl Ledger for PostgresLedger {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), to_i64(hold.id()), "release", 0)
     }
+
+    /// One statement (`extend_hold`, migration 3): the hold's expiry moves to the hold TTL from
+    /// now (the database's clock).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        let sql = self.sql.extend.clone();
+        let account = hold.account().to_owned();
+        let (id, ttl) = (to_i64(hold.id()), self.hold_ttl_ms());
+        Box::pin(self.shared.call("extend", move |pool| async move {
+            let row = sqlx::query(sql)
+                .bind(account)
+                .bind(id)
+                .bind(ttl)
+                .fetch_one(&pool)
+                .await?;
+            row.try_get::<bool, _>(0)
+        }))
+    }
+
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+impl LedgerAdmin for PostgresLedger {
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         let sql = self.sql.top_up.clone();

@@ -146,11 +146,6 @@ impl PostgresLimiter {
         self
     }
 
-    /// Whether this limiter keeps its buckets on `shared` (the same backend as a ledger).
-    pub(super) fn shares(&self, shared: &Arc<Shared>) -> bool {
-        Arc::ptr_eq(&self.shared, shared)
-    }
-
     /// The frozen time of a test, in ns since the epoch; `None`: the database's clock.
     pub(super) fn frozen_ns(&self) -> Option<i64> {
         #[cfg(test)]

@@ -55,11 +55,13 @@ use sqlx::{
 
 use crate::BackendError;
 
+mod admission;
 mod keystore;
 mod ledger;
 mod limiter;
 
 pub use crate::backend::FailMode;
+pub use admission::PostgresAdmission;
 pub use keystore::PostgresKeyStore;
 pub use ledger::PostgresLedger;
 pub use limiter::PostgresLimiter;
@@ -67,7 +69,10 @@ pub use limiter::PostgresLimiter;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The migrations, in order: version, name, SQL (with `@schema@` for the schema).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "books", include_str!("migrations/0001_books.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "books", include_str!("migrations/0001_books.sql")),
+    (3, "extend", include_str!("migrations/0003_extend.sql")),
+];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
 ///
@@ -104,8 +109,8 @@ impl Default for PostgresOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_millis(500),
             statement_timeout: Duration::from_millis(500),
-            hold_ttl: crate::credits::DEFAULT_HOLD_TTL,
-            idempotency_window: crate::credits::DEFAULT_IDEMPOTENCY_WINDOW,
+            hold_ttl: crate::credits::defaults::DEFAULT_HOLD_TTL,
+            idempotency_window: crate::credits::defaults::DEFAULT_IDEMPOTENCY_WINDOW,
             key_cache_ttl: Duration::from_secs(5),
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
@@ -163,8 +168,10 @@ impl PostgresOptions {
         self
     }
 
-    /// How long a hold may stay open before it is settled at its held amount. Make it longer
-    /// than your longest response stream.
+    /// How long a hold may stay **idle** before it is settled at its held amount: from the
+    /// reserve, and from each [`extend`](crate::credits::Ledger::extend), which a streaming
+    /// response makes while its frames flow (so a stream longer than this is settled at its
+    /// usage; only a response idle this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self
@@ -480,6 +487,14 @@ impl PostgresBackend {
     /// The rate limiter.
     pub fn limiter(&self) -> PostgresLimiter {
         PostgresLimiter::new(Arc::clone(&self.shared))
+    }
+
+    /// The rate limits and the credit hold of a request in one statement, one round trip (and
+    /// the settlement with the token correction in one more), for
+    /// [`CreditsLayer::rate_limit_with`](crate::credits::CreditsLayer::rate_limit_with): this
+    /// backend's [`limiter`](Self::limiter) and [`ledger`](Self::ledger) together.
+    pub fn admission(&self) -> PostgresAdmission {
+        PostgresAdmission::new(self.ledger(), self.limiter())
     }
 
     /// The key store, with its local cache and its invalidation listener (`LISTEN` on a

@@ -9,11 +9,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::{Charge, Correction, Limiter};
+use super::{gate::Charges, Limiter};
 use crate::{
     body::ResponseBody,
     usage::{Usage, UsageScanner},
-    LimitKind,
 };
 
 pin_project! {
@@ -56,10 +55,11 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub(crate) fn new<L: Limiter>(limiter: L, charges: Vec<Charge>, estimate: u64) -> Meter {
+    /// Correct the tokens `charges` on `limiter` from the usage the response reports.
+    pub(super) fn new<L: Limiter>(limiter: L, charges: Charges) -> Meter {
         let settle = move |usage: Option<Usage>| {
             let Some(usage) = usage else { return };
-            let corrections = corrections(&charges, estimate, &usage);
+            let corrections = charges.corrections(&usage);
             if !corrections.is_empty() {
                 drive_settlement(limiter.settle(&corrections));
             }
@@ -90,36 +90,8 @@ impl Meter {
     }
 }
 
-/// Whether a request's charges need a correction from the reported usage: some tokens limit
-/// was charged an estimate.
-pub(crate) fn charges_tokens(charges: &[Charge]) -> bool {
-    charges
-        .iter()
-        .any(|c| c.kind == LimitKind::Tokens && c.cost > 0)
-}
-
-/// The corrections of the tokens limits among `charges` once `usage` is known: the reported
-/// `total_tokens` minus the `estimate` charged (none when they are equal).
-pub(crate) fn corrections(charges: &[Charge], estimate: u64, usage: &Usage) -> Vec<Correction> {
-    let delta = i64::try_from(usage.total_tokens)
-        .unwrap_or(i64::MAX)
-        .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX));
-    if delta == 0 {
-        return Vec::new();
-    }
-    charges
-        .iter()
-        .filter(|c| c.kind == LimitKind::Tokens)
-        .map(|c| Correction {
-            key: c.key.clone(),
-            quota: c.quota,
-            delta,
-        })
-        .collect()
-}
-
 /// Poll a settlement once; spawn the rest on the current runtime if it is not done.
-pub(crate) fn drive_settlement<F>(mut fut: F)
+fn drive_settlement<F>(mut fut: F)
 where
     F: Future<Output = Result<(), crate::BackendError>> + Send + Unpin + 'static,
 {

@@ -2,7 +2,6 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{ready, Context, Poll},
 };
 
@@ -13,31 +12,21 @@ use tower_service::Service;
 
 use super::{
     body::Meter,
-    headers,
-    layer::Config,
-    plan::Policy,
-    service::{charges, estimate},
-    Charge, Decision, Limiter, Outcome, RateLimitBody, Subject,
+    gate::{Charges, Gate, RequestLimits},
+    Decision, Limiter, RateLimitBody,
 };
-use crate::{
-    inspect::{InspectedBody, LlmRequest},
-    Reason, Rejection,
-};
+use crate::{inspect::InspectedBody, Rejection};
 
 type Inspection<B> =
     Pin<Box<dyn Future<Output = Result<Request<InspectedBody<B>>, Rejection>> + Send>>;
 
 /// What the future needs until the inner service is called.
-pub(crate) struct Pending<S, L> {
-    pub(crate) inner: S,
-    pub(crate) limiter: L,
-    pub(crate) config: Arc<Config>,
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) global: Option<Arc<Policy>>,
-    pub(crate) subject: Subject,
-    pub(crate) grpc: bool,
-    pub(crate) charges: Vec<Charge>,
-    pub(crate) estimate: u64,
+pub(super) struct Pending<S, L> {
+    pub(super) inner: S,
+    pub(super) limiter: L,
+    pub(super) gate: Gate,
+    pub(super) limits: RequestLimits,
+    pub(super) grpc: bool,
 }
 
 pin_project! {
@@ -54,7 +43,7 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    pub(crate) enum Kind<S, L, B>
+    pub(super) enum Kind<S, L, B>
     where
         S: Service<Request<InspectedBody<B>>>,
         L: Limiter,
@@ -69,12 +58,12 @@ pin_project! {
             #[pin]
             fut: L::Future,
             request: Option<Request<InspectedBody<B>>>,
-            pending: Option<Pending<S, L>>,
+            pending: Option<(Pending<S, L>, Charges)>,
         },
         Calling {
             #[pin]
             fut: S::Future,
-            decision: Option<Decision>,
+            decision: Option<(Decision, Gate)>,
             meter: Option<Meter>,
         },
     }
@@ -85,11 +74,11 @@ where
     S: Service<Request<InspectedBody<B>>>,
     L: Limiter,
 {
-    pub(crate) fn new(kind: Kind<S, L, B>) -> Self {
+    pub(super) fn new(kind: Kind<S, L, B>) -> Self {
         ResponseFuture { kind }
     }
 
-    pub(crate) fn passthrough(fut: S::Future) -> Self {
+    pub(super) fn passthrough(fut: S::Future) -> Self {
         Self::new(Kind::Calling {
             fut,
             decision: None,
@@ -97,69 +86,27 @@ where
         })
     }
 
-    pub(crate) fn check(pending: Pending<S, L>, request: Request<InspectedBody<B>>) -> Self {
+    pub(super) fn check(pending: Pending<S, L>, request: Request<InspectedBody<B>>) -> Self {
         Self::new(checking(pending, request))
     }
 }
 
-fn checking<S, L, B>(
-    mut pending: Pending<S, L>,
-    request: Request<InspectedBody<B>>,
-) -> Kind<S, L, B>
+fn checking<S, L, B>(pending: Pending<S, L>, request: Request<InspectedBody<B>>) -> Kind<S, L, B>
 where
     S: Service<Request<InspectedBody<B>>>,
     L: Limiter,
 {
-    pending.estimate = estimate(
-        request.extensions().get::<LlmRequest>(),
-        pending.config.default_max_tokens,
-    );
-    pending.charges = charges(
-        &pending.subject,
-        &pending.policy,
-        pending.global.as_deref(),
-        pending.estimate,
-    );
+    let charges = pending.gate.charges(&pending.limits, &request);
     Kind::Checking {
-        fut: pending.limiter.check(&pending.charges),
+        fut: pending.limiter.check(charges.as_slice()),
         request: Some(request),
-        pending: Some(pending),
+        pending: Some((pending, charges)),
     }
 }
 
-/// The rejection of a refused decision.
-pub(crate) fn rejection(outcome: Outcome) -> Rejection {
-    match outcome {
-        Outcome::Refused { limit, retry_after } => Rejection::rate_limited(limit, retry_after),
-        Outcome::TooLarge {
-            limit,
-            requested,
-            capacity,
-        } => Rejection::new(Reason::RateLimited)
-            .with_message(format!(
-                "Request too large for the {} limit: it needs {requested} and the limit is {capacity}. Reduce the prompt or max_tokens.",
-                limit.as_str()
-            ))
-            .with_detail("limit", limit.as_str())
-            .with_detail("requested", requested)
-            .with_detail("capacity", capacity)
-            // No wait makes it fit: the request itself must change.
-            .with_should_retry(false),
-        Outcome::Allowed => Rejection::new(Reason::Internal),
-    }
-}
-
-fn refusal<ResB>(
-    rejection: &Rejection,
-    grpc: bool,
-    decision: Option<&Decision>,
-    headers: bool,
-) -> Response<RateLimitBody<ResB>> {
-    let mut response = crate::refusal(rejection, grpc).map(RateLimitBody::full);
-    if let (Some(decision), true) = (decision, headers) {
-        headers::insert(response.headers_mut(), decision);
-    }
-    response
+/// A refusal before the limits were decided (a body too large, a failing backend).
+fn refusal<ResB>(rejection: &Rejection, grpc: bool) -> Response<RateLimitBody<ResB>> {
+    crate::refusal(rejection, grpc).map(RateLimitBody::full)
 }
 
 impl<S, L, B, ResB> Future for ResponseFuture<S, L, B>
@@ -180,7 +127,7 @@ where
                     match inspected {
                         Ok(request) => this.kind.set(checking(pending, request)),
                         Err(rejection) => {
-                            return Poll::Ready(Ok(refusal(&rejection, pending.grpc, None, false)))
+                            return Poll::Ready(Ok(refusal(&rejection, pending.grpc)))
                         }
                     }
                 }
@@ -191,35 +138,23 @@ where
                 } => {
                     let decided = ready!(fut.poll(cx));
                     let request = request.take().expect("polled after completion");
-                    let mut pending = pending.take().expect("polled after completion");
-                    let headers = pending.config.headers;
+                    let (mut pending, charges) = pending.take().expect("polled after completion");
                     let decision = match decided {
                         Ok(decision) => decision,
                         Err(error) => {
                             let rejection = Rejection::from(error);
-                            return Poll::Ready(Ok(refusal(&rejection, pending.grpc, None, false)));
+                            return Poll::Ready(Ok(refusal(&rejection, pending.grpc)));
                         }
                     };
                     if !decision.is_allowed() {
-                        let rejection = rejection(decision.outcome());
-                        return Poll::Ready(Ok(refusal(
-                            &rejection,
-                            pending.grpc,
-                            Some(&decision),
-                            headers,
-                        )));
+                        let response = pending.gate.refusal(&decision, pending.grpc);
+                        return Poll::Ready(Ok(response.map(RateLimitBody::full)));
                     }
-                    let meter = super::charges_tokens(&pending.charges).then(|| {
-                        Meter::new(
-                            pending.limiter.clone(),
-                            std::mem::take(&mut pending.charges),
-                            pending.estimate,
-                        )
-                    });
+                    let meter = charges.meter(pending.limiter.clone());
                     let fut = pending.inner.call(request);
                     this.kind.set(Kind::Calling {
                         fut,
-                        decision: headers.then_some(decision),
+                        decision: Some((decision, pending.gate)),
                         meter,
                     });
                 }
@@ -230,8 +165,8 @@ where
                 } => {
                     let response = ready!(fut.poll(cx))?;
                     let mut response = response.map(|body| RateLimitBody::new(body, meter.take()));
-                    if let Some(decision) = decision.take() {
-                        headers::insert(response.headers_mut(), &decision);
+                    if let Some((decision, gate)) = decision.take() {
+                        gate.headers(response.headers_mut(), &decision);
                     }
                     return Poll::Ready(Ok(response));
                 }

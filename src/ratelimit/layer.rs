@@ -3,6 +3,7 @@ use std::{fmt, sync::Arc};
 use tower_layer::Layer;
 
 use super::{
+    gate::Gate,
     plan::{Plan, Plans, Policy},
     MemoryLimiter, RateLimit,
 };
@@ -32,12 +33,12 @@ pub enum KeyBy {
 /// ```
 #[must_use]
 pub struct RateLimitLayer<L> {
-    pub(crate) limiter: L,
-    pub(crate) config: Arc<Config>,
+    limiter: L,
+    gate: Gate,
 }
 
 #[derive(Clone, Debug)]
-pub(crate) enum RouteMatch {
+pub(super) enum RouteMatch {
     Exact(Box<str>),
     Prefix(Box<str>),
 }
@@ -57,19 +58,19 @@ impl RouteMatch {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) plans: Plans,
-    pub(crate) key_by: KeyBy,
-    pub(crate) global: Option<Arc<Policy>>,
-    pub(crate) routes: Vec<(RouteMatch, Arc<Policy>)>,
-    pub(crate) headers: bool,
-    pub(crate) default_max_tokens: u64,
-    pub(crate) body_limit: usize,
+pub(super) struct Config {
+    pub(super) plans: Plans,
+    pub(super) key_by: KeyBy,
+    pub(super) global: Option<Arc<Policy>>,
+    pub(super) routes: Vec<(RouteMatch, Arc<Policy>)>,
+    pub(super) headers: bool,
+    pub(super) default_max_tokens: u64,
+    pub(super) body_limit: usize,
 }
 
 impl Config {
     /// The route override for `path`, if any.
-    pub(crate) fn route(&self, path: &str) -> Option<&Arc<Policy>> {
+    pub(super) fn route(&self, path: &str) -> Option<&Arc<Policy>> {
         self.routes
             .iter()
             .find(|(m, _)| m.matches(path))
@@ -89,7 +90,7 @@ impl<L> RateLimitLayer<L> {
     pub fn new(limiter: L, plans: Plans) -> Self {
         RateLimitLayer {
             limiter,
-            config: Arc::new(Config {
+            gate: Gate::new(Config {
                 plans,
                 key_by: KeyBy::default(),
                 global: None,
@@ -102,7 +103,7 @@ impl<L> RateLimitLayer<L> {
     }
 
     fn config(&mut self) -> &mut Config {
-        Arc::make_mut(&mut self.config)
+        self.gate.config_mut()
     }
 
     /// Key a caller's buckets by API key or by account (default: account).
@@ -159,12 +160,18 @@ impl<L> RateLimitLayer<L> {
 
     /// The plan registry (to change plans at runtime).
     pub fn plans(&self) -> &Plans {
-        &self.config.plans
+        self.gate.plans()
     }
 
     /// The limiter.
     pub fn limiter(&self) -> &L {
         &self.limiter
+    }
+
+    /// The limiter and the request-side gate, for a layer that charges the limits itself
+    /// ([`CreditsLayer::rate_limit`](crate::credits::CreditsLayer::rate_limit)).
+    pub(crate) fn into_parts(self) -> (L, Gate) {
+        (self.limiter, self.gate)
     }
 }
 
@@ -172,11 +179,7 @@ impl<S, L: Clone> Layer<S> for RateLimitLayer<L> {
     type Service = RateLimit<S, L>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            limiter: self.limiter.clone(),
-            config: Arc::clone(&self.config),
-        }
+        RateLimit::new(inner, self.limiter.clone(), self.gate.clone())
     }
 }
 
@@ -184,7 +187,7 @@ impl<L: Clone> Clone for RateLimitLayer<L> {
     fn clone(&self) -> Self {
         RateLimitLayer {
             limiter: self.limiter.clone(),
-            config: Arc::clone(&self.config),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -193,9 +196,9 @@ impl<L: fmt::Debug> fmt::Debug for RateLimitLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("limiter", &self.limiter)
-            .field("plans", &self.config.plans)
-            .field("key_by", &self.config.key_by)
-            .field("headers", &self.config.headers)
+            .field("plans", self.gate.plans())
+            .field("key_by", &self.gate.config().key_by)
+            .field("headers", &self.gate.sends_headers())
             .finish_non_exhaustive()
     }
 }

@@ -83,6 +83,7 @@ mod body;
 #[doc(hidden)]
 pub mod conformance;
 mod future;
+mod gate;
 mod gcra;
 mod headers;
 mod layer;
@@ -91,13 +92,11 @@ mod memory;
 mod plan;
 mod service;
 
+pub(crate) use body::Meter as TokenMeter;
 pub use body::RateLimitBody;
-pub(crate) use body::{charges_tokens, corrections, drive_settlement, Meter as TokenMeter};
-pub(crate) use future::rejection;
 pub use future::ResponseFuture;
-pub(crate) use headers::insert as insert_headers;
+pub(crate) use gate::{Charges, Gate, RequestLimits};
 pub use headers::{go_duration, RATELIMIT, RATELIMIT_POLICY};
-pub(crate) use layer::Config;
 pub use layer::{KeyBy, RateLimitLayer};
 pub use limiter::{
     BucketKey, Charge, Correction, Decision, LimitStatus, Limiter, Outcome, Subject,
@@ -105,4 +104,3 @@ pub use limiter::{
 pub use memory::MemoryLimiter;
 pub use plan::{Limit, Plan, Plans};
 pub use service::RateLimit;
-pub(crate) use service::{charges, estimate, has_tokens, Policies};

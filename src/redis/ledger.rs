@@ -1,7 +1,6 @@
 //! The Redis [`Ledger`]: one Lua script per operation, on keys hash-tagged per account.
 
 use std::{
-    any::Any,
     collections::HashMap,
     fmt,
     sync::{Arc, LazyLock, Mutex},
@@ -12,21 +11,24 @@ use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
 
 use super::{
     conn::Conn,
-    limiter::{decision, push_buckets, Bucket},
-    BoxFuture, RedisKeyStore, RedisLimiter, Shared,
+    limiter::{push_buckets, Bucket},
+    BoxFuture, RedisKeyStore, Shared,
 };
 use crate::{
     credits::{
-        reserve_then_limit, Admission, AdmissionFuture, Balance, EntryKind, Expired, Hold,
-        JournalEntry, JournalQuery, Ledger, PlanChange, Promoted, Promotions, Reservation,
-        ReserveError, ReserveRequest, Settlement, TopUp, TopUpError, TopUpPromoter,
+        ledger::{
+            Balance, EntryKind, Expired, Hold, JournalEntry, JournalQuery, Reservation,
+            ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        },
+        promote::{PlanChange, Promoted, Promotions, TopUpPromoter},
+        Ledger, LedgerAdmin,
     },
-    ratelimit::{BucketKey, Charge, Correction, Decision, Limiter, Outcome, Subject},
+    ratelimit::{BucketKey, Subject},
     BackendError,
 };
 
 /// The largest balance the ledger keeps: Lua numbers are doubles, exact up to 2⁵³.
-pub const MAX_BALANCE: u64 = crate::credits::MAX_CREDITS;
+pub const MAX_BALANCE: u64 = crate::credits::ledger::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 
@@ -39,6 +41,7 @@ struct Scripts {
     top_up: Script,
     balance: Script,
     expire: Script,
+    extend: Script,
 }
 
 fn scripts(journal_limit: usize) -> &'static Scripts {
@@ -64,11 +67,12 @@ fn scripts(journal_limit: usize) -> &'static Scripts {
             top_up: script(include_str!("lua/top_up.lua")),
             balance: script(include_str!("lua/balance.lua")),
             expire: script(include_str!("lua/expire.lua")),
+            extend: script(include_str!("lua/extend.lua")),
         }))
     })
 }
 
-/// Holds settled per account and script call by [`Ledger::expire_holds`].
+/// Holds settled per account and script call by [`LedgerAdmin::expire_holds`].
 const EXPIRE_BATCH: u64 = 256;
 
 /// A [`Ledger`] in Redis, shared by every replica connected to the same server.
@@ -77,7 +81,7 @@ const EXPIRE_BATCH: u64 = 256;
 /// exact under any concurrency from any number of processes; the balance can never go below
 /// zero. Every script first settles the account's expired holds at their held amount, so a hold
 /// left by a replica that died is charged by whichever replica touches the account next (and by
-/// [`expire_holds`](Ledger::expire_holds)). The journal is a Redis stream per account, appended in
+/// [`expire_holds`](LedgerAdmin::expire_holds)). The journal is a Redis stream per account, appended in
 /// the same script as the movement; idempotency records live in the same script with a TTL.
 /// Time is the Redis server's (`TIME`), never a replica's clock.
 ///
@@ -87,7 +91,7 @@ const EXPIRE_BATCH: u64 = 256;
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 /// use tollgate::redis::RedisBackend;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -234,23 +238,17 @@ impl RedisLedger {
         });
     }
 
-    /// `limiter` as a [`RedisLimiter`] whose buckets can join this ledger's scripts for
-    /// `account`: one of the same backend, and every bucket in the account's `{acct:ID}` slot
-    /// (a script must stay in one slot on Redis Cluster).
-    fn fused<'a, R: Limiter>(
-        &self,
-        limiter: &'a R,
+    /// Whether `buckets` can join this ledger's scripts for `account`: every one is in the
+    /// account's `{acct:ID}` slot (a script must stay in one slot on Redis Cluster).
+    pub(super) fn in_slot<'a>(
         account: &str,
         mut buckets: impl Iterator<Item = &'a BucketKey>,
-    ) -> Option<&'a RedisLimiter> {
-        let redis = (limiter as &dyn Any).downcast_ref::<RedisLimiter>()?;
-        let in_slot =
-            |key: &BucketKey| matches!(key.subject(), Subject::Account(id) if **id == *account);
-        (redis.shares(&self.shared) && buckets.all(in_slot)).then_some(redis)
+    ) -> bool {
+        buckets.all(|key| matches!(key.subject(), Subject::Account(id) if **id == *account))
     }
 
     /// The reserve script, charging `buckets` (in the account's slot) with the hold.
-    fn reserve_charging(
+    pub(super) fn reserve_charging(
         &self,
         request: ReserveRequest,
         buckets: Vec<Bucket>,
@@ -263,6 +261,7 @@ impl RedisLedger {
         };
         let amount = request.amount;
         let ttl = self.hold_ttl_ms();
+        let hold_ttl = self.shared.options.hold_ttl;
         let window = millis(self.shared.options.idempotency_window);
         let request_arc = request.request_id.clone();
         let request_id = request.request_id.as_deref().unwrap_or("").to_owned();
@@ -311,7 +310,9 @@ impl RedisLedger {
             let limits = || reply.iter().skip(2).map(value_i64).collect::<Vec<i64>>();
             match reply.first().map(value_str).as_deref() {
                 Some("held") => Ok(Reserved::Held(
-                    Hold::new(id, account, amount, number(1)).with_request_id(request_arc),
+                    Hold::new(id, account, amount, number(1))
+                        .with_request_id(request_arc)
+                        .with_ttl(Some(hold_ttl)),
                     limits(),
                 )),
                 Some("insufficient") => Err(ReserveError::Insufficient {
@@ -364,7 +365,7 @@ impl RedisLedger {
 
     /// Close a hold and apply rate-limit corrections to `buckets` (in the account's slot), in
     /// one script.
-    fn close_correcting(
+    pub(super) fn close_correcting(
         &self,
         account: &str,
         id: u64,
@@ -409,10 +410,7 @@ impl Ledger for RedisLedger {
     type ReserveFuture = BoxFuture<Result<Reservation, ReserveError>>;
     type SettleFuture = BoxFuture<Result<Settlement, BackendError>>;
     type ReleaseFuture = BoxFuture<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
+    type ExtendFuture = BoxFuture<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         let call = self.reserve_charging(request, Vec::new());
@@ -427,79 +425,6 @@ impl Ledger for RedisLedger {
         })
     }
 
-    /// One script, one round trip, when `limiter` is a [`RedisLimiter`] of the same backend and
-    /// every bucket is the account's own (keyed by account, in its `{acct:ID}` slot); else the
-    /// two calls of [`reserve_then_limit`] (a per-key or global bucket lives in another slot,
-    /// and a script must stay in one on Redis Cluster).
-    fn reserve_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        charges: Vec<Charge>,
-        request: ReserveRequest,
-    ) -> AdmissionFuture {
-        let fused = self.fused(limiter, &request.account, charges.iter().map(|c| &c.key));
-        let Some(redis) = fused else {
-            return reserve_then_limit(self.clone(), limiter.clone(), charges, request);
-        };
-        let (buckets, meta) = redis.buckets(&charges);
-        let call = self.reserve_charging(request, buckets);
-        Box::pin(async move {
-            let decision = |limits: &[i64]| {
-                if meta.is_empty() || limits.is_empty() {
-                    // Nothing to charge, or the hold was already placed (a repeated id).
-                    return Ok(Decision::new(Outcome::Allowed));
-                }
-                decision(limits, &meta)
-            };
-            match call.await {
-                Ok(Reserved::Held(hold, limits)) => Admission::Admitted {
-                    decision: decision(&limits).unwrap_or_else(|error| {
-                        tracing::warn!(%error, "rate-limit status unreadable");
-                        Decision::new(Outcome::Allowed)
-                    }),
-                    reservation: Reservation::Held(hold),
-                },
-                Ok(Reserved::Replayed(limits)) => Admission::Admitted {
-                    decision: decision(&limits).unwrap_or(Decision::new(Outcome::Allowed)),
-                    reservation: Reservation::Replayed,
-                },
-                Ok(Reserved::Limited(limits)) => match decision(&limits) {
-                    Ok(decision) => Admission::Limited(decision),
-                    Err(error) => Admission::Refused(error.into()),
-                },
-                Err(error) => Admission::Refused(error),
-            }
-        })
-    }
-
-    /// One script when the corrections are on the account's own buckets of a [`RedisLimiter`]
-    /// of the same backend, as [`reserve_limited`](Ledger::reserve_limited).
-    fn settle_limited<R: Limiter>(
-        &self,
-        limiter: &R,
-        hold: &Hold,
-        actual: u64,
-        corrections: &[Correction],
-    ) -> Self::SettleFuture {
-        let fused = self.fused(limiter, hold.account(), corrections.iter().map(|c| &c.key));
-        match fused {
-            Some(redis) => self.close_correcting(
-                hold.account(),
-                hold.id(),
-                "settle",
-                actual,
-                false,
-                Corrections::Always(redis.corrections(corrections)),
-            ),
-            None => {
-                if !corrections.is_empty() {
-                    crate::ratelimit::drive_settlement(limiter.settle(corrections));
-                }
-                self.settle(hold, actual)
-            }
-        }
-    }
-
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.close(hold.account(), hold.id(), "settle", actual, false)
     }
@@ -507,6 +432,30 @@ impl Ledger for RedisLedger {
     fn release(&self, hold: &Hold) -> Self::ReleaseFuture {
         self.close(hold.account(), hold.id(), "release", 0, false)
     }
+
+    /// One small script: the hold's expiry moves to the hold TTL from now (Redis's clock).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        let key = self.account_key(hold.account());
+        let (id, ttl) = (hold.id(), self.hold_ttl_ms());
+        let scripts = self.scripts();
+        let call = self.conn().call("extend", move |mut conn| async move {
+            let mut invocation = scripts.extend.prepare_invoke();
+            invocation.key(key).arg(id).arg(ttl);
+            invocation.invoke_async::<i64>(&mut conn).await
+        });
+        Box::pin(async move { Ok(call.await? == 1) })
+    }
+
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+impl LedgerAdmin for RedisLedger {
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = BoxFuture<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = BoxFuture<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         let call = self.top_up_promoting(account, amount, idempotency_key, None);
@@ -617,14 +566,14 @@ fn hold_id() -> u64 {
 
 /// What the reserve script did: the hold placed or the replay, with the limits charged, or the
 /// limits refused; each with the limits' GCRA answer (empty without limits).
-enum Reserved {
+pub(super) enum Reserved {
     Held(Hold, Vec<i64>),
     Replayed(Vec<i64>),
     Limited(Vec<i64>),
 }
 
 /// Rate-limit corrections made by the close script.
-enum Corrections {
+pub(super) enum Corrections {
     None,
     /// Whether or not the hold was still open (tokens reported by a response).
     Always(Vec<Bucket>),
@@ -707,7 +656,7 @@ fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
 /// # Example
 ///
 /// ```no_run
-/// use tollgate::credits::{Promotions, TopUpPromoter};
+/// use tollgate::credits::{promote::{Promotions, TopUpPromoter}};
 /// use tollgate::redis::{RedisBackend, RedisPromoter};
 ///
 /// # #[tokio::main(flavor = "current_thread")]

@@ -103,11 +103,6 @@ impl RedisLimiter {
         (String::new(), String::new())
     }
 
-    /// Whether this limiter keeps its buckets on `shared` (the same backend as a ledger).
-    pub(super) fn shares(&self, shared: &Arc<Shared>) -> bool {
-        Arc::ptr_eq(&self.shared, shared)
-    }
-
     /// The script's buckets for `charges`, and what is needed to read its answer.
     pub(super) fn buckets(&self, charges: &[Charge]) -> (Vec<Bucket>, Vec<Meta>) {
         let buckets = charges

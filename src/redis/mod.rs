@@ -52,11 +52,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::BackendError;
 
+mod admission;
 mod conn;
 mod keystore;
 mod ledger;
 mod limiter;
 
+pub use admission::RedisAdmission;
 pub use keystore::RedisKeyStore;
 pub use ledger::{RedisLedger, RedisPromoter, MAX_BALANCE};
 pub use limiter::RedisLimiter;
@@ -103,8 +105,8 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_millis(500),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
-            hold_ttl: crate::credits::DEFAULT_HOLD_TTL,
-            idempotency_window: crate::credits::DEFAULT_IDEMPOTENCY_WINDOW,
+            hold_ttl: crate::credits::defaults::DEFAULT_HOLD_TTL,
+            idempotency_window: crate::credits::defaults::DEFAULT_IDEMPOTENCY_WINDOW,
             key_cache_ttl: Duration::from_secs(5),
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
@@ -157,8 +159,10 @@ impl RedisOptions {
         self
     }
 
-    /// How long a hold may stay open before it is settled at its held amount. Make it longer
-    /// than your longest response stream.
+    /// How long a hold may stay **idle** before it is settled at its held amount: from the
+    /// reserve, and from each [`extend`](crate::credits::Ledger::extend), which a streaming
+    /// response makes while its frames flow (so a stream longer than this is settled at its
+    /// usage; only a response idle this long is charged its hold).
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self
@@ -170,7 +174,7 @@ impl RedisOptions {
     }
 
     /// Keep only the latest `entries` journal entries per account (0, the default: all of
-    /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::MemoryLedgerBuilder::journal_limit)
+    /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::ledger::MemoryLedgerBuilder::journal_limit)
     /// does: the stream is trimmed in the same script that appends to it, so Redis memory per
     /// account stays flat (about 110 bytes an entry, two entries per billed request). Balances
     /// never depend on the journal: trimming changes none.
@@ -284,6 +288,14 @@ impl RedisBackend {
     /// The credit ledger.
     pub fn ledger(&self) -> RedisLedger {
         RedisLedger::new(Arc::clone(&self.shared))
+    }
+
+    /// The rate limits and the credit hold of a request in one script, one round trip (and the
+    /// settlement with the token correction in one more), for
+    /// [`CreditsLayer::rate_limit_with`](crate::credits::CreditsLayer::rate_limit_with): this
+    /// backend's [`limiter`](Self::limiter) and [`ledger`](Self::ledger) together.
+    pub fn admission(&self) -> RedisAdmission {
+        RedisAdmission::new(self.ledger(), self.limiter())
     }
 
     /// The key store, with its local cache and its invalidation listener (a task on the current

@@ -23,9 +23,12 @@ use super::{
 };
 use crate::{
     credits::{
+        ledger::{
+            Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery,
+            Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        },
         memory::{Movement, RestoredAccount, RestoredHold, RestoredKey, Sink},
-        Balance, EntryKind, Expired, Fingerprint, Hold, JournalEntry, JournalQuery, Ledger,
-        MemoryLedger, Reservation, ReserveError, ReserveRequest, Settlement, TopUp, TopUpError,
+        Ledger, LedgerAdmin, MemoryLedger,
     },
     BackendError,
 };
@@ -44,7 +47,7 @@ const ROWS_PER_INSERT: usize = 512;
 /// Every decision (does the hold fit? was this key used?) is taken in memory, by the same code
 /// as [`MemoryLedger`]'s, so its answers are the memory ledger's; each movement then goes, in
 /// order, to a writer task that commits them in groups (one transaction, one fsync per group).
-/// [`top_up`](Ledger::top_up) waits for its group to be committed; reserve, settle and release
+/// [`top_up`](LedgerAdmin::top_up) waits for its group to be committed; reserve, settle and release
 /// answer at once and are durable within [`DURABILITY_WINDOW`](super::DURABILITY_WINDOW).
 /// Balances are read from memory; the journal from the file (after the writer caught up).
 ///
@@ -53,7 +56,7 @@ const ROWS_PER_INSERT: usize = 512;
 /// # Example
 ///
 /// ```
-/// use tollgate::credits::{Ledger, ReserveRequest};
+/// use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 /// use tollgate::sqlite::SqliteBackend;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -293,10 +296,7 @@ impl Ledger for SqliteLedger {
     type ReserveFuture = Ready<Result<Reservation, ReserveError>>;
     type SettleFuture = Ready<Result<Settlement, BackendError>>;
     type ReleaseFuture = Ready<Result<Settlement, BackendError>>;
-    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
-    type BalanceFuture = Ready<Result<Balance, BackendError>>;
-    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
-    type ExpireFuture = Ready<Result<Expired, BackendError>>;
+    type ExtendFuture = Ready<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
         if let Err(e) = self.queue.status.check() {
@@ -318,6 +318,23 @@ impl Ledger for SqliteLedger {
         }
         self.memory.release(hold)
     }
+
+    /// In memory only: a hold's expiry lives in the process (the file keeps the one it was
+    /// placed with, which is what a restart, with every stream gone, expires it by).
+    fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
+        self.memory.extend(hold)
+    }
+
+    fn now(&self) -> SystemTime {
+        self.memory.now()
+    }
+}
+
+impl LedgerAdmin for SqliteLedger {
+    type TopUpFuture = BoxFuture<Result<TopUp, TopUpError>>;
+    type BalanceFuture = Ready<Result<Balance, BackendError>>;
+    type JournalFuture = BoxFuture<Result<Vec<JournalEntry>, BackendError>>;
+    type ExpireFuture = Ready<Result<Expired, BackendError>>;
 
     fn top_up(&self, account: &str, amount: u64, idempotency_key: &str) -> Self::TopUpFuture {
         if let Err(e) = self.queue.status.check() {

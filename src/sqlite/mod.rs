@@ -38,7 +38,7 @@
 //! # Example
 //!
 //! ```
-//! use tollgate::credits::{Ledger, ReserveRequest};
+//! use tollgate::credits::{ledger::ReserveRequest, Ledger, LedgerAdmin};
 //! use tollgate::sqlite::SqliteBackend;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -78,7 +78,10 @@ pub use keystore::SqliteKeyStore;
 pub use ledger::{Durability, SqliteLedger};
 pub use schema::SCHEMA_VERSION;
 
-use crate::credits::{Clock, SystemClock, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW};
+use crate::credits::{
+    defaults::{DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW},
+    ledger::{Clock, SystemClock},
+};
 
 /// The bound within which a hold or a settlement is durable: 50 ms.
 pub const DURABILITY_WINDOW: Duration = Duration::from_millis(50);
@@ -234,10 +237,11 @@ impl SqliteOptions {
         }
     }
 
-    /// How long a hold may stay open before [`Ledger::expire_holds`] settles it at its held
-    /// amount.
+    /// How long a hold may stay **idle** before [`LedgerAdmin::expire_holds`] settles it at its
+    /// held amount: from the reserve, and from each [`extend`](crate::credits::Ledger::extend),
+    /// which a streaming response makes while its frames flow.
     ///
-    /// [`Ledger::expire_holds`]: crate::credits::Ledger::expire_holds
+    /// [`LedgerAdmin::expire_holds`]: crate::credits::LedgerAdmin::expire_holds
     pub fn hold_ttl(mut self, ttl: Duration) -> Self {
         self.hold_ttl = ttl;
         self

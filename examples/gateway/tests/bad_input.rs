@@ -713,7 +713,7 @@ async fn raw_bytes_over_a_socket_are_4xx_and_the_server_survives() {
 #[tokio::test]
 async fn credits_refuse_an_unreadable_body_they_would_have_to_price() {
     use tollgate::{
-        credits::{CreditsLayer, Ledger, MemoryLedger, Price, Pricing},
+        credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Price, Pricing},
         Caller,
     };
     let ledger = MemoryLedger::new();

@@ -467,7 +467,7 @@ async fn a_client_that_disconnects_mid_stream_is_charged_the_hold_once() {
 async fn a_timeout_inside_credits_releases_the_hold_on_the_paused_clock() {
     use axum::body::Body;
     use tollgate::{
-        credits::{CreditsLayer, Ledger, MemoryLedger, Pricing},
+        credits::{CreditsLayer, LedgerAdmin, MemoryLedger, Pricing},
         format::Format,
         normalize::NormalizeLayer,
         Caller,

@@ -305,7 +305,10 @@ async fn the_gateway_fails_closed_while_postgres_is_down_and_recovers() {
 async fn holds_of_a_replica_killed_mid_call_expire_at_their_held_amount() {
     use std::io::{BufRead, BufReader};
     use tollgate::{
-        credits::{EntryKind, JournalQuery, Ledger},
+        credits::{
+            ledger::{EntryKind, JournalQuery},
+            LedgerAdmin,
+        },
         postgres::{PostgresBackend, PostgresOptions},
     };
 

@@ -481,7 +481,7 @@ fn unusable_storage_stops_startup_with_exit_code_2() {
     let db = dir.join("books.db");
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let backend = tollgate::sqlite::SqliteBackend::open(&db).await.unwrap();
-        tollgate::credits::Ledger::top_up(&backend.ledger(), "acct_1", 5, "invoice-1")
+        tollgate::credits::LedgerAdmin::top_up(&backend.ledger(), "acct_1", 5, "invoice-1")
             .await
             .unwrap();
         backend.close().await.unwrap();
