@@ -182,7 +182,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books"
+        "1:books\n3:extend"
     );
 
     // Another schema on the same database keeps books of its own.
