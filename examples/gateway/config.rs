@@ -1009,7 +1009,8 @@ impl GatewayConfig {
     /// [`NormalizeLayer::catalog`](tollgate::normalize::NormalizeLayer::catalog).
     ///
     /// ```
-    /// use tollgate::{config::GatewayConfig, Reason};
+    /// use tollgate::Reason;
+    /// use tollgate_gateway::config::GatewayConfig;
     ///
     /// let config = GatewayConfig::from_toml("[errors.insufficient_quota]\nstatus = 402\ncode = 402\n").unwrap();
     /// let catalog = config.error_catalog();
