@@ -107,6 +107,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// The whole body of a request within this, from the end of its headers.
     pub body_read_timeout: Duration,
+    /// How long a graceful shutdown waits for in-flight requests before closing their
+    /// connections.
+    pub shutdown_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
     /// The header section's size (the request target plus name + value + 32 per field).
@@ -134,6 +137,7 @@ impl Gateway {
         let limits = Limits {
             header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+            shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
             max_connections: connection_cap(config.server.max_connections)?,
             max_header_bytes: config.server.max_header_bytes,
             max_headers: config.server.max_headers,
@@ -300,7 +304,8 @@ fn open_file_limit() -> Option<usize> {
 /// within `header_read_timeout` (a connection that has not sent a whole one by then is closed,
 /// kept-alive ones included), hyper's own header limits at twice the documented ones (the
 /// documented ones are answered in format by `guard`). On `shutdown`: stop accepting, let every
-/// connection finish its in-flight requests, then return.
+/// connection finish its in-flight requests for at most `shutdown_timeout`, close those still
+/// open past it (their metered bodies settle as on a client disconnect), then return.
 pub async fn serve(
     app: Router,
     listener: tokio::net::TcpListener,
@@ -332,6 +337,8 @@ pub async fn serve(
         .min(u32::MAX as usize);
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Past `shutdown_timeout`, the connections still open are closed.
+    let (force, forced) = tokio::sync::watch::channel(false);
     let waiting = Waiting::default();
     let shutdown = shutdown;
     tokio::pin!(shutdown);
@@ -362,7 +369,12 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (app, builder, mut stopped) = (app.clone(), builder.clone(), stopped.clone());
+        let (app, builder, mut stopped, mut forced) = (
+            app.clone(),
+            builder.clone(),
+            stopped.clone(),
+            forced.clone(),
+        );
         let header_read_timeout = limits.header_read_timeout;
         let state = waiting.push();
         tokio::spawn(async move {
@@ -411,6 +423,12 @@ pub async fn serve(
                         stopping = true;
                         connection.as_mut().graceful_shutdown();
                     }
+                    // Dropping the connection drops its in-flight responses: a metered body
+                    // settles as on any client disconnect.
+                    _ = forced.wait_for(|force| *force) => {
+                        tracing::debug!(peer = %peer, "still open at the shutdown timeout: closed");
+                        break;
+                    }
                 }
             }
         });
@@ -418,7 +436,20 @@ pub async fn serve(
     drop(listener);
     let _ = stop.send(true);
     // Every connection has ended when every permit is back.
-    let _ = permits.acquire_many(cap as u32).await;
+    let all_ended = permits.acquire_many(cap as u32);
+    if tokio::time::timeout(limits.shutdown_timeout, all_ended)
+        .await
+        .is_err()
+    {
+        let open = cap - permits.available_permits();
+        tracing::warn!(
+            open,
+            timeout = ?limits.shutdown_timeout,
+            "connections still open at the shutdown timeout: closing them"
+        );
+        let _ = force.send(true);
+        let _ = permits.acquire_many(cap as u32).await;
+    }
     Ok(())
 }
 

@@ -188,6 +188,12 @@ pub struct ServerConfig {
     /// the request is a 408 and the connection is closed. Default 30.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout_secs: u64,
+    /// Seconds a graceful shutdown (SIGTERM, Ctrl-C) waits for in-flight requests and streams
+    /// to end. Past it the connections still open are closed: each cut stream is settled at
+    /// once like any client disconnect, and the process exits after the settlements (at most
+    /// 10 s more). Default 30 (Kubernetes' termination grace period); 0 cuts at once.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
     /// The most client connections served at once; more wait in the listen backlog. Default:
     /// half the open-file limit less 64 (a proxied connection can hold an upstream socket too).
     #[serde(default)]
@@ -221,6 +227,7 @@ impl Default for ServerConfig {
             journal_limit: default_journal_limit(),
             header_read_timeout_secs: default_header_read_timeout(),
             body_read_timeout_secs: default_body_read_timeout(),
+            shutdown_timeout_secs: default_shutdown_timeout(),
             max_connections: None,
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
@@ -233,6 +240,9 @@ fn default_header_read_timeout() -> u64 {
     10
 }
 fn default_body_read_timeout() -> u64 {
+    30
+}
+fn default_shutdown_timeout() -> u64 {
     30
 }
 fn default_max_header_bytes() -> usize {
