@@ -12,6 +12,7 @@ use crate::{Reason, Rejection};
 pub struct BackendError {
     message: String,
     retry_after: Duration,
+    unsent: bool,
 }
 
 impl BackendError {
@@ -20,7 +21,31 @@ impl BackendError {
         BackendError {
             message: message.into(),
             retry_after: Duration::from_secs(1),
+            unsent: false,
         }
+    }
+
+    /// Marks the call as never sent (a circuit breaker refused it, no connection could be had):
+    /// nothing it asked for can have happened, so there is nothing to undo.
+    ///
+    /// ```
+    /// use tollgate::BackendError;
+    ///
+    /// let refused = BackendError::new("circuit open").unsent();
+    /// assert!(!refused.may_have_applied());
+    /// assert!(BackendError::new("no answer within 500ms").may_have_applied());
+    /// ```
+    #[must_use]
+    pub fn unsent(mut self) -> Self {
+        self.unsent = true;
+        self
+    }
+
+    /// Whether the call may have reached the store and taken effect (its answer was lost):
+    /// `true` unless it is known never to have been sent. A reserve that may have applied is
+    /// released in the background.
+    pub fn may_have_applied(&self) -> bool {
+        !self.unsent
     }
 
     /// When a retry may succeed (default one second).

@@ -1150,3 +1150,43 @@ async fn the_journal_is_trimmed_to_its_limit_and_balances_do_not_change() {
         .unwrap();
     assert_eq!(len, 10);
 }
+
+/// A reserve the open circuit breaker refuses never went out: nothing is left running to undo
+/// it (no background release per refused request, which an outage under load would pile up by
+/// the thousand and replay at Redis as it comes back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserves_the_open_breaker_refuses_leave_nothing_to_undo() {
+    let mut server = RedisServer::start();
+    let backend = replica(
+        &server,
+        RedisOptions::new()
+            .response_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200))
+            .circuit_breaker(3, Duration::from_secs(60)),
+    )
+    .await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 100, "t-1").await.unwrap();
+    server.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backend.is_degraded() {
+        assert!(ledger.balance("acct_1").await.is_err());
+        assert!(Instant::now() < deadline, "the breaker never opened");
+    }
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    for _ in 0..50 {
+        match ledger.reserve(ReserveRequest::new("acct_1", 1)).await {
+            Err(ReserveError::Backend(error)) => {
+                assert!(!error.may_have_applied(), "{error}");
+                assert!(error.message().contains("circuit open"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let after = metrics.num_alive_tasks();
+    assert!(
+        after < before + 5,
+        "{before} tasks before, {after} after 50 refused reserves"
+    );
+}

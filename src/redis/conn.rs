@@ -51,6 +51,7 @@ impl Conn {
             let permit = breaker.permit().map_err(|retry_after| {
                 BackendError::new(format!("redis {what}: circuit open"))
                     .with_retry_after(retry_after)
+                    .unsent()
             })?;
             match tokio::time::timeout(timeout, f(manager)).await {
                 Ok(Ok(value)) => {

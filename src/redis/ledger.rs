@@ -300,8 +300,11 @@ impl RedisLedger {
             let reply = match call.await {
                 Ok(reply) => reply,
                 Err(error) => {
-                    // The script may have run: make sure the hold does not stay.
-                    ledger.compensate(account, id, refunds);
+                    // The script may have run: make sure the hold does not stay. A call the
+                    // breaker refused never went out: nothing to release.
+                    if error.may_have_applied() {
+                        ledger.compensate(account, id, refunds);
+                    }
                     return Err(error.into());
                 }
             };
