@@ -10,6 +10,8 @@ mod binary;
 #[cfg(feature = "postgres")]
 #[path = "../../../tests/support/pg_server.rs"]
 mod pg_server;
+#[path = "support/process.rs"]
+mod process;
 #[cfg(feature = "redis")]
 #[path = "../../../tests/support/redis_server.rs"]
 mod redis_server;
@@ -18,10 +20,8 @@ mod temp_dir;
 
 use std::{
     convert::Infallible,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -31,6 +31,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use process::Process;
 use serde_json::{json, Value};
 use temp_dir::TempDir;
 
@@ -132,73 +133,6 @@ async fn slow_upstream(interval: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, started)
 }
 
-/// The gateway binary serving `config` from `dir`; its stdout lines after the first go to
-/// `lines`.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Gateway {
-    fn start(dir: &Path, config: &str) -> Gateway {
-        std::fs::write(dir.join("gateway.toml"), config).unwrap();
-        let mut child = Command::new(binary::example_binary())
-            .current_dir(dir)
-            .args(["--config", "gateway.toml"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = stdout.next().unwrap().unwrap();
-        let addr = first
-            .strip_prefix("tollgate gateway listening on http://")
-            .unwrap_or_else(|| panic!("{first}"))
-            .parse()
-            .unwrap();
-        let (send, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.map_while(Result::ok) {
-                let _ = send.send(line);
-            }
-        });
-        Gateway { child, addr, lines }
-    }
-
-    /// SIGTERM, then the exit status and whether it said it stopped.
-    async fn terminate(mut self) -> (std::process::ExitStatus, bool) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        // The reader thread has seen every line once stdout closes with the process.
-        let stopped = self
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .into_iter()
-            .chain(self.lines.iter())
-            .any(|line| line == "tollgate gateway stopped");
-        (status, stopped)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     http_body_util::Full<Bytes>,
@@ -252,7 +186,7 @@ async fn open_stream(addr: SocketAddr) -> tokio::task::JoinHandle<String> {
 /// asserts `balance = Σ top-ups − Σ charges`, nothing held, every hold closed once and none
 /// expired. Returns the settlements' amounts.
 async fn settled_books(dir: &Path, config: &str) -> Vec<u64> {
-    let reader = Gateway::start(dir, config);
+    let reader = Process::start(dir, config);
     let account = get(reader.addr, "/admin/accounts/acct_s").await;
     let journal = get(reader.addr, "/admin/accounts/acct_s/journal?limit=1000").await;
     let entries = journal["entries"].as_array().unwrap();
@@ -280,7 +214,7 @@ async fn settled_books(dir: &Path, config: &str) -> Vec<u64> {
 async fn streams_in_flight_finish_and_settle(dir: &Path, backend: &str) {
     let (upstream, started) = slow_upstream(Duration::from_millis(50)).await;
     let config = config(backend, upstream, 30);
-    let gateway = Gateway::start(dir, &config);
+    let gateway = Process::start(dir, &config);
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
         streams.push(open_stream(gateway.addr).await);
@@ -303,7 +237,7 @@ async fn streams_past_the_shutdown_timeout_are_cut_and_settled(dir: &Path, backe
     // 20 chunks at 2 s each: far longer than the 1 s shutdown timeout.
     let (upstream, _) = slow_upstream(Duration::from_secs(2)).await;
     let config = config(backend, upstream, 1);
-    let gateway = Gateway::start(dir, &config);
+    let gateway = Process::start(dir, &config);
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
         streams.push(open_stream(gateway.addr).await);

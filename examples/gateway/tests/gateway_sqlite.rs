@@ -5,6 +5,8 @@
 
 #[path = "support/binary.rs"]
 mod binary;
+#[path = "support/process.rs"]
+mod process;
 #[path = "../../../tests/support/temp_dir.rs"]
 mod temp_dir;
 
@@ -12,7 +14,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -20,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use process::Process;
 use serde_json::{json, Value};
 use temp_dir::TempDir;
 
@@ -59,49 +62,6 @@ id = "key_config"
 account = "acct_1"
 key = "sk-test-sqlite-0000000000000"
 "#;
-
-/// A gateway process serving from `dir`.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    fn start(dir: &Path) -> Gateway {
-        std::fs::write(dir.join("gateway.toml"), CONFIG).unwrap();
-        let mut child = Command::new(binary::example_binary())
-            .current_dir(dir)
-            .args(["--config", "gateway.toml"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let addr = first
-            .strip_prefix("tollgate gateway listening on http://")
-            .unwrap_or_else(|| panic!("{first}"))
-            .parse()
-            .unwrap();
-        // Keep reading so that the pipe never fills.
-        std::thread::spawn(move || for _ in lines {});
-        Gateway { child, addr }
-    }
-
-    /// `kill -9`: no shutdown, no last group commit.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Clone)]
 struct Http {
@@ -236,7 +196,7 @@ async fn assert_books(http: &Http, account: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_load_then_restart_keeps_the_books_exact() {
     let dir = TempDir::new("gateway-sqlite-kill");
-    let gateway = Gateway::start(dir.path());
+    let gateway = Process::start(dir.path(), CONFIG);
     let http = Http::new(gateway.addr);
 
     // Admin changes: durable before their 2xx.
@@ -340,7 +300,7 @@ async fn kill_9_mid_load_then_restart_keeps_the_books_exact() {
     assert!(!acknowledged.is_empty());
 
     // Restart on the same file.
-    let gateway = Gateway::start(dir.path());
+    let gateway = Process::start(dir.path(), CONFIG);
     let http = Http::new(gateway.addr);
     let journal = assert_books(&http, "acct_1").await;
     let (_, account) = http
