@@ -905,6 +905,57 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
     assert!(decision.is_allowed(), "the cell was not given back");
 }
 
+/// A reserve that got no connection (the pool busy past its acquire timeout) never reached the
+/// server: its error says so, and nothing is left to undo (no compensation in the background, no
+/// fence, no journal row), however many are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserves_refused_for_want_of_a_connection_leave_nothing_to_undo() {
+    let server = PgServer::shared();
+    let schema = PgServer::schema("no_connection");
+    let backend = replica(
+        server,
+        PostgresOptions::new()
+            .schema(&schema)
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(100))
+            .statement_timeout(Duration::from_secs(5)),
+    )
+    .await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 100, "t-1").await.unwrap();
+
+    let busy = backend.pool().acquire().await.unwrap();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    for _ in 0..20 {
+        match ledger.reserve(ReserveRequest::new("acct_1", 1)).await {
+            Err(ReserveError::Backend(error)) => {
+                assert!(!error.may_have_applied(), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let after = metrics.num_alive_tasks();
+    assert!(
+        after < before + 3,
+        "{before} tasks before, {after} after 20 refused reserves"
+    );
+    drop(busy);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
+    let kinds: Vec<EntryKind> = journal.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EntryKind::TopUp]);
+    assert_eq!(
+        server.psql(&format!(
+            "SELECT count(*) /* verify */ FROM \"{schema}\".fenced_holds"
+        )),
+        "0"
+    );
+    let balance = patiently(|| ledger.balance("acct_1")).await;
+    assert_eq!((balance.balance, balance.held), (100, 0));
+}
+
 /// PostgreSQL stopped mid-load: credits fail closed at once (no request waits past its
 /// deadline), rate limits as configured, recovery is automatic, nothing is charged twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

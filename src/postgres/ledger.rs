@@ -257,8 +257,11 @@ impl PostgresLedger {
             let row = match answer {
                 Ok(row) => row,
                 Err(error) => {
-                    // The statement may have committed: make sure the hold does not stay.
-                    ledger.compensate(account, id, refunds);
+                    // The statement may have committed: make sure the hold does not stay. One
+                    // that never got a connection placed nothing: nothing to undo.
+                    if error.may_have_applied() {
+                        ledger.compensate(account, id, refunds);
+                    }
                     return Err(error.into());
                 }
             };

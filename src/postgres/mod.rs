@@ -291,13 +291,15 @@ impl Shared {
                             tracing::debug!(%error, what, "postgres connection lost: trying again");
                             attempt += 1;
                         }
-                        result => return result,
+                        result => return result.map_err(|error| (error, attempt)),
                     }
                 }
             };
             match tokio::time::timeout(deadline, run).await {
                 Ok(Ok(value)) => Ok(value),
-                Ok(Err(error)) => Err(backend_error(what, &error)),
+                // An earlier attempt failed on its connection: it may have been applied.
+                Ok(Err((error, 0))) => Err(backend_error(what, &error)),
+                Ok(Err((error, _))) => Err(BackendError::new(format!("postgres {what}: {error}"))),
                 Err(_) => Err(BackendError::new(format!(
                     "postgres {what}: no answer within {deadline:?}"
                 ))),
@@ -320,9 +322,15 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
 
 use sqlx::SqlSafeStr as _;
 
-/// A sqlx error as a [`BackendError`] (its text goes to the log only).
+/// A sqlx error as a [`BackendError`] (its text goes to the log only). A call that got no
+/// connection from the pool (every one busy past the acquire timeout, or the pool closed) never
+/// reached the server: it is [`unsent`](BackendError::unsent), so nothing has to be undone.
 fn backend_error(what: &str, error: &sqlx::Error) -> BackendError {
-    BackendError::new(format!("postgres {what}: {error}"))
+    let made = BackendError::new(format!("postgres {what}: {error}"));
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => made.unsent(),
+        _ => made,
+    }
 }
 
 /// A connection to the PostgreSQL database every replica shares, and the stores built on it.
