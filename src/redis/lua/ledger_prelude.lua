@@ -176,13 +176,13 @@ local function expire_due(S, now, max)
 end
 
 -- The account's state and the values of `extra` fields of P, in one HMGET; expired holds are
--- settled first (when `due` is reached).
-local function load(extra)
+-- settled first (when `due` is reached), unless `keep_due`.
+local function load(extra, keep_due)
   local fields = { unpack(STATE) }
   for j = 1, #extra do fields[6 + j] = extra[j] end
   local v = redis.call('HMGET', P, unpack(fields))
   local S = parse_state(v)
-  if S.due and S.due <= NOW then
+  if not keep_due and S.due and S.due <= NOW then
     expire_due(S, NOW, 64)
     flush(S)
     v = redis.call('HMGET', P, unpack(fields))
