@@ -162,7 +162,8 @@ impl RedisLedger {
             invocation
                 .key(key)
                 .arg(query.after.map_or(String::new(), |after| after.to_string()))
-                .arg(if query.limit == usize::MAX {
+                // 0: all (a limit past any list Redis can hold is all of it).
+                .arg(if query.limit > u32::MAX as usize {
                     0
                 } else {
                     query.limit

@@ -11,4 +11,4 @@ end
 local limit = tonumber(ARGV[2])
 local stop = -1
 if limit > 0 then stop = start + limit - 1 end
-return redis.call('LRANGE', KEYS[1], start, stop)
+return redis.call('LRANGE', KEYS[1], string.format('%d', start), string.format('%d', stop))
