@@ -182,7 +182,7 @@ impl RedisOptions {
     /// Keep only the latest `entries` journal entries per account (0, the default: all of
     /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::ledger::MemoryLedgerBuilder::journal_limit)
     /// does: the list is trimmed in the same script that appends to it, so Redis memory per
-    /// account stays flat (about 110 bytes an entry, two entries per billed request). Balances
+    /// account stays flat (about 120 bytes an entry, two entries per billed request). Balances
     /// never depend on the journal: trimming changes none.
     ///
     /// ```
