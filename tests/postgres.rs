@@ -161,8 +161,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 2,
-        "one replica applies migrations 1 and 3, the others see them"
+        applied, 3,
+        "one replica applies migrations 1, 3 and 5, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -176,13 +176,13 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
     assert_eq!(
         tables,
         "accounts,api_keys,balances,fenced_holds,holds,idempotency_keys,journal,plans,\
-         rate_buckets,schema_migrations,top_ups"
+         rate_buckets,redis_journal,schema_migrations,top_ups"
     );
     assert_eq!(
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend"
+        "1:books\n3:extend\n5:redis_journal"
     );
 
     // Another schema on the same database keeps books of its own.

@@ -1111,7 +1111,7 @@ async fn callers_that_give_up_neither_open_the_breaker_nor_leave_holds() {
     assert_eq!(count(EntryKind::Settle), 1);
 }
 
-/// `journal_limit`: the stream keeps the latest entries only (Redis memory per account stays
+/// `journal_limit`: the list keeps the latest entries only (Redis memory per account stays
 /// flat under load), and no balance changes.
 #[tokio::test]
 async fn the_journal_is_trimmed_to_its_limit_and_balances_do_not_change() {
@@ -1140,11 +1140,11 @@ async fn the_journal_is_trimmed_to_its_limit_and_balances_do_not_change() {
     assert_eq!(journal.last().unwrap().balance_after, 900);
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held), (900, 0));
-    // The stream itself holds ten entries.
+    // The list itself holds ten entries.
     let client = ::redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let len: u64 = ::redis::cmd("XLEN")
-        .arg("tollgate:{acct:acct_1}:journal")
+    let len: u64 = ::redis::cmd("LLEN")
+        .arg("tollgate:{acct:acct_1}:log")
         .query_async(&mut conn)
         .await
         .unwrap();

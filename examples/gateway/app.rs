@@ -659,7 +659,8 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
     use crate::config::FailMode;
     use tollgate::redis;
     let url = config.backend.url.as_deref().unwrap_or_default();
-    let options = redis::RedisOptions::new()
+    #[allow(unused_mut)]
+    let mut options = redis::RedisOptions::new()
         .hold_ttl(Duration::from_secs(config.server.hold_ttl_secs))
         // Bounded Redis memory: the latest entries of each account's journal, as in memory.
         .journal_limit(config.server.journal_limit)
@@ -667,6 +668,27 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
             FailMode::Open => redis::FailMode::Open,
             FailMode::Closed => redis::FailMode::Closed,
         });
+    if let Some(record) = &config.backend.record {
+        #[cfg(feature = "postgres")]
+        {
+            // The record's pool; its migrations are applied by the backend's drain task.
+            let pg = tollgate::postgres::PostgresBackend::connect(record)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "backend.record: cannot connect to PostgreSQL: {}",
+                        e.message()
+                    )
+                })?;
+            let schema = config.backend.schema.as_deref().unwrap_or("tollgate");
+            options = options.record(pg.pool().clone(), schema);
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = record;
+            return Err("backend.record needs the `postgres` feature too: cargo run --release -p tollgate-gateway --features redis,postgres -- ...".into());
+        }
+    }
     let backend = redis::RedisBackend::connect_with(url, options)
         .await
         .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?;

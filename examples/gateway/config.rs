@@ -322,6 +322,12 @@ pub struct BackendConfig {
     /// With PostgreSQL: the schema of the tables (default `tollgate`), created and migrated at
     /// startup.
     pub schema: Option<String>,
+    /// With Redis: the durable record of the journal, a PostgreSQL URL (needs the `postgres`
+    /// feature too). Every second the journal entries are moved from Redis into the table
+    /// `redis_journal` of `schema` (default `tollgate`), exactly once; `[server]
+    /// journal_limit` never trims an entry not recorded yet, and the admin journal reads the
+    /// record. None (default): Redis keeps only the latest `journal_limit` entries.
+    pub record: Option<String>,
     /// With Redis: refuse (`closed`) or allow (`open`, default) requests when the rate limiter's
     /// store is unreachable. Credits always fail closed.
     #[serde(default)]
@@ -937,11 +943,20 @@ impl GatewayConfig {
                     .into(),
             });
         }
+        if self.backend.record.is_some() && self.backend.kind != BackendKind::Redis {
+            return Err(ConfigError {
+                line: None,
+                message: "backend.record: only with `kind = \"redis\"` (the durable record of its journal)".into(),
+            });
+        }
         if let Some(schema) = &self.backend.schema {
-            if self.backend.kind != BackendKind::Postgres {
+            let recorded = self.backend.kind == BackendKind::Redis && self.backend.record.is_some();
+            if self.backend.kind != BackendKind::Postgres && !recorded {
                 return Err(ConfigError {
                     line: None,
-                    message: "backend.schema: only with `kind = \"postgres\"`".into(),
+                    message:
+                        "backend.schema: only with `kind = \"postgres\"` (or a Redis `record`)"
+                            .into(),
                 });
             }
             let valid = !schema.is_empty()

@@ -72,6 +72,11 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "books", include_str!("migrations/0001_books.sql")),
     (3, "extend", include_str!("migrations/0003_extend.sql")),
+    (
+        5,
+        "redis_journal",
+        include_str!("migrations/0005_redis_journal.sql"),
+    ),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].

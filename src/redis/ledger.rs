@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use redis::{streams::StreamRangeReply, AsyncCommands, Script, Value};
+use redis::{AsyncCommands, Script, Value};
 
 use super::{
     conn::Conn,
@@ -32,9 +32,9 @@ pub const MAX_BALANCE: u64 = crate::credits::ledger::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 
-/// The ledger's scripts for one per-account journal limit (0: unbounded), made once per limit
-/// a process uses (the limit is a constant of the script, so a script call has no extra
-/// argument).
+/// The ledger's scripts for one per-account journal limit (0: unbounded) and one choice of
+/// durable record (whose undrained entries are never trimmed), made once per pair a process
+/// uses (both are constants of the script, so a script call has no extra argument).
 struct Scripts {
     reserve: Script,
     close: Script,
@@ -42,22 +42,23 @@ struct Scripts {
     balance: Script,
     expire: Script,
     extend: Script,
+    journal: Script,
 }
 
-fn scripts(journal_limit: usize) -> &'static Scripts {
-    static MADE: LazyLock<Mutex<HashMap<usize, &'static Scripts>>> =
+fn scripts(journal_limit: usize, record: bool) -> &'static Scripts {
+    static MADE: LazyLock<Mutex<HashMap<(usize, bool), &'static Scripts>>> =
         LazyLock::new(|| Mutex::new(HashMap::new()));
     let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    made.entry(journal_limit).or_insert_with(|| {
+    made.entry((journal_limit, record)).or_insert_with(|| {
         let script = |body: &str| {
             Script::new(&format!(
-                "local JOURNAL_MAX = {journal_limit}\n{PRELUDE}\n{body}"
+                "local JOURNAL_MAX = {journal_limit}\nlocal RECORD = {record}\n{PRELUDE}\n{body}"
             ))
         };
         // A ledger script that also charges or corrects the account's rate-limit buckets.
         let limits_script = |body: &str| {
             Script::new(&format!(
-                "local JOURNAL_MAX = {journal_limit}\n{PRELUDE}\n{}\n{body}",
+                "local JOURNAL_MAX = {journal_limit}\nlocal RECORD = {record}\n{PRELUDE}\n{}\n{body}",
                 super::limiter::GCRA_LIB
             ))
         };
@@ -68,6 +69,7 @@ fn scripts(journal_limit: usize) -> &'static Scripts {
             balance: script(include_str!("lua/balance.lua")),
             expire: script(include_str!("lua/expire.lua")),
             extend: script(include_str!("lua/extend.lua")),
+            journal: Script::new(include_str!("lua/journal.lua")),
         }))
     })
 }
@@ -81,7 +83,7 @@ const EXPIRE_BATCH: u64 = 256;
 /// exact under any concurrency from any number of processes; the balance can never go below
 /// zero. Every script first settles the account's expired holds at their held amount, so a hold
 /// left by a replica that died is charged by whichever replica touches the account next (and by
-/// [`expire_holds`](LedgerAdmin::expire_holds)). The journal is a Redis stream per account, appended in
+/// [`expire_holds`](LedgerAdmin::expire_holds)). The journal is a capped Redis list per account, appended in
 /// the same script as the movement; idempotency records live in the same script with a TTL.
 /// Time is the Redis server's (`TIME`), never a replica's clock.
 ///
@@ -116,7 +118,10 @@ impl RedisLedger {
     }
 
     fn scripts(&self) -> &'static Scripts {
-        scripts(self.shared.options.journal_limit)
+        scripts(
+            self.shared.options.journal_limit,
+            self.shared.options.has_record(),
+        )
     }
 
     fn conn(&self) -> &Conn {
@@ -128,12 +133,47 @@ impl RedisLedger {
         format!("{}:{{acct:{account}}}", self.shared.options.prefix)
     }
 
+    /// The account's journal: a list, oldest entry first.
+    pub(super) fn journal_key(&self, account: &str) -> String {
+        format!("{}:log", self.account_key(account))
+    }
+
     fn accounts_key(&self) -> String {
         format!("{}:ledger:accounts", self.shared.options.prefix)
     }
 
     fn hold_ttl_ms(&self) -> u64 {
         millis(self.shared.options.hold_ttl)
+    }
+
+    /// The entries of the account's journal list in Redis.
+    fn journal_in_redis(
+        &self,
+        account: &str,
+        query: JournalQuery,
+    ) -> BoxFuture<Result<Vec<JournalEntry>, BackendError>> {
+        if query.limit == 0 {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        let key = self.journal_key(account);
+        let scripts = self.scripts();
+        let call = self.conn().call("journal", move |mut conn| async move {
+            let mut invocation = scripts.journal.prepare_invoke();
+            invocation
+                .key(key)
+                .arg(query.after.map_or(String::new(), |after| after.to_string()))
+                // 0: all (a limit past any list Redis can hold is all of it).
+                .arg(if query.limit > u32::MAX as usize {
+                    0
+                } else {
+                    query.limit
+                });
+            invocation.invoke_async::<Vec<Vec<u8>>>(&mut conn).await
+        });
+        Box::pin(async move {
+            let reply = call.await?;
+            reply.iter().map(|raw| entry(raw)).collect()
+        })
     }
 
     /// The top-up script; with `promote` (the key store's account hash and the rules), an
@@ -268,8 +308,11 @@ impl RedisLedger {
         let key_id = request.key_id.as_deref().unwrap_or("").to_owned();
         let refunds: Vec<Bucket> = buckets
             .iter()
-            .filter(|(_, _, cost)| *cost > 0)
-            .map(|(key, params, cost)| (key.clone(), *params, -cost))
+            .filter(|bucket| bucket.amount > 0)
+            .map(|bucket| Bucket {
+                amount: -bucket.amount,
+                ..bucket.clone()
+            })
             .collect();
         let scripts = self.scripts();
         let call = self.conn().call("reserve", move |mut conn| async move {
@@ -284,7 +327,7 @@ impl RedisLedger {
                 .arg(fingerprint)
                 .arg(request_id)
                 .arg(key_id);
-            push_buckets(&mut invocation, buckets);
+            push_buckets(&mut invocation, buckets, false);
             invocation.invoke_async::<Vec<Value>>(&mut conn).await
         });
         let ledger = self.clone();
@@ -394,7 +437,7 @@ impl RedisLedger {
                 .arg(actual.min(MAX_BALANCE))
                 .arg(fence)
                 .arg(when);
-            push_buckets(&mut invocation, buckets);
+            push_buckets(&mut invocation, buckets, false);
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
         });
         Box::pin(async move {
@@ -483,22 +526,36 @@ impl LedgerAdmin for RedisLedger {
         })
     }
 
+    /// Without a durable record: the entries Redis keeps (the latest
+    /// [`journal_limit`](super::RedisOptions::journal_limit)). With one
+    /// ([`RedisOptions::record`](super::RedisOptions::record)): the record's entries, then those
+    /// not drained yet from Redis, so paging sees the whole history.
     fn journal(&self, account: &str, query: JournalQuery) -> Self::JournalFuture {
-        let key = format!("{}:journal", self.account_key(account));
-        let call = self.conn().call("journal", move |mut conn| async move {
-            let start = query
-                .after
-                .map_or("-".to_owned(), |after| format!("({after}-0"));
-            if query.limit == usize::MAX {
-                conn.xrange(key, start, "+").await
-            } else {
-                conn.xrange_count(key, start, "+", query.limit).await
-            }
-        });
-        Box::pin(async move {
-            let reply: StreamRangeReply = call.await?;
-            reply.ids.iter().map(entry).collect()
-        })
+        #[cfg(feature = "postgres")]
+        if let Some(record) = self.shared.options.record.clone() {
+            let ledger = self.clone();
+            let account = account.to_owned();
+            return Box::pin(async move {
+                let mut entries = record.journal(&account, query).await?;
+                if entries.len() < query.limit {
+                    let after = entries.last().map(|e| e.seq).or(query.after);
+                    let rest = ledger
+                        .journal_in_redis(
+                            &account,
+                            JournalQuery::new()
+                                .after(after)
+                                .limit(query.limit - entries.len()),
+                        )
+                        .await?;
+                    entries.extend(
+                        rest.into_iter()
+                            .filter(|e| after.is_none_or(|after| e.seq > after)),
+                    );
+                }
+                Ok(entries)
+            });
+        }
+        self.journal_in_redis(account, query)
     }
 
     fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
@@ -615,36 +672,55 @@ fn value_u64(value: &Value) -> u64 {
     }
 }
 
-fn entry(id: &redis::streams::StreamId) -> Result<JournalEntry, BackendError> {
-    let text = |field: &str| id.map.get(field).map(value_str);
-    let number = |field: &str| id.map.get(field).map_or(0, value_u64);
-    let seq = id
-        .id
-        .split('-')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| BackendError::new("redis journal: bad entry id"))?;
-    let kind = match text("k").as_deref() {
-        Some("reserve") => EntryKind::Reserve,
-        Some("settle") => EntryKind::Settle,
-        Some("release") => EntryKind::Release,
-        Some("expire") => EntryKind::Expire,
-        Some("top_up") => EntryKind::TopUp,
-        _ => return Err(BackendError::new("redis journal: unknown entry kind")),
+/// A journal entry as the scripts store it: `seq t kind amount hold id balance held tail`, the
+/// tail being the idempotency key, the request id and the key id, each `length:text`.
+pub(super) fn entry(raw: &[u8]) -> Result<JournalEntry, BackendError> {
+    let bad = || BackendError::new("redis journal: bad entry");
+    let mut rest = raw;
+    let mut numbers = [0u64; 8];
+    let mut kind = EntryKind::TopUp;
+    for (i, slot) in numbers.iter_mut().enumerate() {
+        let space = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+        let word = std::str::from_utf8(&rest[..space]).map_err(|_| bad())?;
+        rest = &rest[space + 1..];
+        if i == 2 {
+            kind = match word {
+                "reserve" => EntryKind::Reserve,
+                "settle" => EntryKind::Settle,
+                "release" => EntryKind::Release,
+                "expire" => EntryKind::Expire,
+                "top_up" => EntryKind::TopUp,
+                _ => return Err(BackendError::new("redis journal: unknown entry kind")),
+            };
+        } else {
+            *slot = word.parse().map_err(|_| bad())?;
+        }
+    }
+    let mut text = || -> Result<Option<Arc<str>>, BackendError> {
+        let colon = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&rest[..colon])
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(bad)?;
+        let value = rest.get(colon + 1..colon + 1 + len).ok_or_else(bad)?;
+        rest = &rest[colon + 1 + len..];
+        Ok((len > 0).then(|| Arc::from(String::from_utf8_lossy(value).as_ref())))
     };
+    let (idempotency_key, request_id, key_id) = (text()?, text()?, text()?);
+    let [seq, t, _, amount, hold, id, balance, held] = numbers;
     let mut entry = JournalEntry::new(
         seq,
-        UNIX_EPOCH + Duration::from_millis(number("t")),
+        UNIX_EPOCH + Duration::from_millis(t),
         kind,
-        number("a"),
-        number("h"),
-        id.map.get("id").map(value_u64),
-        number("b"),
-        number("held"),
+        amount,
+        hold,
+        (id != 0).then_some(id),
+        balance,
+        held,
     );
-    entry.request_id = text("r").map(Arc::from);
-    entry.key_id = text("key").map(Arc::from);
-    entry.idempotency_key = text("i").map(Arc::from);
+    entry.request_id = request_id;
+    entry.key_id = key_id;
+    entry.idempotency_key = idempotency_key;
     Ok(entry)
 }
 

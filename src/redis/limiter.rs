@@ -83,14 +83,22 @@ impl RedisLimiter {
         self
     }
 
-    /// `{prefix}:rl:{subject}:{policy}|{index}`, hash-tagged by subject (an account's buckets
-    /// share the `{acct:ID}` slot of its ledger keys).
-    pub(super) fn key(&self, key: &BucketKey) -> String {
+    /// Where a bucket lives: an account's bucket is the field `rl:{policy}|{index}` of the
+    /// account's hash `{prefix}:{acct:ID}` (beside its balance, so the ledger's scripts read and
+    /// write it in the same commands); any other is the string key
+    /// `{prefix}:rl:{subject}:{policy}|{index}`, hash-tagged by subject (field `""`).
+    pub(super) fn key(&self, key: &BucketKey) -> (String, String) {
         let prefix = &self.shared.options.prefix;
         let (policy, index) = (key.policy(), key.index());
         match key.subject() {
-            Subject::Account(id) => format!("{prefix}:rl:{{acct:{id}}}:{policy}|{index}"),
-            subject => format!("{prefix}:rl:{{{subject}}}:{policy}|{index}"),
+            Subject::Account(id) => (
+                format!("{prefix}:{{acct:{id}}}"),
+                format!("rl:{policy}|{index}"),
+            ),
+            subject => (
+                format!("{prefix}:rl:{{{subject}}}:{policy}|{index}"),
+                String::new(),
+            ),
         }
     }
 
@@ -108,8 +116,13 @@ impl RedisLimiter {
         let buckets = charges
             .iter()
             .map(|c| {
-                let cost = i64::try_from(c.cost).unwrap_or(i64::MAX);
-                (self.key(&c.key), Params::new(c.quota), cost)
+                let (key, field) = self.key(&c.key);
+                Bucket {
+                    key,
+                    field,
+                    params: Params::new(c.quota),
+                    amount: i64::try_from(c.cost).unwrap_or(i64::MAX),
+                }
             })
             .collect();
         let meta = charges
@@ -123,7 +136,15 @@ impl RedisLimiter {
     pub(super) fn corrections(&self, corrections: &[Correction]) -> Vec<Bucket> {
         corrections
             .iter()
-            .map(|c| (self.key(&c.key), Params::new(c.quota), c.delta))
+            .map(|c| {
+                let (key, field) = self.key(&c.key);
+                Bucket {
+                    key,
+                    field,
+                    params: Params::new(c.quota),
+                    amount: c.delta,
+                }
+            })
             .collect()
     }
 
@@ -139,28 +160,45 @@ impl RedisLimiter {
                 .call("rate limit", move |mut conn| async move {
                     let mut invocation = GCRA.prepare_invoke();
                     invocation.arg(seconds).arg(nanos).arg(mode);
-                    push_buckets(&mut invocation, buckets);
+                    push_buckets(&mut invocation, buckets, true);
                     invocation.invoke_async::<Vec<i64>>(&mut conn).await
                 }),
         )
     }
 }
 
-/// One bucket of a script call: its key, its parameters, the cost or delta.
-pub(super) type Bucket = (String, Params, i64);
+/// One bucket of a script call: where it lives, its parameters, the cost or delta.
+#[derive(Clone)]
+pub(super) struct Bucket {
+    /// The string key, or the account's hash.
+    pub(super) key: String,
+    /// The field of the account's hash, or `""` for a string key.
+    pub(super) field: String,
+    pub(super) params: Params,
+    /// The cost (a check) or the delta (a correction).
+    pub(super) amount: i64,
+}
 
 /// What a check's answer is read with: per bucket, its kind, parameters and cost.
 pub(super) type Meta = (LimitKind, Params, u64);
 
-/// Appends buckets to a script call: each one a key and three arguments (t, burst, cost or
-/// delta), as `gcra_lib.lua` reads them.
-pub(super) fn push_buckets(invocation: &mut redis::ScriptInvocation<'_>, buckets: Vec<Bucket>) {
-    for (key, params, amount) in buckets {
+/// Appends buckets to a script call: each one four arguments (field, t, burst, cost or delta),
+/// as `gcra_lib.lua` reads them, and with `keys` its key (the limiter's script; the ledger's
+/// scripts have the account's hash as their only key, every bucket a field of it).
+pub(super) fn push_buckets(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    buckets: Vec<Bucket>,
+    keys: bool,
+) {
+    for bucket in buckets {
+        if keys {
+            invocation.key(bucket.key);
+        }
         invocation
-            .key(key)
-            .arg(params.t)
-            .arg(params.burst)
-            .arg(amount);
+            .arg(bucket.field)
+            .arg(bucket.params.t)
+            .arg(bucket.params.burst)
+            .arg(bucket.amount);
     }
 }
 

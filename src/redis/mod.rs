@@ -57,6 +57,8 @@ mod conn;
 mod keystore;
 mod ledger;
 mod limiter;
+#[cfg(feature = "postgres")]
+mod record;
 
 pub use admission::RedisAdmission;
 pub use keystore::RedisKeyStore;
@@ -95,6 +97,8 @@ pub struct RedisOptions {
     key_cache_capacity: usize,
     rate_limit_fail: FailMode,
     pub(crate) journal_limit: usize,
+    #[cfg(feature = "postgres")]
+    pub(crate) record: Option<record::Record>,
 }
 
 impl Default for RedisOptions {
@@ -111,6 +115,8 @@ impl Default for RedisOptions {
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
             journal_limit: 0,
+            #[cfg(feature = "postgres")]
+            record: None,
         }
     }
 }
@@ -175,8 +181,8 @@ impl RedisOptions {
 
     /// Keep only the latest `entries` journal entries per account (0, the default: all of
     /// them), as [`MemoryLedgerBuilder::journal_limit`](crate::credits::ledger::MemoryLedgerBuilder::journal_limit)
-    /// does: the stream is trimmed in the same script that appends to it, so Redis memory per
-    /// account stays flat (about 110 bytes an entry, two entries per billed request). Balances
+    /// does: the list is trimmed in the same script that appends to it, so Redis memory per
+    /// account stays flat (about 120 bytes an entry, two entries per billed request). Balances
     /// never depend on the journal: trimming changes none.
     ///
     /// ```
@@ -187,6 +193,58 @@ impl RedisOptions {
     /// ```
     pub fn journal_limit(mut self, entries: usize) -> Self {
         self.journal_limit = entries;
+        self
+    }
+
+    /// Whether a durable record drains the journal (its undrained entries are never trimmed).
+    pub(crate) fn has_record(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        return self.record.is_some();
+        #[cfg(not(feature = "postgres"))]
+        false
+    }
+
+    /// Keep the durable record of the journal in PostgreSQL (features `redis` and `postgres`):
+    /// a background task of the backend moves every account's journal entries, every second,
+    /// into the table `redis_journal` of `schema` (migration 5 of
+    /// [`PostgresBackend::migrate`](crate::postgres::PostgresBackend::migrate), applied by the
+    /// task), keyed by (account, seq) so that each entry is recorded exactly once however many
+    /// replicas drain, then advances the account's drained cursor in Redis. The
+    /// [`journal_limit`](Self::journal_limit) never trims an entry the record does not hold
+    /// yet: while PostgreSQL is down the journal in Redis grows, and shrinks back once it is
+    /// drained. [`LedgerAdmin::journal`](crate::credits::LedgerAdmin::journal) then reads the
+    /// record, followed by the entries not drained yet. Redis stays the hot path: no request
+    /// waits for PostgreSQL.
+    ///
+    /// ```no_run
+    /// use tollgate::redis::{RedisBackend, RedisOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1/postgres")?;
+    /// let backend = RedisBackend::connect_with(
+    ///     "redis://127.0.0.1/",
+    ///     RedisOptions::new().journal_limit(10_000).record(pool, "tollgate"),
+    /// )
+    /// .await?;
+    /// backend.drain_record().await?; // what the task does every second
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// When `schema` is not a valid schema name (as
+    /// [`PostgresOptions::schema`](crate::postgres::PostgresOptions::schema)).
+    #[cfg(feature = "postgres")]
+    pub fn record(mut self, pool: sqlx::PgPool, schema: &str) -> Self {
+        // Validated as the PostgreSQL backend validates it.
+        let _ = crate::postgres::PostgresOptions::new().schema(schema);
+        self.record = Some(record::Record {
+            pool,
+            schema: schema.to_owned(),
+            migrated: Arc::default(),
+        });
         self
     }
 
@@ -271,13 +329,33 @@ impl RedisBackend {
         .map_err(|_| BackendError::new("redis connect: timed out"))?
         .map_err(|e| BackendError::new(format!("redis connect: {e}")))?;
         let breaker = conn::Breaker::new(options.breaker_threshold, options.breaker_cooldown);
-        Ok(RedisBackend {
+        let backend = RedisBackend {
             shared: Arc::new(Shared {
                 conn: conn::Conn::new(manager, breaker, options.response_timeout),
                 client,
                 options,
             }),
-        })
+        };
+        #[cfg(feature = "postgres")]
+        if let Some(record) = backend.shared.options.record.clone() {
+            record::spawn(Arc::downgrade(&backend.shared), record);
+        }
+        Ok(backend)
+    }
+
+    /// Drain the journal into the durable record now (what the background task of
+    /// [`RedisOptions::record`] does every second): every entry not recorded yet is inserted
+    /// (exactly once, whichever replica drains), then the accounts' drained cursors advance.
+    /// Returns the entries moved; without a record, 0.
+    #[cfg(feature = "postgres")]
+    pub async fn drain_record(&self) -> Result<u64, BackendError> {
+        match &self.shared.options.record {
+            Some(record) => {
+                record.migrate().await?;
+                record::drain(&self.shared, record).await
+            }
+            None => Ok(0),
+        }
     }
 
     /// The rate limiter.

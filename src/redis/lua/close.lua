@@ -1,25 +1,35 @@
--- KEYS[1]: the account's hash; KEYS[2..]: rate-limit buckets to correct in the same step (the
--- tokens the response reported against the estimate charged, or the refund of a reserve whose
--- answer was lost).
--- ARGV: hold id, 'settle' | 'release', actual, fence ms (0: none), when to correct ('always' |
---       'if_open': only if this call closed the hold), then per bucket: t (ns per cell), burst,
---       delta.
+-- KEYS[1]: the account's hash. ARGV: hold id, 'settle' | 'release', actual, fence ms (0: none),
+-- when to correct ('always' | 'if_open': only if this call closed the hold), then per
+-- rate-limit bucket to correct in the same step (the tokens the response reported against the
+-- estimate charged, or the refund of a reserve whose answer was lost; fields of the account's
+-- hash): field, t (ns per cell), burst, delta.
 -- Returns {charged, balance, was_open}. With a fence, closing a hold that is not open also
 -- forbids placing it later (a reserve that timed out and is released by its caller). The hold
 -- is closed before the buckets are touched.
+-- Commands: TIME, HMGET, HSET, HDEL, RPUSH (+ LTRIM at the journal limit); a hold placed with an
+-- idempotency key adds HGET and HSET (or DEL).
 local id, how, actual, fence = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local now = now_ms()
-expire_due(now, 64)
-local charged = close(id, how, actual, now)
-if #KEYS > 1 and (ARGV[5] == 'always' or charged ~= nil) then
-  local buckets = {}
-  for i = 2, #KEYS do buckets[i - 1] = KEYS[i] end
-  local now_s, now_ns = gcra_now()
-  gcra_settle(buckets, 6, now_s, now_ns)
+local nb = (#ARGV - 5) / 4
+local field, t, burst, delta = gcra_params(6, nb)
+local extra = { 'h:' .. id }
+for i = 1, nb do extra[1 + i] = field[i] end
+local S, v = load(extra)
+local charged = nil
+if v[1] then charged = close_hold(S, id, v[1], how, actual, NOW) end
+if nb > 0 and (ARGV[5] == 'always' or charged ~= nil) then
+  local vals = {}
+  for i = 1, nb do vals[i] = v[1 + i] end
+  for _, w in ipairs(gcra_settle(field, vals, t, burst, delta, NOW_S, NOW_NS)) do
+    if w[2] then put(field[w[1]], w[2]) else del(field[w[1]]) end
+  end
 end
-local balance = state()
 if charged == nil then
-  if fence > 0 then redis.call('SET', P .. ':closed:' .. id, 1, 'PX', int(fence)) end
-  return { 0, balance, 0 }
+  if fence > 0 then
+    put('c:' .. id, int(NOW + fence))
+    add_due(S, NOW + fence)
+  end
+  flush(S)
+  return { 0, S.balance, 0 }
 end
-return { charged, balance, 1 }
+flush(S)
+return { charged, S.balance, 1 }

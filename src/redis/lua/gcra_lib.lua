@@ -1,19 +1,24 @@
 -- GCRA on several buckets, all-or-nothing: the arithmetic of `ratelimit::gcra` (governor's),
 -- on times relative to now so that Lua's doubles stay exact (nanoseconds, |rel| < 2^53).
--- A bucket's value is its theoretical arrival time `"sec nsec"`, expiring when it is reached (a
--- full bucket and a missing one are the same). Shared by the limiter's script and the ledger's
--- reserve and close scripts (which charge or correct the account's buckets in the same call).
--- A bucket's parameters are three ARGV from `a` on: t (ns per cell), burst, cost or delta.
+-- A bucket's value is its theoretical arrival time `"sec nsec"`: a string key expiring when it
+-- is reached (a bucket of a key or of the whole gateway), or a field of the account's hash (a
+-- bucket of an account, beside its balance: the ledger's scripts read and write it with the
+-- same HMGET and HSET). A full bucket and a missing one are the same. These functions only
+-- compute: the scripts read the values and write the results.
+-- A bucket's parameters are four ARGV from `a` on: field ('' for a string key), t (ns per
+-- cell), burst, cost or delta.
 
--- The time: frozen (tests) or the Redis server's `TIME`.
-local function gcra_now(frozen_s, frozen_ns)
-  if frozen_s and frozen_s ~= '' then return tonumber(frozen_s), tonumber(frozen_ns) end
-  local time = redis.call('TIME')
-  return tonumber(time[1]), tonumber(time[2]) * 1000
+local function gcra_params(a, n)
+  local field, t, burst, amount = {}, {}, {}, {}
+  for i = 1, n do
+    local b = a + (i - 1) * 4
+    field[i], t[i], burst[i], amount[i] = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  end
+  return field, t, burst, amount
 end
 
-local function gcra_rel(key, now_s, now_ns)
-  local v = redis.call('GET', key)
+-- The arrival time stored in `v` (a string or false), relative to now (0: full).
+local function gcra_rel(v, now_s, now_ns)
   if not v then return 0 end
   local s, ns = string.match(v, '^(%d+) (%d+)$')
   if not s then return 0 end
@@ -26,55 +31,53 @@ end
 -- not overflow the key's expiry and fail the script.
 local MAX_REL = 1e18
 
-local function gcra_store(key, rel, now_s, now_ns)
-  if rel <= 0 then
-    redis.call('DEL', key)
-    return
-  end
+-- The value for an arrival time `rel` from now, and its lifetime in ms; false for a full bucket
+-- (delete it).
+local function gcra_value(rel, now_s, now_ns)
+  if rel <= 0 then return false, 0 end
   if rel > MAX_REL then rel = MAX_REL end
   local total = now_ns + rel
   local s = now_s + math.floor(total / 1e9)
   local ns = total % 1e9
-  redis.call('SET', key, string.format('%d %d', s, ns), 'PX', string.format('%d', math.ceil(rel / 1e6) + 1))
-end
-
-local function gcra_params(keys, a)
-  local t, burst, amount = {}, {}, {}
-  for i = 1, #keys do
-    local b = a + (i - 1) * 3
-    t[i], burst[i], amount[i] = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  end
-  return t, burst, amount
+  return string.format('%d %d', s, ns), math.ceil(rel / 1e6) + 1
 end
 
 -- Corrections, never refused: a positive delta consumes (possibly into debt), a negative one
--- gives back, never beyond a full bucket.
-local function gcra_settle(keys, a, now_s, now_ns)
-  local t, burst, delta = gcra_params(keys, a)
-  for i = 1, #keys do
-    local v = redis.call('EXISTS', keys[i])
-    local rel = gcra_rel(keys[i], now_s, now_ns)
-    local d = delta[i]
+-- gives back, never beyond a full bucket. `ids[i]` names bucket i (the same name twice: the
+-- same bucket, corrected twice in turn), `vals[i]` its value. Returns the writes in order:
+-- {i, value or false (delete), ms}, only for the buckets that change.
+local function gcra_settle(ids, vals, t, burst, delta, now_s, now_ns)
+  local cur, writes = {}, {}
+  for i = 1, #ids do
+    local v = cur[ids[i]]
+    if v == nil then v = vals[i] end
+    local rel = gcra_rel(v, now_s, now_ns)
+    local d, out = delta[i], nil
     if d >= 0 then
       -- At most one window of debt beyond an empty bucket (as the memory limiter).
-      gcra_store(keys[i], math.min(rel + t[i] * d, 2 * t[i] * burst[i]), now_s, now_ns)
-    elseif v == 1 then
-      gcra_store(keys[i], math.max(rel + t[i] * d, 0), now_s, now_ns)
+      out = math.min(rel + t[i] * d, 2 * t[i] * burst[i])
+    elseif v then
+      out = math.max(rel + t[i] * d, 0)
+    end
+    if out ~= nil then
+      local value, ms = gcra_value(out, now_s, now_ns)
+      cur[ids[i]] = value
+      writes[#writes + 1] = { i, value, ms }
     end
   end
+  return writes
 end
 
--- Tests every bucket without writing. Returns the reply {verdict, index, wait, rel...} and a
--- function that applies the charges (call it only when the verdict is 0). Verdict 0 allowed
--- (rel after the charge), 1 refused (index of the longest wait, wait ns), 2 too large (index);
--- rel is tat - now in ns, 0 for a full bucket.
-local function gcra_check(keys, a, now_s, now_ns)
-  local t, burst, cost = gcra_params(keys, a)
-  local n = #keys
+-- Tests every bucket (`vals[i]` its value) without writing. Returns the reply {verdict, index,
+-- wait, rel...} and the writes that charge the buckets ({i, value, ms}; make them only when the
+-- verdict is 0). Verdict 0 allowed (rel after the charge), 1 refused (index of the longest
+-- wait, wait ns), 2 too large (index); rel is tat - now in ns, 0 for a full bucket.
+local function gcra_check(vals, t, burst, cost, now_s, now_ns)
+  local n = #t
   local rels, nexts = {}, {}
   local refused, wait, too_large = 0, 0, 0
   for i = 1, n do
-    local rel = gcra_rel(keys[i], now_s, now_ns)
+    local rel = gcra_rel(vals[i], now_s, now_ns)
     rels[i], nexts[i] = rel, rel
     if cost[i] > burst[i] then
       if too_large == 0 then too_large = i end
@@ -97,10 +100,14 @@ local function gcra_check(keys, a, now_s, now_ns)
     rels = nexts
   end
   for i = 1, n do reply[#reply + 1] = rels[i] end
-  local function apply()
+  local writes = {}
+  if reply[1] == 0 then
     for i = 1, n do
-      if cost[i] > 0 then gcra_store(keys[i], nexts[i], now_s, now_ns) end
+      if cost[i] > 0 then
+        local value, ms = gcra_value(nexts[i], now_s, now_ns)
+        writes[#writes + 1] = { i, value, ms }
+      end
     end
   end
-  return reply, apply
+  return reply, writes
 end

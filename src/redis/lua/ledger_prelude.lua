@@ -1,19 +1,24 @@
--- Shared by every ledger script. KEYS[1] is the account's hash `P` (`tollgate:{acct:ID}`);
--- every other key of the account is `P..suffix`, in the same hash slot.
---   P            hash    balance, held, holds, seq
---   P:holds      hash    hold id -> cjson {a = amount (decimal string), r, k, i}
---   P:expiry     zset    hold id by expiry (ms)
---   P:journal    stream  one entry per movement, id `seq-0` (the latest JOURNAL_MAX if > 0)
+-- Shared by every ledger script (after the constants JOURNAL_MAX, the per-account journal limit
+-- (0: unbounded), and RECORD, whether a durable record drains the journal). KEYS[1] is the
+-- account's hash `P` (`tollgate:{acct:ID}`); its other keys are `P..suffix`, in the same slot.
+--   P            hash    balance, held, holds, seq, due, drained, and one field per
+--                          h:ID    open hold: "amount expiry_ms tail"
+--                          c:ID    hold closed before it was placed (a timed-out reserve):
+--                                  its fence's expiry (ms)
+--                          rl:POLICY|I  the account's rate-limit buckets ("sec nsec")
+--                        `due` is a lower bound of every hold's and fence's expiry: until it
+--                        is reached no script looks for expired holds.
+--   P:log        list    one entry per movement, oldest first: "seq t kind amount hold id
+--                        balance held tail" (the latest JOURNAL_MAX if > 0; with RECORD, never
+--                        one after `drained`, the last entry the record holds)
 --   P:idem:KEY   hash    fp, hold, charged (PEXPIREd at the idempotency window)
 --   P:topups     hash    top-up idempotency key -> amount
---   P:closed:ID  string  a hold closed before it was placed (a timed-out reserve); PX hold TTL
+-- `tail` is the idempotency key, the request id and the key id, each as "length:text".
 local P = KEYS[1]
-local HOLDS, EXPIRY, JOURNAL = P .. ':holds', P .. ':expiry', P .. ':journal'
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local LOG = P .. ':log'
+local TIME = redis.call('TIME')
+local NOW_S, NOW_NS = tonumber(TIME[1]), tonumber(TIME[2]) * 1000
+local NOW = NOW_S * 1000 + math.floor(tonumber(TIME[2]) / 1000)
 
 local function num(v)
   return tonumber(v) or 0
@@ -24,48 +29,95 @@ local function int(n)
   return string.format('%d', n)
 end
 
-local function state()
-  local s = redis.call('HMGET', P, 'balance', 'held', 'holds')
-  return num(s[1]), num(s[2]), num(s[3])
+local function enc(s)
+  s = s or ''
+  return #s .. ':' .. s
 end
 
-local function journal(now, kind, amount, hold, id, balance, held, r, k, i)
-  local seq = redis.call('HINCRBY', P, 'seq', 1)
-  local fields = { 't', int(now), 'k', kind, 'a', int(amount), 'h', int(hold), 'b', int(balance), 'held', int(held) }
-  if id then fields[#fields + 1] = 'id'; fields[#fields + 1] = id end
-  if r and r ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = r end
-  if k and k ~= '' then fields[#fields + 1] = 'key'; fields[#fields + 1] = k end
-  if i and i ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = i end
-  -- JOURNAL_MAX (a constant the backend prepends, 0: unbounded) keeps the latest entries only:
-  -- Redis memory per account stays flat under load.
-  if JOURNAL_MAX > 0 then
-    redis.call('XADD', JOURNAL, 'MAXLEN', JOURNAL_MAX, string.format('%d-0', seq), unpack(fields))
-  else
-    redis.call('XADD', JOURNAL, string.format('%d-0', seq), unpack(fields))
+-- The script's pending writes to P (field -> value), deletions from P (field -> true) and
+-- journal entries, made by flush() in three commands at most (and a trim).
+local W, D, J = {}, {}, {}
+
+local function put(field, value)
+  W[field] = value
+  D[field] = nil
+end
+
+local function del(field)
+  D[field] = true
+  W[field] = nil
+end
+
+local STATE = { 'balance', 'held', 'holds', 'seq', 'due', 'drained' }
+
+local function parse_state(v)
+  return {
+    balance = num(v[1]), held = num(v[2]), holds = num(v[3]), seq = num(v[4]),
+    due = tonumber(v[5]), drained = num(v[6]), dirty = false,
+  }
+end
+
+local function journal(S, now, kind, amount, hold, id, tail)
+  S.seq = S.seq + 1
+  S.dirty = true
+  J[#J + 1] = string.format('%d %d %s %d %d %s %d %d %s', S.seq, now, kind, amount, hold, id or '0',
+    S.balance, S.held, tail)
+end
+
+local function flush(S)
+  local args, n = {}, 0
+  if S.dirty then
+    args = { 'balance', int(S.balance), 'held', int(S.held), 'holds', int(S.holds), 'seq', int(S.seq) }
+    n = 8
   end
+  for f, v in pairs(W) do
+    args[n + 1], args[n + 2] = f, v
+    n = n + 2
+  end
+  if n > 0 then redis.call('HSET', P, unpack(args)) end
+  local dels = {}
+  for f in pairs(D) do dels[#dels + 1] = f end
+  if #dels > 0 then redis.call('HDEL', P, unpack(dels)) end
+  if #J > 0 then
+    local len = redis.call('RPUSH', LOG, unpack(J))
+    if JOURNAL_MAX > 0 then
+      local keep = JOURNAL_MAX
+      -- Entries the record does not hold yet are never trimmed.
+      if RECORD and S.seq - S.drained > keep then keep = S.seq - S.drained end
+      if len > keep then redis.call('LTRIM', LOG, -keep, -1) end
+    end
+  end
+  W, D, J = {}, {}, {}
+  S.dirty = false
 end
 
--- Close an open hold: 'settle' (charging `actual`, at most what is not held by others),
--- 'release' (nothing) or 'expire' (its amount). Returns the credits charged, or nil.
-local function close(id, how, actual, now)
-  local raw = redis.call('HGET', HOLDS, id)
-  if not raw then return nil end
-  local h = cjson.decode(raw)
-  redis.call('HDEL', HOLDS, id)
-  redis.call('ZREM', EXPIRY, id)
-  local balance, held, holds = state()
-  local amount = tonumber(h.a)
-  held = held - amount
+-- The idempotency key of a hold's tail (first in it), '' when none.
+local function tail_ikey(tail)
+  if string.sub(tail, 1, 2) == '0:' then return '' end
+  local c = string.find(tail, ':', 1, true)
+  return string.sub(tail, c + 1, c + tonumber(string.sub(tail, 1, c - 1)))
+end
+
+-- Close the open hold `id` whose field holds `raw`: 'settle' (charging `actual`, at most what
+-- is not held by others), 'release' (nothing) or 'expire' (its amount). Returns the credits
+-- charged.
+local function close_hold(S, id, raw, how, actual, now)
+  local a, _, tail = string.match(raw, '^(%d+) (%d+) (.*)$')
+  local amount = tonumber(a)
+  del('h:' .. id)
+  S.held = S.held - amount
+  S.holds = S.holds - 1
   local charged = 0
   if how == 'settle' then
-    charged = math.min(actual, balance - held)
+    charged = math.min(actual, S.balance - S.held)
   elseif how == 'expire' then
     charged = amount
   end
-  balance = balance - charged
-  redis.call('HSET', P, 'balance', int(balance), 'held', int(held), 'holds', int(holds - 1))
-  if h.i and h.i ~= '' then
-    local ik = P .. ':idem:' .. h.i
+  S.balance = S.balance - charged
+  S.dirty = true
+  local i = tail_ikey(tail)
+  if i ~= '' then
+    local ik = P .. ':idem:' .. i
     if redis.call('HGET', ik, 'hold') == id then
       if how == 'release' then
         redis.call('DEL', ik) -- not charged: the key may be used again
@@ -74,17 +126,77 @@ local function close(id, how, actual, now)
       end
     end
   end
-  journal(now, how, charged, amount, id, balance, held, h.r, h.k, h.i)
+  journal(S, now, how, charged, amount, id, tail)
   return charged
 end
 
--- Settle at their amount the account's holds that expired at or before `now` (at most `max`).
-local function expire_due(now, max)
-  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', int(now), 'LIMIT', 0, int(max))
-  local count, charged = 0, 0
-  for _, id in ipairs(due) do
-    local c = close(id, 'expire', 0, now)
-    if c then count = count + 1; charged = charged + c end
+-- Settle at their amount the account's holds that expired at or before `now` (at most `max`,
+-- oldest first), drop the fences that expired, and move `due` to the earliest expiry left.
+-- One HGETALL: it runs only once `due` is reached. Returns {holds, charged}.
+local function expire_due(S, now, max)
+  local all = redis.call('HGETALL', P)
+  local due, fences, next_due = {}, {}, nil
+  for j = 1, #all, 2 do
+    local f = all[j]
+    if string.sub(f, 2, 2) == ':' then
+      local c = string.sub(f, 1, 1)
+      if c == 'h' then
+        local e = tonumber(string.match(all[j + 1], '^%d+ (%d+) '))
+        if e <= now then
+          due[#due + 1] = { e, tonumber(string.sub(f, 3)), string.sub(f, 3), all[j + 1] }
+        elseif not next_due or e < next_due then
+          next_due = e
+        end
+      elseif c == 'c' then
+        local e = tonumber(all[j + 1])
+        if e <= NOW then
+          del(f)
+        elseif not next_due or e < next_due then
+          next_due = e
+        end
+      end
+    end
   end
+  table.sort(due, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    return x[2] < y[2]
+  end)
+  local count, charged = 0, 0
+  for _, d in ipairs(due) do
+    if count >= max then
+      if not next_due or d[1] < next_due then next_due = d[1] end
+      break
+    end
+    charged = charged + close_hold(S, d[3], d[4], 'expire', 0, now)
+    count = count + 1
+  end
+  if next_due then put('due', int(next_due)) else del('due') end
+  S.due = next_due
   return count, charged
+end
+
+-- The account's state and the values of `extra` fields of P, in one HMGET; expired holds are
+-- settled first (when `due` is reached), unless `keep_due`.
+local function load(extra, keep_due)
+  local fields = { unpack(STATE) }
+  for j = 1, #extra do fields[6 + j] = extra[j] end
+  local v = redis.call('HMGET', P, unpack(fields))
+  local S = parse_state(v)
+  if not keep_due and S.due and S.due <= NOW then
+    expire_due(S, NOW, 64)
+    flush(S)
+    v = redis.call('HMGET', P, unpack(fields))
+    S = parse_state(v)
+  end
+  local rest = {}
+  for j = 1, #extra do rest[j] = v[6 + j] end
+  return S, rest
+end
+
+-- `due` after a hold or fence expiring at `e` is added.
+local function add_due(S, e)
+  if not S.due or e < S.due then
+    S.due = e
+    put('due', int(e))
+  end
 end

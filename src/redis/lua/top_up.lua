@@ -4,19 +4,18 @@
 -- Returns {'applied', balance, held, holds [, from, to]} | {'duplicate', balance, held, holds}
 --       | {'reused', amount} | {'overflow'}
 local amount, ikey, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local now = now_ms()
-expire_due(now, 64)
-local balance, held, holds = state()
+local S = load({})
 local previous = redis.call('HGET', P .. ':topups', ikey)
 if previous then
-  if tonumber(previous) == amount then return { 'duplicate', balance, held, holds } end
+  if tonumber(previous) == amount then return { 'duplicate', S.balance, S.held, S.holds } end
   return { 'reused', tonumber(previous) }
 end
-if balance + amount > max then return { 'overflow' } end
-balance = balance + amount
-redis.call('HSET', P, 'balance', int(balance), 'held', int(held), 'holds', int(holds))
+if S.balance + amount > max then return { 'overflow' } end
+S.balance = S.balance + amount
 redis.call('HSET', P .. ':topups', ikey, ARGV[1])
-journal(now, 'top_up', amount, 0, nil, balance, held, nil, nil, ikey)
+journal(S, NOW, 'top_up', amount, 0, nil, enc(ikey) .. '0:0:')
+flush(S)
+local balance, held, holds = S.balance, S.held, S.holds
 if KEYS[2] then
   local plan = redis.call('HGET', KEYS[2], 'plan')
   if plan then

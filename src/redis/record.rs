@@ -1,0 +1,272 @@
+//! The durable record of the Redis journal: entries drained into PostgreSQL before they are
+//! trimmed, exactly once (see [`RedisOptions::record`](super::RedisOptions::record)).
+
+use std::{
+    sync::{Arc, LazyLock, Weak},
+    time::{Duration, UNIX_EPOCH},
+};
+
+use redis::{AsyncCommands, Script, Value};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use super::{ledger::entry, Shared};
+use crate::{
+    credits::ledger::{EntryKind, JournalEntry, JournalQuery},
+    postgres::{PostgresBackend, PostgresOptions},
+    BackendError,
+};
+
+/// Entries moved per account and round trip.
+const BATCH: usize = 1_000;
+
+/// How often the background task drains.
+pub(super) const INTERVAL: Duration = Duration::from_secs(1);
+
+static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/drain_read.lua")));
+static ADVANCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/drain_advance.lua")));
+
+/// Where the journal is recorded: a PostgreSQL pool and the schema of its `redis_journal`
+/// table (migration 5).
+#[derive(Clone, Debug)]
+pub(crate) struct Record {
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
+    /// Whether this process applied the migrations already.
+    pub(crate) migrated: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Record {
+    fn sql(&self, text: &str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(text.replace("@schema@", &self.schema))
+    }
+
+    /// Apply the PostgreSQL migrations (the record's table among them), once per process.
+    pub(crate) async fn migrate(&self) -> Result<(), BackendError> {
+        use std::sync::atomic::Ordering;
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let backend = PostgresBackend::from_pool(
+            self.pool.clone(),
+            PostgresOptions::new().schema(self.schema.clone()),
+        );
+        backend.migrate().await?;
+        self.migrated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Insert `entries` of `account`; those already recorded are left as they are.
+    async fn insert(&self, account: &str, entries: &[JournalEntry]) -> Result<(), BackendError> {
+        let mut columns = Columns::default();
+        for e in entries {
+            columns.push(e);
+        }
+        let sql = self.sql(
+            "INSERT INTO @schema@.redis_journal (account, seq, at, kind, amount, hold, hold_id, \
+             balance_after, held_after, request_id, key_id, idempotency_key) \
+             SELECT $1, s, to_timestamp(t / 1000.0), k, a, h, id, b, held, r, key, i \
+             FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], \
+             $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[]) \
+             AS u(s, t, k, a, h, id, b, held, r, key, i) \
+             ON CONFLICT (account, seq) DO NOTHING",
+        );
+        sqlx::query(sql)
+            .bind(account)
+            .bind(columns.seq)
+            .bind(columns.at)
+            .bind(columns.kind)
+            .bind(columns.amount)
+            .bind(columns.hold)
+            .bind(columns.hold_id)
+            .bind(columns.balance)
+            .bind(columns.held)
+            .bind(columns.request_id)
+            .bind(columns.key_id)
+            .bind(columns.idempotency_key)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| BackendError::new(format!("redis record: {e}")))?;
+        Ok(())
+    }
+
+    /// The recorded entries of `account` after `query.after`, at most `query.limit`.
+    pub(super) async fn journal(
+        &self,
+        account: &str,
+        query: JournalQuery,
+    ) -> Result<Vec<JournalEntry>, BackendError> {
+        let sql = self.sql(
+            "SELECT seq, (extract(epoch FROM at) * 1000)::bigint, kind, amount, hold, hold_id, \
+             balance_after, held_after, request_id, key_id, idempotency_key \
+             FROM @schema@.redis_journal WHERE account = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        );
+        let after = i64::try_from(query.after.unwrap_or(0)).unwrap_or(i64::MAX);
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(sql)
+            .bind(account)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| BackendError::new(format!("redis record: {e}")))?;
+        rows.iter()
+            .map(|row| {
+                let n = |i: usize| -> Result<u64, sqlx::Error> {
+                    Ok(u64::try_from(row.try_get::<i64, _>(i)?).unwrap_or(0))
+                };
+                let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
+                    Ok(row.try_get::<Option<String>, _>(i)?.map(Arc::from))
+                };
+                let kind = match row.try_get::<String, _>(2)?.as_str() {
+                    "reserve" => EntryKind::Reserve,
+                    "settle" => EntryKind::Settle,
+                    "release" => EntryKind::Release,
+                    "expire" => EntryKind::Expire,
+                    _ => EntryKind::TopUp,
+                };
+                let hold_id = row
+                    .try_get::<Option<i64>, _>(5)?
+                    .and_then(|id| u64::try_from(id).ok());
+                let mut entry = JournalEntry::new(
+                    n(0)?,
+                    UNIX_EPOCH + Duration::from_millis(n(1)?),
+                    kind,
+                    n(3)?,
+                    n(4)?,
+                    hold_id,
+                    n(6)?,
+                    n(7)?,
+                );
+                entry.request_id = text(8)?;
+                entry.key_id = text(9)?;
+                entry.idempotency_key = text(10)?;
+                Ok(entry)
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| BackendError::new(format!("redis record: {e}")))
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    kind: Vec<&'static str>,
+    amount: Vec<i64>,
+    hold: Vec<i64>,
+    hold_id: Vec<Option<i64>>,
+    balance: Vec<i64>,
+    held: Vec<i64>,
+    request_id: Vec<Option<String>>,
+    key_id: Vec<Option<String>>,
+    idempotency_key: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn push(&mut self, e: &JournalEntry) {
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let text = |t: &Option<Arc<str>>| t.as_deref().map(str::to_owned);
+        self.seq.push(int(e.seq));
+        self.at.push(
+            e.at.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        );
+        self.kind.push(match e.kind {
+            EntryKind::Reserve => "reserve",
+            EntryKind::Settle => "settle",
+            EntryKind::Release => "release",
+            EntryKind::Expire => "expire",
+            EntryKind::TopUp => "top_up",
+        });
+        self.amount.push(int(e.amount));
+        self.hold.push(int(e.hold));
+        self.hold_id.push(e.hold_id.map(int));
+        self.balance.push(int(e.balance_after));
+        self.held.push(int(e.held_after));
+        self.request_id.push(text(&e.request_id));
+        self.key_id.push(text(&e.key_id));
+        self.idempotency_key.push(text(&e.idempotency_key));
+    }
+}
+
+/// Move every account's undrained journal entries into the record, then advance each account's
+/// drained cursor. Returns the entries read (some may have been recorded already, by another
+/// drainer). Safe from any number of replicas at once.
+pub(super) async fn drain(shared: &Shared, record: &Record) -> Result<u64, BackendError> {
+    let prefix = shared.options.prefix.clone();
+    let accounts_key = format!("{prefix}:ledger:accounts");
+    let accounts: Vec<String> = shared
+        .conn
+        .call("drain", move |mut conn| async move {
+            conn.smembers(accounts_key).await
+        })
+        .await?;
+    let mut moved = 0;
+    for account in accounts {
+        let hash = format!("{prefix}:{{acct:{account}}}");
+        let log = format!("{hash}:log");
+        loop {
+            let (read_hash, read_log) = (hash.clone(), log.clone());
+            let reply: Vec<Value> = shared
+                .conn
+                .call("drain", move |mut conn| async move {
+                    READ.key(read_hash)
+                        .key(read_log)
+                        .arg(BATCH)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let entries = reply
+                .iter()
+                .skip(1)
+                .map(|raw| match raw {
+                    Value::BulkString(bytes) => entry(bytes),
+                    _ => Err(BackendError::new("redis record: unexpected reply")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                break;
+            };
+            record.insert(&account, &entries).await?;
+            let hash = hash.clone();
+            let _: i64 = shared
+                .conn
+                .call("drain", move |mut conn| async move {
+                    ADVANCE.key(hash).arg(last).invoke_async(&mut conn).await
+                })
+                .await?;
+            moved += entries.len() as u64;
+            if entries.len() < BATCH {
+                break;
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// Drain every [`INTERVAL`] while the backend lives (a failed drain is retried at the next
+/// tick; meanwhile nothing undrained is trimmed).
+pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let drained = match record.migrate().await {
+                Ok(()) => drain(&shared, &record).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = drained {
+                tracing::warn!(%error, "draining the Redis journal into the record failed; retrying (the journal is kept until then)");
+            }
+        }
+    });
+}
