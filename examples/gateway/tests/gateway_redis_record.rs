@@ -5,6 +5,8 @@
 
 #[path = "support/binary.rs"]
 mod binary;
+#[path = "support/http.rs"]
+mod http_client;
 #[path = "../../../tests/support/pg_server.rs"]
 mod pg_server;
 #[path = "support/process.rs"]
@@ -15,7 +17,6 @@ mod redis_server;
 mod temp_dir;
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -23,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use http_client::Http;
 use pg_server::PgServer;
 use process::Process;
 use redis_server::RedisServer;
@@ -73,76 +75,16 @@ key = "{KEY}"
     )
 }
 
-#[derive(Clone)]
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    base: String,
+fn chat() -> Value {
+    json!({"model": "mock-small", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "Hello there"}]})
 }
 
-impl Http {
-    fn new(addr: SocketAddr) -> Self {
-        Http {
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http(),
-            base: format!("http://{addr}"),
-        }
-    }
-
-    /// `None` when the connection failed (the gateway was killed).
-    async fn try_send(&self, method: &str, path: &str, bearer: &str) -> Option<(u16, Value)> {
-        use http_body_util::BodyExt;
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {bearer}"));
-        let body = if method == "POST" {
-            req = req.header("content-type", "application/json");
-            json!({"model": "mock-small", "max_tokens": 16,
-                   "messages": [{"role": "user", "content": "Hello there"}]})
-            .to_string()
-        } else {
-            String::new()
-        };
-        let res = self
-            .client
-            .request(req.body(http_body_util::Full::new(body.into())).unwrap())
-            .await
-            .ok()?;
-        let status = res.status().as_u16();
-        let bytes = res.into_body().collect().await.ok()?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Some((status, value))
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, body) = self.try_send("GET", path, ADMIN).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    /// The whole journal through the admin API, in pages of 100.
-    async fn journal(&self, account: &str) -> Vec<Value> {
-        let mut entries = Vec::new();
-        loop {
-            let after = entries.len();
-            let body = self
-                .get(&format!(
-                    "/admin/accounts/{account}/journal?after={after}&limit=100"
-                ))
-                .await;
-            let page = body["entries"].as_array().unwrap().clone();
-            if page.is_empty() {
-                return entries;
-            }
-            entries.extend(page);
-        }
-    }
+/// An admin GET that must answer 200.
+async fn admin_get(http: &Http, path: &str) -> Value {
+    let (status, body) = http.send("GET", path, ADMIN, None).await;
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 async fn hget(redis: &RedisServer, field: &str) -> u64 {
@@ -186,7 +128,10 @@ async fn kill_9_mid_load_then_restart_the_record_equals_the_books() {
             let (http, stop, served) = (http.clone(), stop.clone(), served.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    match http.try_send("POST", "/v1/chat/completions", KEY).await {
+                    match http
+                        .try_send("POST", "/v1/chat/completions", KEY, &[], Some(chat()))
+                        .await
+                    {
                         Some((200, _)) => {
                             served.fetch_add(1, Ordering::Relaxed);
                         }
@@ -215,7 +160,7 @@ async fn kill_9_mid_load_then_restart_the_record_equals_the_books() {
     let mut last = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let account = http.get("/admin/accounts/acct_1").await;
+        let account = admin_get(&http, "/admin/accounts/acct_1").await;
         let seq = hget(&redis, "seq").await;
         let rec = recorded(pg, &schema);
         if account["held"] == 0 && rec.2 == seq {
@@ -248,7 +193,7 @@ async fn kill_9_mid_load_then_restart_the_record_equals_the_books() {
     );
 
     // The admin journal reads the record (then Redis): the whole history, no gaps.
-    let journal = http.journal("acct_1").await;
+    let journal = http.journal("acct_1", ADMIN, 100).await;
     assert_eq!(journal.len() as u64, seq);
     for (i, entry) in journal.iter().enumerate() {
         assert_eq!(entry["seq"].as_u64().unwrap(), i as u64 + 1);

@@ -5,6 +5,8 @@
 
 #[path = "support/binary.rs"]
 mod binary;
+#[path = "support/http.rs"]
+mod http_client;
 #[path = "support/process.rs"]
 mod process;
 #[path = "../../../tests/support/temp_dir.rs"]
@@ -12,7 +14,6 @@ mod temp_dir;
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
     path::Path,
     process::{Command, Output, Stdio},
     sync::{
@@ -22,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use http_client::Http;
 use process::Process;
 use serde_json::{json, Value};
 use temp_dir::TempDir;
@@ -63,93 +65,6 @@ account = "acct_1"
 key = "sk-test-sqlite-0000000000000"
 "#;
 
-#[derive(Clone)]
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    base: String,
-}
-
-impl Http {
-    fn new(addr: SocketAddr) -> Self {
-        Http {
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http(),
-            base: format!("http://{addr}"),
-        }
-    }
-
-    /// `None` when the connection failed (the gateway was killed).
-    async fn try_send(
-        &self,
-        method: &str,
-        path: &str,
-        bearer: &str,
-        headers: &[(&str, &str)],
-        body: Option<Value>,
-    ) -> Option<(u16, Value)> {
-        use http_body_util::BodyExt;
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {bearer}"));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let res = self
-            .client
-            .request(req.body(http_body_util::Full::new(body.into())).unwrap())
-            .await
-            .ok()?;
-        let status = res.status().as_u16();
-        let bytes = res.into_body().collect().await.ok()?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Some((status, value))
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        bearer: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        self.try_send(method, path, bearer, &[], body)
-            .await
-            .expect("the gateway answers")
-    }
-
-    async fn journal(&self, account: &str) -> Vec<Value> {
-        let mut entries = Vec::new();
-        loop {
-            let after = entries.len();
-            let (status, body) = self
-                .send(
-                    "GET",
-                    &format!("/admin/accounts/{account}/journal?after={after}&limit=1000"),
-                    ADMIN,
-                    None,
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
-            let page = body["entries"].as_array().unwrap().clone();
-            if page.is_empty() {
-                return entries;
-            }
-            entries.extend(page);
-        }
-    }
-}
-
 fn chat() -> Value {
     json!({"model": "mock-small", "max_tokens": 16,
            "messages": [{"role": "user", "content": "Hello there"}]})
@@ -157,7 +72,7 @@ fn chat() -> Value {
 
 /// `balance == Σ top-ups − Σ charges`, nothing held, one close per hold; returns the journal.
 async fn assert_books(http: &Http, account: &str) -> Vec<Value> {
-    let journal = http.journal(account).await;
+    let journal = http.journal(account, ADMIN, 1000).await;
     let sum = |kinds: &[&str], field: &str| -> u64 {
         journal
             .iter()
