@@ -643,6 +643,19 @@ impl EntryKind {
             EntryKind::TopUp => "top_up",
         }
     }
+
+    /// The kind whose [`as_str`](Self::as_str) is `word`: how the backends read their journals.
+    pub(crate) fn parse(word: &str) -> Option<EntryKind> {
+        [
+            EntryKind::Reserve,
+            EntryKind::Settle,
+            EntryKind::Release,
+            EntryKind::Expire,
+            EntryKind::TopUp,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == word)
+    }
 }
 
 /// One movement on an account, appended to its journal and never changed.

@@ -597,13 +597,8 @@ fn hold_id() -> i64 {
 }
 
 fn entry(row: &PgRow) -> Result<JournalEntry, sqlx::Error> {
-    let kind = match row.try_get::<&str, _>(2)? {
-        "reserve" => EntryKind::Reserve,
-        "settle" => EntryKind::Settle,
-        "release" => EntryKind::Release,
-        "expire" => EntryKind::Expire,
-        _ => EntryKind::TopUp,
-    };
+    // The table's CHECK admits only the five kinds.
+    let kind = EntryKind::parse(row.try_get::<&str, _>(2)?).unwrap_or(EntryKind::TopUp);
     let micros: i64 = row.try_get(1)?;
     let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
         Ok(row.try_get::<Option<&str>, _>(i)?.map(Arc::from))

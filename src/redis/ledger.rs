@@ -124,12 +124,12 @@ impl RedisLedger {
         )
     }
 
-    fn conn(&self) -> &Conn {
+    pub(super) fn conn(&self) -> &Conn {
         &self.shared.conn
     }
 
     /// `{prefix}:{acct:ID}`: the account's hash; its other keys extend this name.
-    fn account_key(&self, account: &str) -> String {
+    pub(super) fn account_key(&self, account: &str) -> String {
         format!("{}:{{acct:{account}}}", self.shared.options.prefix)
     }
 
@@ -138,7 +138,7 @@ impl RedisLedger {
         format!("{}:log", self.account_key(account))
     }
 
-    fn accounts_key(&self) -> String {
+    pub(super) fn accounts_key(&self) -> String {
         format!("{}:ledger:accounts", self.shared.options.prefix)
     }
 
@@ -684,14 +684,8 @@ pub(super) fn entry(raw: &[u8]) -> Result<JournalEntry, BackendError> {
         let word = std::str::from_utf8(&rest[..space]).map_err(|_| bad())?;
         rest = &rest[space + 1..];
         if i == 2 {
-            kind = match word {
-                "reserve" => EntryKind::Reserve,
-                "settle" => EntryKind::Settle,
-                "release" => EntryKind::Release,
-                "expire" => EntryKind::Expire,
-                "top_up" => EntryKind::TopUp,
-                _ => return Err(BackendError::new("redis journal: unknown entry kind")),
-            };
+            kind = EntryKind::parse(word)
+                .ok_or_else(|| BackendError::new("redis journal: unknown entry kind"))?;
         } else {
             *slot = word.parse().map_err(|_| bad())?;
         }

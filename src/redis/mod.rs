@@ -350,10 +350,7 @@ impl RedisBackend {
     #[cfg(feature = "postgres")]
     pub async fn drain_record(&self) -> Result<u64, BackendError> {
         match &self.shared.options.record {
-            Some(record) => {
-                record.migrate().await?;
-                record::drain(&self.shared, record).await
-            }
+            Some(record) => record::drain(&self.ledger(), record).await,
             None => Ok(0),
         }
     }

@@ -9,7 +9,10 @@ use std::{
 use redis::{AsyncCommands, Script, Value};
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
-use super::{ledger::entry, Shared};
+use super::{
+    ledger::{entry, RedisLedger},
+    Shared,
+};
 use crate::{
     credits::ledger::{EntryKind, JournalEntry, JournalQuery},
     postgres::{PostgresBackend, PostgresOptions},
@@ -118,13 +121,8 @@ impl Record {
                 let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
                     Ok(row.try_get::<Option<String>, _>(i)?.map(Arc::from))
                 };
-                let kind = match row.try_get::<String, _>(2)?.as_str() {
-                    "reserve" => EntryKind::Reserve,
-                    "settle" => EntryKind::Settle,
-                    "release" => EntryKind::Release,
-                    "expire" => EntryKind::Expire,
-                    _ => EntryKind::TopUp,
-                };
+                // The table's CHECK admits only the five kinds.
+                let kind = EntryKind::parse(row.try_get::<&str, _>(2)?).unwrap_or(EntryKind::TopUp);
                 let hold_id = row
                     .try_get::<Option<i64>, _>(5)?
                     .and_then(|id| u64::try_from(id).ok());
@@ -172,13 +170,7 @@ impl Columns {
             e.at.duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         );
-        self.kind.push(match e.kind {
-            EntryKind::Reserve => "reserve",
-            EntryKind::Settle => "settle",
-            EntryKind::Release => "release",
-            EntryKind::Expire => "expire",
-            EntryKind::TopUp => "top_up",
-        });
+        self.kind.push(e.kind.as_str());
         self.amount.push(int(e.amount));
         self.hold.push(int(e.hold));
         self.hold_id.push(e.hold_id.map(int));
@@ -190,26 +182,27 @@ impl Columns {
     }
 }
 
-/// Move every account's undrained journal entries into the record, then advance each account's
-/// drained cursor. Returns the entries read (some may have been recorded already, by another
-/// drainer). Safe from any number of replicas at once.
-pub(super) async fn drain(shared: &Shared, record: &Record) -> Result<u64, BackendError> {
-    let prefix = shared.options.prefix.clone();
-    let accounts_key = format!("{prefix}:ledger:accounts");
-    let accounts: Vec<String> = shared
-        .conn
+/// Apply the record's migrations (once per process), move every account's undrained journal
+/// entries into the record, then advance each account's drained cursor. Returns the entries
+/// read (some may have been recorded already, by another drainer). Safe from any number of
+/// replicas at once.
+pub(super) async fn drain(ledger: &RedisLedger, record: &Record) -> Result<u64, BackendError> {
+    record.migrate().await?;
+    let accounts_key = ledger.accounts_key();
+    let accounts: Vec<String> = ledger
+        .conn()
         .call("drain", move |mut conn| async move {
             conn.smembers(accounts_key).await
         })
         .await?;
     let mut moved = 0;
     for account in accounts {
-        let hash = format!("{prefix}:{{acct:{account}}}");
-        let log = format!("{hash}:log");
+        let hash = ledger.account_key(&account);
+        let log = ledger.journal_key(&account);
         loop {
             let (read_hash, read_log) = (hash.clone(), log.clone());
-            let reply: Vec<Value> = shared
-                .conn
+            let reply: Vec<Value> = ledger
+                .conn()
                 .call("drain", move |mut conn| async move {
                     READ.key(read_hash)
                         .key(read_log)
@@ -231,8 +224,8 @@ pub(super) async fn drain(shared: &Shared, record: &Record) -> Result<u64, Backe
             };
             record.insert(&account, &entries).await?;
             let hash = hash.clone();
-            let _: i64 = shared
-                .conn
+            let _: i64 = ledger
+                .conn()
                 .call("drain", move |mut conn| async move {
                     ADVANCE.key(hash).arg(last).invoke_async(&mut conn).await
                 })
@@ -260,11 +253,7 @@ pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let drained = match record.migrate().await {
-                Ok(()) => drain(&shared, &record).await,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = drained {
+            if let Err(error) = drain(&RedisLedger::new(shared), &record).await {
                 tracing::warn!(%error, "draining the Redis journal into the record failed; retrying (the journal is kept until then)");
             }
         }

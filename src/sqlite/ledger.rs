@@ -398,18 +398,9 @@ impl LedgerAdmin for SqliteLedger {
 
 fn journal_entry(row: &sqlx::sqlite::SqliteRow) -> Result<JournalEntry, BackendError> {
     let corrupt = |e: sqlx::Error| backend_error("journal row", &e);
-    let kind = match row.try_get::<&str, _>("kind").map_err(corrupt)? {
-        "reserve" => EntryKind::Reserve,
-        "settle" => EntryKind::Settle,
-        "release" => EntryKind::Release,
-        "expire" => EntryKind::Expire,
-        "top_up" => EntryKind::TopUp,
-        other => {
-            return Err(BackendError::new(format!(
-                "sqlite journal: unknown kind `{other}`"
-            )))
-        }
-    };
+    let word = row.try_get::<&str, _>("kind").map_err(corrupt)?;
+    let kind = EntryKind::parse(word)
+        .ok_or_else(|| BackendError::new(format!("sqlite journal: unknown kind `{word}`")))?;
     let get = |name: &str| row.try_get::<i64, _>(name).map(uint).map_err(corrupt);
     let text = |name: &str| {
         row.try_get::<Option<String>, _>(name)
