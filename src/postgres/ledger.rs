@@ -597,8 +597,10 @@ fn hold_id() -> i64 {
 }
 
 fn entry(row: &PgRow) -> Result<JournalEntry, sqlx::Error> {
-    // The table's CHECK admits only the five kinds.
-    let kind = EntryKind::parse(row.try_get::<&str, _>(2)?).unwrap_or(EntryKind::TopUp);
+    // The table's CHECK admits only the five kinds; anything else is a corrupt row, never a top-up.
+    let word: &str = row.try_get(2)?;
+    let kind = EntryKind::parse(word)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown journal kind `{word}`").into()))?;
     let micros: i64 = row.try_get(1)?;
     let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
         Ok(row.try_get::<Option<&str>, _>(i)?.map(Arc::from))

@@ -121,8 +121,11 @@ impl Record {
                 let text = |i: usize| -> Result<Option<Arc<str>>, sqlx::Error> {
                     Ok(row.try_get::<Option<String>, _>(i)?.map(Arc::from))
                 };
-                // The table's CHECK admits only the five kinds.
-                let kind = EntryKind::parse(row.try_get::<&str, _>(2)?).unwrap_or(EntryKind::TopUp);
+                // The table's CHECK admits only the five kinds; anything else is a corrupt row, never a top-up.
+                let word: &str = row.try_get(2)?;
+                let kind = EntryKind::parse(word).ok_or_else(|| {
+                    sqlx::Error::Decode(format!("unknown journal kind `{word}`").into())
+                })?;
                 let hold_id = row
                     .try_get::<Option<i64>, _>(5)?
                     .and_then(|id| u64::try_from(id).ok());
