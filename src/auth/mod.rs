@@ -70,6 +70,8 @@
 //! # }
 //! ```
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod cache;
 mod caller;
 mod extract;
 mod future;

@@ -2,14 +2,11 @@
 //! invalidation.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt,
     future::Future,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, Weak,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Weak},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use sqlx::{
@@ -20,6 +17,7 @@ use sqlx::{
 use super::{BoxFuture, Shared};
 use crate::{
     auth::{
+        cache::{KeyCache, ALL},
         AccountRecord, AccountStatus, KeyAdmin, KeyAdminError, KeyLookup, KeyRecord, KeyStatus,
         KeyStore,
     },
@@ -27,9 +25,6 @@ use crate::{
     keys::KeyDigest,
     BackendError,
 };
-
-/// The invalidation message that empties every replica's cache.
-const ALL: &str = "*";
 
 /// The columns of a key record, in the order [`decode_key`] reads them from `offset`.
 const KEY_COLUMNS: &str =
@@ -69,7 +64,7 @@ const KEY_COLUMNS: &str =
 #[derive(Clone)]
 pub struct PostgresKeyStore {
     shared: Arc<Shared>,
-    cache: Arc<Cache>,
+    cache: Arc<KeyCache>,
     sql: Arc<Statements>,
 }
 
@@ -156,63 +151,12 @@ impl Statements {
     }
 }
 
-struct Cache {
-    ttl: Duration,
-    capacity: usize,
-    /// Bumped by every invalidation: a lookup that started before one does not fill the cache.
-    generation: AtomicU64,
-    entries: Mutex<HashMap<KeyDigest, (Instant, Option<KeyLookup>)>>,
-}
-
-impl Cache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyDigest, (Instant, Option<KeyLookup>)>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, digest: &KeyDigest) -> Option<Option<KeyLookup>> {
-        let entries = self.lock();
-        let (at, lookup) = entries.get(digest)?;
-        (at.elapsed() < self.ttl).then(|| lookup.clone())
-    }
-
-    fn put(&self, digest: KeyDigest, lookup: Option<KeyLookup>, generation: u64) {
-        if self.ttl.is_zero() || self.capacity == 0 {
-            return;
-        }
-        let mut entries = self.lock();
-        if self.generation.load(Ordering::Acquire) != generation {
-            return;
-        }
-        if entries.len() >= self.capacity {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-        }
-        entries.insert(digest, (Instant::now(), lookup));
-    }
-
-    fn invalidate(&self, message: &str) {
-        let mut entries = self.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        match message.parse::<KeyDigest>() {
-            Ok(digest) => {
-                entries.remove(&digest);
-            }
-            Err(_) => entries.clear(),
-        }
-    }
-}
-
 impl PostgresKeyStore {
     pub(super) fn new(shared: Arc<Shared>) -> Self {
-        let cache = Arc::new(Cache {
-            ttl: shared.options.key_cache_ttl,
-            capacity: shared.options.key_cache_capacity,
-            generation: AtomicU64::new(0),
-            entries: Mutex::new(HashMap::new()),
-        });
+        let cache = Arc::new(KeyCache::new(
+            shared.options.key_cache_ttl,
+            shared.options.key_cache_capacity,
+        ));
         let sql = Arc::new(Statements::new(&shared));
         let store = PostgresKeyStore { shared, cache, sql };
         store.spawn_listener();
@@ -221,7 +165,7 @@ impl PostgresKeyStore {
 
     /// Cached entries (found and not found).
     pub fn cached(&self) -> usize {
-        self.cache.lock().len()
+        self.cache.len()
     }
 
     /// Empty this replica's cache.
@@ -232,7 +176,7 @@ impl PostgresKeyStore {
     fn spawn_listener(&self) {
         let pool = self.shared.pool.clone();
         let channel = self.sql.channel.clone();
-        let weak: Weak<Cache> = Arc::downgrade(&self.cache);
+        let weak: Weak<KeyCache> = Arc::downgrade(&self.cache);
         let timeout = self.shared.deadline();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
@@ -372,7 +316,7 @@ impl KeyStore for PostgresKeyStore {
         if let Some(cached) = self.cache.get(digest) {
             return Box::pin(std::future::ready(Ok(cached)));
         }
-        let generation = self.cache.generation.load(Ordering::Acquire);
+        let generation = self.cache.generation();
         let sql = self.sql.lookup.clone();
         let bytes = digest.as_bytes().to_vec();
         let call = self.shared.call_retrying("key lookup", move |pool, _| {

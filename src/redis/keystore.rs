@@ -5,11 +5,8 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     future::Future,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, LazyLock, Mutex, Weak,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, LazyLock, Weak},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::StreamExt;
@@ -18,6 +15,7 @@ use redis::{AsyncCommands, Script, Value};
 use super::{BoxFuture, Shared};
 use crate::{
     auth::{
+        cache::{KeyCache, ALL},
         AccountRecord, AccountStatus, KeyAdmin, KeyAdminError, KeyLookup, KeyRecord, KeyStatus,
         KeyStore,
     },
@@ -29,9 +27,6 @@ use crate::{
 static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lookup.lua")));
 static KEY_ADMIN: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/key_admin.lua")));
-
-/// The invalidation message that empties every replica's cache.
-const ALL: &str = "*";
 
 /// A [`KeyStore`] and [`KeyAdmin`] in Redis, with a small cache on each replica.
 ///
@@ -64,66 +59,15 @@ const ALL: &str = "*";
 #[derive(Clone)]
 pub struct RedisKeyStore {
     shared: Arc<Shared>,
-    cache: Arc<Cache>,
-}
-
-struct Cache {
-    ttl: Duration,
-    capacity: usize,
-    /// Bumped by every invalidation: a lookup that started before one does not fill the cache.
-    generation: AtomicU64,
-    entries: Mutex<HashMap<KeyDigest, (Instant, Option<KeyLookup>)>>,
-}
-
-impl Cache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyDigest, (Instant, Option<KeyLookup>)>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, digest: &KeyDigest) -> Option<Option<KeyLookup>> {
-        let entries = self.lock();
-        let (at, lookup) = entries.get(digest)?;
-        (at.elapsed() < self.ttl).then(|| lookup.clone())
-    }
-
-    fn put(&self, digest: KeyDigest, lookup: Option<KeyLookup>, generation: u64) {
-        if self.ttl.is_zero() || self.capacity == 0 {
-            return;
-        }
-        let mut entries = self.lock();
-        if self.generation.load(Ordering::Acquire) != generation {
-            return;
-        }
-        if entries.len() >= self.capacity {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-        }
-        entries.insert(digest, (Instant::now(), lookup));
-    }
-
-    fn invalidate(&self, message: &str) {
-        let mut entries = self.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        match message.parse::<KeyDigest>() {
-            Ok(digest) => {
-                entries.remove(&digest);
-            }
-            Err(_) => entries.clear(),
-        }
-    }
+    cache: Arc<KeyCache>,
 }
 
 impl RedisKeyStore {
     pub(super) fn new(shared: Arc<Shared>) -> Self {
-        let cache = Arc::new(Cache {
-            ttl: shared.options.key_cache_ttl,
-            capacity: shared.options.key_cache_capacity,
-            generation: AtomicU64::new(0),
-            entries: Mutex::new(HashMap::new()),
-        });
+        let cache = Arc::new(KeyCache::new(
+            shared.options.key_cache_ttl,
+            shared.options.key_cache_capacity,
+        ));
         let store = RedisKeyStore { shared, cache };
         store.spawn_listener();
         store
@@ -151,7 +95,7 @@ impl RedisKeyStore {
 
     /// Cached entries (found and not found).
     pub fn cached(&self) -> usize {
-        self.cache.lock().len()
+        self.cache.len()
     }
 
     /// Empty this replica's cache.
@@ -162,7 +106,7 @@ impl RedisKeyStore {
     fn spawn_listener(&self) {
         let client = self.shared.client.clone();
         let channel = self.channel();
-        let weak: Weak<Cache> = Arc::downgrade(&self.cache);
+        let weak: Weak<KeyCache> = Arc::downgrade(&self.cache);
         let connect_timeout = self.shared.options.connect_timeout;
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
@@ -296,7 +240,7 @@ impl KeyStore for RedisKeyStore {
         if let Some(cached) = self.cache.get(digest) {
             return Box::pin(std::future::ready(Ok(cached)));
         }
-        let generation = self.cache.generation.load(Ordering::Acquire);
+        let generation = self.cache.generation();
         let prefix = self.prefix();
         let key = format!("{prefix}key:{}", digest.to_hex());
         let call = self
