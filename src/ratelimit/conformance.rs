@@ -298,3 +298,89 @@ pub async fn run<L: Limiter>(limiter: &L, advance: impl Fn(Duration)) {
         }
     }
 }
+
+/// Random sequences of checks, settlements and clock steps: `limiter` must decide exactly as a
+/// [`MemoryLimiter`](super::MemoryLimiter) on a fake clock does, outcome and statuses alike.
+///
+/// Each of `rounds` rounds draws two quotas (a requests limit with a random period and burst, a
+/// tokens limit per second) and runs `steps` steps on a fresh subject; the draws come from a fixed
+/// seed, so a failure names a round that fails again. `advance` moves the limiter's clock forward.
+///
+/// ```
+/// use governor::clock::FakeRelativeClock;
+/// use tollgate::ratelimit::{conformance, MemoryLimiter};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let clock = FakeRelativeClock::default();
+/// let limiter = MemoryLimiter::with_clock(clock.clone());
+/// conformance::same_as_memory(&limiter, 10, 20, |d| clock.advance(d)).await;
+/// # }
+/// ```
+///
+/// # Panics
+///
+/// On the first decision that differs, naming the round.
+pub async fn same_as_memory<L: Limiter>(
+    limiter: &L,
+    rounds: usize,
+    steps: usize,
+    advance: impl Fn(Duration),
+) {
+    let fake = governor::clock::FakeRelativeClock::default();
+    let memory = super::MemoryLimiter::with_clock(fake.clone());
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    for round in 0..rounds {
+        let burst = NonZeroU32::new(1 + next(10) as u32).expect("at least 1");
+        let quotas = [
+            Quota::with_period(Duration::from_millis(1 + next(700)))
+                .expect("a period above zero")
+                .allow_burst(burst),
+            Quota::per_second(NonZeroU32::new(1 + next(50) as u32).expect("at least 1")),
+        ];
+        let subject = Subject::Key(format!("random-{round}").into());
+        let keys: Vec<_> = (0..2u8)
+            .map(|i| BucketKey::new(subject.clone(), "p", i))
+            .collect();
+        for _ in 0..steps {
+            let step = Duration::from_nanos(next(400_000_000));
+            fake.advance(step);
+            advance(step);
+            if next(5) == 0 {
+                let corrections = [Correction {
+                    key: keys[1].clone(),
+                    quota: quotas[1],
+                    delta: next(20) as i64 - 10,
+                }];
+                memory.settle(&corrections).await.expect("memory settles");
+                limiter
+                    .settle(&corrections)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                continue;
+            }
+            let charges: Vec<Charge> = [LimitKind::Requests, LimitKind::Tokens]
+                .into_iter()
+                .enumerate()
+                .map(|(i, kind)| Charge {
+                    key: keys[i].clone(),
+                    kind,
+                    quota: quotas[i],
+                    cost: next(12),
+                })
+                .collect();
+            let ours = limiter
+                .check(&charges)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let theirs = memory.check(&charges).await.expect("memory checks");
+            assert_eq!(ours, theirs, "round {round}");
+        }
+    }
+}

@@ -318,7 +318,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        ratelimit::{conformance, MemoryLimiter},
+        ratelimit::conformance,
         redis::{test_server::RedisServer, RedisBackend},
     };
 
@@ -336,9 +336,6 @@ mod tests {
     /// Random sequences: the same decisions and statuses as the in-memory backend.
     #[tokio::test]
     async fn same_decisions_as_memory_on_random_sequences() {
-        use governor::{clock::FakeRelativeClock, Quota};
-        use std::num::NonZeroU32;
-
         let server = RedisServer::start();
         let backend = RedisBackend::connect(&server.url()).await.unwrap();
         let frozen = Arc::new(Mutex::new(
@@ -346,59 +343,9 @@ mod tests {
         ));
         let mut redis = backend.limiter().fail_mode(FailMode::Closed);
         redis.frozen = Some(Arc::clone(&frozen));
-        let fake = FakeRelativeClock::default();
-        let memory = MemoryLimiter::with_clock(fake.clone());
-
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |bound: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % bound
-        };
-        for round in 0..40 {
-            let burst = NonZeroU32::new(1 + next(10) as u32).unwrap();
-            let quotas = [
-                Quota::with_period(Duration::from_millis(1 + next(700)))
-                    .unwrap()
-                    .allow_burst(burst),
-                Quota::per_second(NonZeroU32::new(1 + next(50) as u32).unwrap()),
-            ];
-            let subject = Subject::Key(format!("random-{round}").into());
-            let keys: Vec<_> = (0..2)
-                .map(|i| BucketKey::new(subject.clone(), "p", i))
-                .collect();
-            for _ in 0..40 {
-                let advance = Duration::from_nanos(next(400_000_000));
-                fake.advance(advance);
-                *frozen.lock().unwrap() += advance;
-                if next(5) == 0 {
-                    let delta = next(20) as i64 - 10;
-                    let corrections = [Correction {
-                        key: keys[1].clone(),
-                        quota: quotas[1],
-                        delta,
-                    }];
-                    memory.settle(&corrections).await.unwrap();
-                    redis.settle(&corrections).await.unwrap();
-                    continue;
-                }
-                let charges: Vec<Charge> = (0..2)
-                    .map(|i| Charge {
-                        key: keys[i].clone(),
-                        kind: if i == 0 {
-                            LimitKind::Requests
-                        } else {
-                            LimitKind::Tokens
-                        },
-                        quota: quotas[i],
-                        cost: next(12),
-                    })
-                    .collect();
-                let ours = redis.check(&charges).await.unwrap();
-                let theirs = memory.check(&charges).await.unwrap();
-                assert_eq!(ours, theirs, "round {round}");
-            }
-        }
+        conformance::same_as_memory(&redis, 40, 40, |d| {
+            *frozen.lock().unwrap() += d;
+        })
+        .await;
     }
 }
