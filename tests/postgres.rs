@@ -2,6 +2,8 @@
 //! port): several replicas (pools) on one database behave as one, exact and durable.
 #![cfg(feature = "postgres")]
 
+#[path = "support/books.rs"]
+mod books;
 #[path = "support/pg_server.rs"]
 mod pg_server;
 
@@ -10,6 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use books::{assert_books, patiently};
 use governor::Quota;
 use pg_server::PgServer;
 use tollgate::{
@@ -60,80 +63,6 @@ fn charge(subject: &str, per_minute: u32) -> Charge {
         quota: Quota::per_minute(NonZeroU32::new(per_minute).unwrap()),
         cost: 1,
     }
-}
-
-/// A verification read, retried for up to 10 s (after a fault the pool reconnects first).
-async fn patiently<T, F, Fut>(read: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tollgate::BackendError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match read().await {
-            Ok(value) => return value,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("PostgreSQL did not answer a verification read: {error}"),
-        }
-    }
-}
-
-/// Journal invariants: balance = Σ top-ups − Σ charges; held = Σ held − Σ closed; sequence
-/// numbers without gaps; every hold closed at most once. Returns (charged, reserves).
-async fn assert_books(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
-    let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
-    let sum = |kind: EntryKind| -> u64 {
-        journal
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.amount)
-            .sum()
-    };
-    let balance = patiently(|| ledger.balance(account)).await;
-    let charged = sum(EntryKind::Settle) + sum(EntryKind::Expire);
-    assert_eq!(
-        balance.balance,
-        sum(EntryKind::TopUp) - charged,
-        "balance = top-ups - charges"
-    );
-    let reserved: u64 = journal
-        .iter()
-        .filter(|e| e.kind == EntryKind::Reserve)
-        .map(|e| e.hold)
-        .sum();
-    let closed: u64 = journal
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                EntryKind::Settle | EntryKind::Release | EntryKind::Expire
-            )
-        })
-        .map(|e| e.hold)
-        .sum();
-    assert_eq!(balance.held, reserved - closed, "held = reserved - closed");
-    for (i, entry) in journal.iter().enumerate() {
-        assert_eq!(entry.seq, i as u64 + 1, "journal without gaps");
-        assert!(entry.held_after <= entry.balance_after, "never negative");
-    }
-    let mut closes: Vec<u64> = journal
-        .iter()
-        .filter(|e| e.kind != EntryKind::Reserve && e.kind != EntryKind::TopUp)
-        .filter_map(|e| e.hold_id)
-        .collect();
-    let total = closes.len();
-    closes.sort_unstable();
-    closes.dedup();
-    assert_eq!(closes.len(), total, "no hold closed twice");
-    (
-        charged,
-        journal
-            .iter()
-            .filter(|e| e.kind == EntryKind::Reserve)
-            .count() as u64,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! several replicas sharing one Redis behave as one.
 #![cfg(feature = "redis")]
 
+#[path = "support/books.rs"]
+mod books;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -10,6 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use books::{assert_books, patiently};
 use governor::Quota;
 use redis_server::RedisServer;
 use tollgate::{
@@ -50,79 +53,6 @@ fn charge(subject: &str, per_minute: u32) -> Charge {
         quota: Quota::per_minute(NonZeroU32::new(per_minute).unwrap()),
         cost: 1,
     }
-}
-
-/// A verification read: the stores use 200 ms deadlines (to inject faults quickly), so on a
-/// loaded machine a read after a fault may time out once; it is retried for up to 5 s.
-async fn patiently<T, F, Fut>(read: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tollgate::BackendError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match read().await {
-            Ok(value) => return value,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("Redis did not answer a verification read: {error}"),
-        }
-    }
-}
-
-/// Journal invariants: balance = Σ top-ups − Σ charges; every reserve closed at most once.
-async fn assert_journal_matches(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
-    let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
-    let sum = |kind: EntryKind| -> u64 {
-        journal
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.amount)
-            .sum()
-    };
-    let balance = patiently(|| ledger.balance(account)).await;
-    let charged = sum(EntryKind::Settle) + sum(EntryKind::Expire);
-    assert_eq!(
-        balance.balance,
-        sum(EntryKind::TopUp) - charged,
-        "balance = top-ups - charges"
-    );
-    let reserved: u64 = journal
-        .iter()
-        .filter(|e| e.kind == EntryKind::Reserve)
-        .map(|e| e.hold)
-        .sum();
-    let closed: u64 = journal
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                EntryKind::Settle | EntryKind::Release | EntryKind::Expire
-            )
-        })
-        .map(|e| e.hold)
-        .sum();
-    assert_eq!(balance.held, reserved - closed, "held = reserved - closed");
-    for (i, entry) in journal.iter().enumerate() {
-        assert_eq!(entry.seq, i as u64 + 1, "journal without gaps");
-    }
-    let mut closes: Vec<u64> = journal
-        .iter()
-        .filter(|e| e.kind != EntryKind::Reserve && e.kind != EntryKind::TopUp)
-        .filter_map(|e| e.hold_id)
-        .collect();
-    let total = closes.len();
-    closes.sort_unstable();
-    closes.dedup();
-    assert_eq!(closes.len(), total, "no hold closed twice");
-    (
-        charged,
-        journal
-            .iter()
-            .filter(|e| e.kind == EntryKind::Reserve)
-            .count() as u64,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +96,7 @@ async fn concurrent_reserves_across_replicas_spend_exactly_the_balance() {
         (balance.balance, balance.held, balance.available),
         (0, 0, 0)
     );
-    let (charged, reserves) = assert_journal_matches(&admin, "acct_1").await;
+    let (charged, reserves) = assert_books(&admin, "acct_1").await;
     assert_eq!((charged, reserves), (k * price, k));
 }
 
@@ -219,7 +149,7 @@ async fn settle_and_release_close_a_hold_once_and_never_go_negative() {
     let released = ledger.release(&b).await.unwrap();
     assert_eq!((released.charged, released.balance), (0, 40));
     assert_eq!(ledger.balance("acct_1").await.unwrap().available, 40);
-    assert_journal_matches(&ledger, "acct_1").await;
+    assert_books(&ledger, "acct_1").await;
     let page = ledger
         .journal("acct_1", JournalQuery::new().after(Some(2)).limit(2))
         .await
@@ -479,7 +409,7 @@ async fn a_hold_left_by_a_killed_replica_is_charged_after_its_expiry() {
     let expired = survivor.expire_holds(SystemTime::now()).await.unwrap();
     assert_eq!((expired.holds, expired.charged), (1, 20));
     assert_eq!(survivor.balance("acct_2").await.unwrap().balance, 80);
-    assert_journal_matches(&survivor, "acct_1").await;
+    assert_books(&survivor, "acct_1").await;
     let journal = survivor
         .journal("acct_1", JournalQuery::new())
         .await
@@ -620,7 +550,7 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
         assert!(Instant::now() < deadline, "holds left: {balance:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (journal_charged, _) = assert_journal_matches(&ledger, "acct_1").await;
+    let (journal_charged, _) = assert_books(&ledger, "acct_1").await;
     assert_eq!(journal_charged, charged);
     // Each hold a client got is settled once at its price; every other hold placed (a reserve
     // whose answer was lost) is released, never charged.
@@ -810,7 +740,7 @@ async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correct
     assert_eq!(remaining, 100_000 - 50 * N - estimate);
     let balance = settled(&ledger).await;
     assert_eq!(balance.balance, 1_000 - (N + 1));
-    assert_journal_matches(&ledger, "acct_1").await;
+    assert_books(&ledger, "acct_1").await;
 }
 
 /// Two replicas, one Redis: 60 requests at once against 20 requests per minute and credits
@@ -852,7 +782,7 @@ async fn limits_and_credits_across_replicas_are_charged_both_or_neither() {
     assert_eq!(count(402) + count(429), 45, "{statuses:?}");
     let balance = settled(&ledger).await;
     assert_eq!((balance.balance, balance.held), (0, 0));
-    let (charged, reserves) = assert_journal_matches(&ledger, "acct_1").await;
+    let (charged, reserves) = assert_books(&ledger, "acct_1").await;
     assert_eq!((charged, reserves), (15, 15));
 
     // 5 cells are left, whichever replica asks.
