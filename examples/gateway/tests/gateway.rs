@@ -5,6 +5,8 @@
 mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/http.rs"]
+mod http_client;
 
 use std::{
     io::{BufRead, BufReader},
@@ -12,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use http_client::Http;
 use serde_json::{json, Value};
 
 const CONFIG: &str = r#"
@@ -43,58 +46,24 @@ key = "sk-test-gateway-0000000000000"
 const KEY: &str = "sk-test-gateway-0000000000000";
 const ADMIN: &str = "admin-test-key-0123456789";
 
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    base: String,
-}
-
 impl Http {
-    fn new(addr: std::net::SocketAddr) -> Self {
-        Http {
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http(),
-            base: format!("http://{addr}"),
-        }
-    }
-
-    async fn send(
+    /// A request with a Bearer key, or none.
+    async fn call(
         &self,
         method: &str,
         path: &str,
         bearer: Option<&str>,
         body: Option<Value>,
     ) -> (u16, http::HeaderMap, Value) {
-        use http_body_util::BodyExt;
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        if let Some(key) = bearer {
-            req = req.header("authorization", format!("Bearer {key}"));
-        }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let res = self
-            .client
-            .request(req.body(http_body_util::Full::new(body.into())).unwrap())
-            .await
-            .unwrap();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, headers, value)
+        let auth: Vec<_> = bearer
+            .map(|key| ("authorization", format!("Bearer {key}")))
+            .into_iter()
+            .collect();
+        self.request(method, path, &auth, body).await
     }
 
     async fn balance(&self, account: &str) -> Value {
-        self.send(
+        self.call(
             "GET",
             &format!("/admin/accounts/{account}"),
             Some(ADMIN),
@@ -126,7 +95,7 @@ async fn proxies_a_real_upstream_and_bills_its_usage() {
 
     // 3 prompt + 8 completion tokens at 1 credit per token, plus 1 per request: 12 credits.
     let (status, headers, body) = http
-        .send("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
+        .call("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["total_tokens"], 11);
@@ -137,7 +106,7 @@ async fn proxies_a_real_upstream_and_bills_its_usage() {
     assert_eq!(http.balance("acct_1").await["balance"], 1000 - 12);
 
     let (status, headers, body) = http
-        .send("POST", "/v1/chat/completions", Some(KEY), Some(chat(true)))
+        .call("POST", "/v1/chat/completions", Some(KEY), Some(chat(true)))
         .await;
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "text/event-stream");
@@ -151,13 +120,13 @@ async fn proxies_a_real_upstream_and_bills_its_usage() {
     assert_eq!(account["balance"], 1000 - 24);
     assert_eq!(account["holds"], 0);
 
-    let (status, _, body) = http.send("GET", "/v1/models", Some(KEY), None).await;
+    let (status, _, body) = http.call("GET", "/v1/models", Some(KEY), None).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"][0]["id"], "mock-small");
 
     // The journal reconciles: top-up, then reserve + settle per call.
     let (_, _, journal) = http
-        .send("GET", "/admin/accounts/acct_1/journal", Some(ADMIN), None)
+        .call("GET", "/admin/accounts/acct_1/journal", Some(ADMIN), None)
         .await;
     let kinds: Vec<&str> = journal["entries"]
         .as_array()
@@ -182,7 +151,7 @@ async fn unreachable_upstream_is_a_502_and_releases_the_hold() {
     let running = gateway::start(&config).await;
     let http = Http::new(running.addr);
     let (status, headers, body) = http
-        .send("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
+        .call("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
         .await;
     assert_eq!(status, 502);
     assert_eq!(headers["x-should-retry"], "true");
@@ -201,9 +170,9 @@ async fn metrics_count_outcomes_and_credits() {
     ))
     .await;
     let http = Http::new(running.addr);
-    http.send("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
+    http.call("POST", "/v1/chat/completions", Some(KEY), Some(chat(false)))
         .await;
-    http.send(
+    http.call(
         "POST",
         "/v1/chat/completions",
         Some("sk-test-nobody-000000000000"),
@@ -212,7 +181,7 @@ async fn metrics_count_outcomes_and_credits() {
     .await;
     // On their own listener only (tests/gateway_hardening.rs).
     let metrics = Http::new(running.metrics_addr.unwrap());
-    let (status, headers, body) = metrics.send("GET", "/metrics", None, None).await;
+    let (status, headers, body) = metrics.call("GET", "/metrics", None, None).await;
     assert_eq!(status, 200);
     assert!(headers["content-type"]
         .to_str()
@@ -268,7 +237,7 @@ async fn the_binary_prints_the_demo_key_and_stops_gracefully() {
 
     let http = Http::new(addr.parse().unwrap());
     let (status, _, body) = http
-        .send(
+        .call(
             "POST",
             "/v1/chat/completions",
             Some("sk-demo-tollgate-0123456789abcdef"),

@@ -7,6 +7,8 @@
 mod binary;
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/http.rs"]
+mod http_client;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -18,6 +20,7 @@ use std::{
 
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
+use http_client::Http;
 use serde_json::{json, Value};
 
 const KEY: &str = "sk-test-hardening-000000000000";
@@ -83,67 +86,14 @@ async fn recording_upstream() -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
-struct Http {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-    base: String,
-}
-
 impl Http {
-    fn new(addr: SocketAddr) -> Self {
-        Http::with(addr, false)
-    }
-
-    fn with(addr: SocketAddr, http2: bool) -> Self {
-        Http {
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .http2_only(http2)
-            .build_http(),
-            base: format!("http://{addr}"),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Option<Value>,
-    ) -> (u16, http::HeaderMap, Value) {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        for (name, value) in headers {
-            req = req.header(*name, value);
-        }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let res = self
-            .client
-            .request(req.body(http_body_util::Full::new(body.into())).unwrap())
-            .await
-            .unwrap();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, headers, value)
-    }
-
     async fn as_customer(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
     ) -> (u16, http::HeaderMap, Value) {
-        self.send(
+        self.request(
             method,
             path,
             &[("authorization", format!("Bearer {KEY}"))],
@@ -154,7 +104,7 @@ impl Http {
 
     async fn account(&self) -> Value {
         let (status, _, body) = self
-            .send(
+            .request(
                 "GET",
                 "/admin/accounts/acct_1",
                 &[("authorization", format!("Bearer {ADMIN}"))],
@@ -167,7 +117,7 @@ impl Http {
 
     async fn journal_kinds(&self) -> Vec<String> {
         let (_, _, journal) = self
-            .send(
+            .request(
                 "GET",
                 "/admin/accounts/acct_1/journal",
                 &[("authorization", format!("Bearer {ADMIN}"))],
@@ -254,7 +204,7 @@ async fn only_configured_routes_reach_the_upstream_with_the_operator_key() {
         assert_eq!(body, not_found(), "{path}");
     }
     // Without a key too: nothing is forwarded, nothing is charged.
-    let (status, _, _) = http.send("GET", "/v1/files", &[], None).await;
+    let (status, _, _) = http.request("GET", "/v1/files", &[], None).await;
     assert_eq!(status, 404);
     assert_eq!(*seen.lock().unwrap(), []);
     assert_eq!(http.journal_kinds().await, ["top_up"]);
@@ -418,14 +368,14 @@ async fn one_header_limit_for_http1_and_http2_answered_in_format() {
         // Just under 64 KiB: served on both protocols (HTTP/2 refused 16 KiB before).
         let big = ("x-big", "b".repeat(60_000));
         let (status, _, body) = http
-            .send("GET", "/v1/models", &[auth.clone(), big], None)
+            .request("GET", "/v1/models", &[auth.clone(), big], None)
             .await;
         assert_eq!(status, 200, "http2={http2}: {body}");
 
         // Over it: a 431 in format, with a request id.
         let huge = ("x-big", "b".repeat(70_000));
         let (status, headers, body) = http
-            .send("GET", "/v1/models", &[auth.clone(), huge], None)
+            .request("GET", "/v1/models", &[auth.clone(), huge], None)
             .await;
         assert_eq!(status, 431, "http2={http2}: {body}");
         assert!(headers.contains_key("x-request-id"), "http2={http2}");
@@ -447,7 +397,7 @@ async fn one_header_limit_for_http1_and_http2_answered_in_format() {
             })
             .chain([auth.clone()])
             .collect();
-        let (status, headers, body) = http.send("GET", "/v1/models", &many, None).await;
+        let (status, headers, body) = http.request("GET", "/v1/models", &many, None).await;
         assert_eq!(status, 431, "http2={http2}: {body}");
         assert!(headers.contains_key("x-request-id"));
         let message = body["error"]["message"].as_str().unwrap();
@@ -466,13 +416,13 @@ async fn metrics_are_served_only_on_their_own_listener() {
     ))
     .await;
     let http = Http::new(running.addr);
-    let (status, _, body) = http.send("GET", "/metrics", &[], None).await;
+    let (status, _, body) = http.request("GET", "/metrics", &[], None).await;
     assert_eq!((status, body), (404, not_found()));
     let (status, _, body) = http.as_customer("GET", "/metrics", None).await;
     assert_eq!((status, body), (404, not_found()));
 
     let metrics = Http::new(running.metrics_addr.expect("metrics_listen is set"));
-    let (status, headers, body) = metrics.send("GET", "/metrics", &[], None).await;
+    let (status, headers, body) = metrics.request("GET", "/metrics", &[], None).await;
     assert_eq!(status, 200);
     assert!(headers["content-type"]
         .to_str()
@@ -490,7 +440,7 @@ async fn metrics_are_served_only_on_their_own_listener() {
     let plain = gateway::start(CONFIG).await;
     assert!(plain.metrics_addr.is_none());
     let (status, _, _) = Http::new(plain.addr)
-        .send("GET", "/metrics", &[], None)
+        .request("GET", "/metrics", &[], None)
         .await;
     assert_eq!(status, 404);
 }

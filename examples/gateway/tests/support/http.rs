@@ -1,11 +1,15 @@
-//! A JSON client of a gateway on a loopback address, for the tests that drive the binary as a
-//! child process (and see it die: a failed connection is `None`, not a panic).
+//! A JSON client of a gateway on a loopback address, for the tests that drive the gateway (in
+//! process, or the binary as a child process that may die: a failed connection is `None`, not a
+//! panic).
+
+// Each test file uses part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 
 use serde_json::Value;
 
-/// Requests to `http://addr`, each a JSON body (or none) with a Bearer key.
+/// Requests to `http://addr`, each with a JSON body or none.
 #[derive(Clone)]
 pub struct Http {
     client: hyper_util::client::legacy::Client<
@@ -17,32 +21,37 @@ pub struct Http {
 
 impl Http {
     pub fn new(addr: SocketAddr) -> Self {
+        Http::with(addr, false)
+    }
+
+    /// Over HTTP/2 (prior knowledge) when `http2`, else HTTP/1.1.
+    pub fn with(addr: SocketAddr, http2: bool) -> Self {
         Http {
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
+            .http2_only(http2)
             .build_http(),
             base: format!("http://{addr}"),
         }
     }
 
-    /// The status and the body (JSON, or the text as a JSON string); `None` when the
-    /// connection failed (the gateway was killed).
-    pub async fn try_send(
+    /// One request with exactly these headers (plus `content-type: application/json` with a
+    /// body): the status, the response headers and the body (JSON, or the text as a JSON string);
+    /// `None` when the connection failed (the gateway was killed).
+    pub async fn exchange(
         &self,
         method: &str,
         path: &str,
-        bearer: &str,
-        headers: &[(&str, &str)],
+        headers: &[(&str, String)],
         body: Option<Value>,
-    ) -> Option<(u16, Value)> {
+    ) -> Option<(u16, http::HeaderMap, Value)> {
         use http_body_util::BodyExt;
         let mut req = http::Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {bearer}"));
+            .uri(format!("{}{path}", self.base));
         for (name, value) in headers {
-            req = req.header(*name, *value);
+            req = req.header(*name, value);
         }
         if body.is_some() {
             req = req.header("content-type", "application/json");
@@ -54,10 +63,44 @@ impl Http {
             .await
             .ok()?;
         let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let bytes = res.into_body().collect().await.ok()?.to_bytes();
         let value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Some((status, value))
+        Some((status, headers, value))
+    }
+
+    /// [`exchange`](Self::exchange) with a gateway that must answer.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Value>,
+    ) -> (u16, http::HeaderMap, Value) {
+        self.exchange(method, path, headers, body)
+            .await
+            .expect("the gateway answers")
+    }
+
+    /// The status and the body of a request with a Bearer key; `None` when the connection
+    /// failed (the gateway was killed).
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Option<(u16, Value)> {
+        let mut all = vec![("authorization", format!("Bearer {bearer}"))];
+        all.extend(
+            headers
+                .iter()
+                .map(|(name, value)| (*name, (*value).to_owned())),
+        );
+        let (status, _, body) = self.exchange(method, path, &all, body).await?;
+        Some((status, body))
     }
 
     /// [`try_send`](Self::try_send) to a gateway that must answer.
