@@ -77,6 +77,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "redis_journal",
         include_str!("migrations/0005_redis_journal.sql"),
     ),
+    (6, "fast", include_str!("migrations/0006_fast.sql")),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
