@@ -90,8 +90,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 3,
-        "one replica applies migrations 1, 3 and 5, the others see them"
+        applied, 4,
+        "one replica applies migrations 1, 3, 5 and 6, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -111,7 +111,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal"
+        "1:books\n3:extend\n5:redis_journal\n6:fast"
     );
 
     // Another schema on the same database keeps books of its own.
@@ -1112,4 +1112,110 @@ async fn a_reserve_dropped_in_flight_leaves_no_hold() {
     }
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held, balance.holds), (10, 0, 0));
+}
+
+/// Coalescing (on by default): 400 reserves at once against one account that can afford
+/// exactly 150 go in a few batches (`reserve_many`), and every call keeps its exact answer:
+/// exactly 150 are held, each with its own `available` after it (149 down to 0), the others are
+/// refused with 0 available. One call in 20 fails inside the database while credits remain (a
+/// trigger refuses its hold): it fails alone, its neighbours in the same batch are answered as if
+/// it were not there (no other call fails).
+/// The 150 settles go together too (`close_many`); the books are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() {
+    use std::sync::Arc;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("coalesced");
+    let backend = replica(server, options(&schema)).await;
+    assert!(backend.options().coalesces(), "on by default");
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 150, "invoice-1").await.unwrap();
+    server.psql(&format!(
+        "CREATE FUNCTION \"{schema}\".poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.request_id = 'poison' THEN RAISE EXCEPTION 'poisoned hold'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER poison BEFORE INSERT ON \"{schema}\".holds \
+         FOR EACH ROW EXECUTE FUNCTION \"{schema}\".poison() /* verify */"
+    ));
+    let before = server.statements(&schema);
+
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                let id: Arc<str> = if i % 20 == 7 {
+                    "poison".into()
+                } else {
+                    format!("req-{i}").into()
+                };
+                let request = ReserveRequest::new("acct_1", 1).request_id(Some(id));
+                (i % 20 == 7, ledger.reserve(request).await)
+            })
+        })
+        .collect();
+    let (mut holds, mut refused, mut failed) = (Vec::new(), 0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (false, Ok(Reservation::Held(hold))) => holds.push(hold),
+            // A poisoned call that comes once the credits are gone is refused before its hold.
+            (
+                _,
+                Err(ReserveError::Insufficient {
+                    required: 1,
+                    available: 0,
+                }),
+            ) => refused += 1,
+            (true, Err(ReserveError::Backend(error))) => {
+                assert!(error.message().contains("poisoned"), "{error}");
+                failed += 1;
+            }
+            (poisoned, other) => panic!("poisoned {poisoned}: {other:?}"),
+        }
+    }
+    assert_eq!(holds.len(), 150);
+    assert_eq!(refused + failed, 250);
+    assert!(failed >= 1, "no poisoned call reached its hold");
+    let mut available: Vec<u64> = holds.iter().map(Hold::available_after).collect();
+    available.sort_unstable();
+    assert_eq!(
+        available,
+        (0..150).collect::<Vec<u64>>(),
+        "each its own answer"
+    );
+    let reserves = server.statements(&schema) - before;
+    assert!(
+        reserves < 400,
+        "{reserves} statements for 400 reserves: nothing was coalesced"
+    );
+    let batches: u64 = server
+        .psql(&format!(
+            "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
+             WHERE query LIKE '%\"{schema}\".reserve_many%'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(batches > 0, "no batch of reserves");
+
+    let settles: Vec<_> = holds
+        .into_iter()
+        .map(|hold| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.settle(&hold, 1).await.unwrap() })
+        })
+        .collect();
+    let mut balances = Vec::new();
+    for settle in settles {
+        let settlement = settle.await.unwrap();
+        assert_eq!(settlement.charged, 1);
+        balances.push(settlement.balance);
+    }
+    balances.sort_unstable();
+    assert_eq!(
+        balances,
+        (0..150).collect::<Vec<u64>>(),
+        "each its own balance"
+    );
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
+    assert_eq!(assert_books(&ledger, "acct_1").await, (150, 150));
 }

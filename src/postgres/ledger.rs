@@ -8,7 +8,11 @@ use std::{
 
 use sqlx::{postgres::PgRow, Row, SqlStr};
 
-use super::{limiter::Bucket, millis, to_i64, to_u64, BoxFuture, Shared};
+use super::{
+    coalesce::{self, Coalescer},
+    limiter::Bucket,
+    millis, to_i64, to_u64, BoxFuture, Shared,
+};
 use crate::{
     credits::{
         ledger::{
@@ -25,8 +29,6 @@ const EXPIRE_BATCH: i32 = 512;
 
 /// The statements, with the schema in them.
 pub(super) struct Statements {
-    reserve: SqlStr,
-    close: SqlStr,
     top_up: SqlStr,
     balance: SqlStr,
     journal: SqlStr,
@@ -37,14 +39,6 @@ pub(super) struct Statements {
 impl Statements {
     fn new(shared: &Shared) -> Self {
         Statements {
-            reserve: shared.sql(
-                "SELECT status, available, verdict, idx, wait, rels FROM @schema@.reserve(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            ),
-            close: shared.sql(
-                "SELECT charged, balance, was_open FROM @schema@.close(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            ),
             top_up: shared.sql(
                 "SELECT status, balance, held, holds FROM @schema@.top_up($1, $2, $3, $4)",
             ),
@@ -210,32 +204,24 @@ impl PostgresLedger {
             })
             .collect();
         let (keys, t, burst, cost) = Bucket::columns(buckets);
-        let sql = self.sql.reserve.clone();
-        let account = request.account.clone();
-        let ttl = self.hold_ttl_ms();
+        let call = ReserveCall {
+            account: request.account.to_string(),
+            id,
+            amount: to_i64(amount),
+            ttl: self.hold_ttl_ms(),
+            window: millis(self.shared.options.idempotency_window),
+            ikey,
+            fingerprint,
+            request_id: request.request_id.as_deref().map(str::to_owned),
+            key_id: request.key_id.as_deref().map(str::to_owned),
+            keys,
+            t,
+            burst,
+            cost,
+            now_ns,
+        };
         let hold_ttl = self.shared.options.hold_ttl;
-        let window = millis(self.shared.options.idempotency_window);
-        let request_id = request.request_id.as_deref().map(str::to_owned);
-        let key_id = request.key_id.as_deref().map(str::to_owned);
-        // Tried again with the same hold id: a reserve that did commit answers `held` again.
-        let call = self.shared.call_retrying("reserve", move |pool, _| {
-            let query = sqlx::query(sql.clone())
-                .bind(account.to_string())
-                .bind(id)
-                .bind(to_i64(amount))
-                .bind(ttl)
-                .bind(window)
-                .bind(ikey.clone())
-                .bind(fingerprint.clone())
-                .bind(request_id.clone())
-                .bind(key_id.clone())
-                .bind(keys.clone())
-                .bind(t.clone())
-                .bind(burst.clone())
-                .bind(cost.clone())
-                .bind(now_ns);
-            async move { query.fetch_one(&pool).await }
-        });
+        let shared = Arc::clone(&self.shared);
         let ledger = self.clone();
         let request_arc = request.request_id;
         let account = request.account;
@@ -252,9 +238,17 @@ impl PostgresLedger {
                 let (ledger, account, refunds) = (ledger.clone(), account.clone(), refunds.clone());
                 move || ledger.compensate(account, id, refunds)
             });
-            let answer = call.await;
+            let answer = if shared.options.coalesce {
+                coalesce::submit(shared, reserves, call).await
+            } else {
+                reserve_one(&shared, call).await
+            };
             guard.disarm();
-            let row = match answer {
+            let ReserveRow {
+                status,
+                available,
+                limits,
+            } = match answer {
                 Ok(row) => row,
                 Err(error) => {
                     // The statement may have committed: make sure the hold does not stay. One
@@ -265,18 +259,6 @@ impl PostgresLedger {
                     return Err(error.into());
                 }
             };
-            let read = || -> Result<(String, i64, Limits), sqlx::Error> {
-                let status: String = row.try_get(0)?;
-                let available: i64 = row.try_get(1)?;
-                let rels: Option<Vec<i64>> = row.try_get(5)?;
-                let limits = match rels {
-                    Some(rels) => Some((row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, rels)),
-                    None => None,
-                };
-                Ok((status, available, limits))
-            };
-            let (status, available, limits) =
-                read().map_err(|e| ReserveError::Backend(super::backend_error("reserve", &e)))?;
             match status.as_str() {
                 "held" => Ok(Reserved::Held(
                     Hold::new(to_u64(id), account, amount, to_u64(available))
@@ -364,33 +346,324 @@ impl PostgresLedger {
         } else {
             0
         };
-        let sql = self.sql.close.clone();
-        let account = account.to_owned();
-        let call = self.shared.call_retrying("settle", move |pool, attempt| {
-            let query = sqlx::query(sql.clone())
-                .bind(account.clone())
-                .bind(id)
-                .bind(how)
-                .bind(to_i64(actual.min(MAX_CREDITS)))
-                .bind(fence)
-                .bind(if attempt == 0 { when } else { "if_open" })
-                .bind(keys.clone())
-                .bind(t.clone())
-                .bind(burst.clone())
-                .bind(delta.clone())
-                .bind(now_ns);
-            async move { query.fetch_one(&pool).await }
-        });
+        let call = CloseCall {
+            account: account.to_owned(),
+            id,
+            how,
+            actual: to_i64(actual.min(MAX_CREDITS)),
+            fence_ms: fence,
+            when,
+            keys,
+            t,
+            burst,
+            delta,
+            now_ns,
+        };
+        let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let row = call.await?;
-            let read = |row: &PgRow| -> Result<Settlement, sqlx::Error> {
-                let (charged, balance, open): (i64, i64, bool) =
-                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-                Ok(Settlement::new(to_u64(charged), to_u64(balance), open))
-            };
-            read(&row).map_err(|e| super::backend_error("settle", &e))
+            if shared.options.coalesce {
+                coalesce::submit(shared, closes, call).await
+            } else {
+                close_one(&shared, call).await
+            }
         })
     }
+}
+
+/// The arguments of one reserve statement.
+#[derive(Clone)]
+pub(super) struct ReserveCall {
+    account: String,
+    id: i64,
+    amount: i64,
+    ttl: i64,
+    window: i64,
+    ikey: Option<String>,
+    fingerprint: Option<Vec<u8>>,
+    request_id: Option<String>,
+    key_id: Option<String>,
+    keys: Vec<String>,
+    t: Vec<i64>,
+    burst: Vec<i64>,
+    cost: Vec<i64>,
+    now_ns: Option<i64>,
+}
+
+/// The answer of one reserve statement.
+pub(super) struct ReserveRow {
+    status: String,
+    available: i64,
+    limits: Limits,
+}
+
+/// A reserve's answer from `row`, its columns from `at` on: status, available, verdict, idx,
+/// wait, rels.
+fn reserve_row(row: &PgRow, at: usize) -> Result<ReserveRow, sqlx::Error> {
+    let status: String = row.try_get(at)?;
+    let available: i64 = row.try_get(at + 1)?;
+    let rels: Option<Vec<i64>> = row.try_get(at + 5)?;
+    let limits = match rels {
+        Some(rels) => Some((
+            row.try_get(at + 2)?,
+            row.try_get(at + 3)?,
+            row.try_get(at + 4)?,
+            rels,
+        )),
+        None => None,
+    };
+    Ok(ReserveRow {
+        status,
+        available,
+        limits,
+    })
+}
+
+/// The account of a reserve (batches are sorted by it).
+fn reserve_account(call: &ReserveCall) -> &str {
+    &call.account
+}
+
+/// The coalescer of the reserves.
+fn reserves(shared: &Shared) -> &Coalescer<ReserveCall, ReserveRow> {
+    &shared.reserves
+}
+
+/// One reserve alone, tried again with the same hold id on a broken connection (a reserve that
+/// did commit answers `held` again).
+pub(super) fn reserve_one(
+    shared: &Arc<Shared>,
+    call: ReserveCall,
+) -> BoxFuture<Result<ReserveRow, BackendError>> {
+    let sql = shared.hot.reserve.clone();
+    Box::pin(shared.call_retrying("reserve", move |pool, _| {
+        let query = sqlx::query(sql.clone())
+            .bind(call.account.clone())
+            .bind(call.id)
+            .bind(call.amount)
+            .bind(call.ttl)
+            .bind(call.window)
+            .bind(call.ikey.clone())
+            .bind(call.fingerprint.clone())
+            .bind(call.request_id.clone())
+            .bind(call.key_id.clone())
+            .bind(call.keys.clone())
+            .bind(call.t.clone())
+            .bind(call.burst.clone())
+            .bind(call.cost.clone())
+            .bind(call.now_ns);
+        async move { reserve_row(&query.fetch_one(&pool).await?, 0) }
+    }))
+}
+
+/// Several reserves in one statement (`reserve_many`), not tried again: a call that waited on a
+/// lock too long answers `None` (rolled back, to be sent again alone).
+pub(super) fn reserve_many(
+    shared: &Arc<Shared>,
+    calls: Vec<ReserveCall>,
+) -> BoxFuture<Result<Vec<Option<Result<ReserveRow, BackendError>>>, BackendError>> {
+    let sql = shared.hot.reserve_many.clone();
+    let n = calls.len();
+    let mut columns = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut keys, mut t, mut burst, mut cost) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for call in calls {
+        columns.0.push(call.account);
+        columns.1.push(call.id);
+        columns.2.push(call.amount);
+        columns.3.push(call.ttl);
+        columns.4.push(call.window);
+        columns.5.push(call.ikey);
+        columns.6.push(call.fingerprint);
+        columns.7.push(call.request_id);
+        columns.8.push(call.key_id);
+        columns
+            .9
+            .push(i32::try_from(call.keys.len()).unwrap_or(i32::MAX));
+        columns.10.push(call.now_ns);
+        keys.extend(call.keys);
+        t.extend(call.t);
+        burst.extend(call.burst);
+        cost.extend(call.cost);
+    }
+    Box::pin(shared.call("reserve", move |pool| async move {
+        let rows = sqlx::query(sql)
+            .bind(columns.0)
+            .bind(columns.1)
+            .bind(columns.2)
+            .bind(columns.3)
+            .bind(columns.4)
+            .bind(columns.5)
+            .bind(columns.6)
+            .bind(columns.7)
+            .bind(columns.8)
+            .bind(columns.9)
+            .bind(keys)
+            .bind(t)
+            .bind(burst)
+            .bind(cost)
+            .bind(columns.10)
+            .fetch_all(&pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let status: &str = row.try_get(1)?;
+                Ok(match status {
+                    "retry" => None,
+                    "error" => Some(Err(BackendError::new(format!(
+                        "postgres reserve: {}",
+                        row.try_get::<Option<&str>, _>(7)?.unwrap_or("failed")
+                    )))),
+                    _ => Some(Ok(reserve_row(row, 1)?)),
+                })
+            })
+            .collect()
+    }))
+}
+
+/// The arguments of one close statement.
+#[derive(Clone)]
+pub(super) struct CloseCall {
+    account: String,
+    id: i64,
+    how: &'static str,
+    actual: i64,
+    fence_ms: i64,
+    when: &'static str,
+    keys: Vec<String>,
+    t: Vec<i64>,
+    burst: Vec<i64>,
+    delta: Vec<i64>,
+    now_ns: Option<i64>,
+}
+
+/// The account of a close (batches are sorted by it).
+fn close_account(call: &CloseCall) -> &str {
+    &call.account
+}
+
+/// The coalescer of the closes.
+fn closes(shared: &Shared) -> &Coalescer<CloseCall, Settlement> {
+    &shared.closes
+}
+
+/// A close's answer from `row`, its columns from `at` on: charged, balance, was_open.
+fn settlement(row: &PgRow, at: usize) -> Result<Settlement, sqlx::Error> {
+    let (charged, balance, open): (i64, i64, bool) =
+        (row.try_get(at)?, row.try_get(at + 1)?, row.try_get(at + 2)?);
+    Ok(Settlement::new(to_u64(charged), to_u64(balance), open))
+}
+
+/// One close alone (tried again at once only on a broken connection; a retry applies the
+/// corrections only if it is the call that closes the hold).
+pub(super) fn close_one(
+    shared: &Arc<Shared>,
+    call: CloseCall,
+) -> BoxFuture<Result<Settlement, BackendError>> {
+    let sql = shared.hot.close.clone();
+    Box::pin(shared.call_retrying("settle", move |pool, attempt| {
+        let query = sqlx::query(sql.clone())
+            .bind(call.account.clone())
+            .bind(call.id)
+            .bind(call.how)
+            .bind(call.actual)
+            .bind(call.fence_ms)
+            .bind(if attempt == 0 { call.when } else { "if_open" })
+            .bind(call.keys.clone())
+            .bind(call.t.clone())
+            .bind(call.burst.clone())
+            .bind(call.delta.clone())
+            .bind(call.now_ns);
+        async move { settlement(&query.fetch_one(&pool).await?, 0) }
+    }))
+}
+
+/// Several closes in one statement (`close_many`), not tried again: a call that waited on a
+/// lock too long answers `None` (rolled back, to be sent again alone).
+pub(super) fn close_many(
+    shared: &Arc<Shared>,
+    calls: Vec<CloseCall>,
+) -> BoxFuture<Result<Vec<Option<Result<Settlement, BackendError>>>, BackendError>> {
+    let sql = shared.hot.close_many.clone();
+    let n = calls.len();
+    let mut columns = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut keys, mut t, mut burst, mut delta) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for call in calls {
+        columns.0.push(call.account);
+        columns.1.push(call.id);
+        columns.2.push(call.how);
+        columns.3.push(call.actual);
+        columns.4.push(call.fence_ms);
+        columns.5.push(call.when);
+        columns
+            .6
+            .push(i32::try_from(call.keys.len()).unwrap_or(i32::MAX));
+        columns.7.push(call.now_ns);
+        keys.extend(call.keys);
+        t.extend(call.t);
+        burst.extend(call.burst);
+        delta.extend(call.delta);
+    }
+    Box::pin(shared.call("settle", move |pool| async move {
+        let rows = sqlx::query(sql)
+            .bind(columns.0)
+            .bind(columns.1)
+            .bind(columns.2)
+            .bind(columns.3)
+            .bind(columns.4)
+            .bind(columns.5)
+            .bind(columns.6)
+            .bind(keys)
+            .bind(t)
+            .bind(burst)
+            .bind(delta)
+            .bind(columns.7)
+            .fetch_all(&pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let status: &str = row.try_get(1)?;
+                Ok(match status {
+                    "retry" => None,
+                    "error" => Some(Err(BackendError::new(format!(
+                        "postgres settle: {}",
+                        row.try_get::<Option<&str>, _>(5)?.unwrap_or("failed")
+                    )))),
+                    _ => Some(Ok(settlement(row, 2)?)),
+                })
+            })
+            .collect()
+    }))
+}
+
+/// The coalescers of a pool's reserves and closes.
+pub(super) fn coalescers() -> (
+    Coalescer<ReserveCall, ReserveRow>,
+    Coalescer<CloseCall, Settlement>,
+) {
+    (
+        Coalescer::new(reserve_one, reserve_many, reserve_account),
+        Coalescer::new(close_one, close_many, close_account),
+    )
 }
 
 impl Ledger for PostgresLedger {

@@ -56,6 +56,7 @@ use sqlx::{
 use crate::BackendError;
 
 mod admission;
+mod coalesce;
 mod keystore;
 mod ledger;
 mod limiter;
@@ -77,6 +78,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "redis_journal",
         include_str!("migrations/0005_redis_journal.sql"),
     ),
+    (6, "fast", include_str!("migrations/0006_fast.sql")),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
@@ -105,6 +107,7 @@ pub struct PostgresOptions {
     key_cache_ttl: Duration,
     key_cache_capacity: usize,
     rate_limit_fail: FailMode,
+    coalesce: bool,
 }
 
 impl Default for PostgresOptions {
@@ -119,6 +122,7 @@ impl Default for PostgresOptions {
             key_cache_ttl: Duration::from_secs(5),
             key_cache_capacity: 10_000,
             rate_limit_fail: FailMode::Open,
+            coalesce: true,
         }
     }
 }
@@ -126,7 +130,7 @@ impl Default for PostgresOptions {
 impl PostgresOptions {
     /// The defaults: schema `tollgate`, 16 connections, acquire timeout 500 ms, statement timeout
     /// 500 ms, hold TTL 15 min, idempotency window 24 h, key cache 5 s × 10 000 entries, rate
-    /// limits fail open.
+    /// limits fail open, coalescing on.
     pub fn new() -> Self {
         Self::default()
     }
@@ -206,6 +210,22 @@ impl PostgresOptions {
         self.rate_limit_fail = mode;
         self
     }
+
+    /// Whether the ledger coalesces its statements (default `true`): at most one reserve and
+    /// one close statement in flight per pool; the calls that arrive meanwhile go together (up to
+    /// 64) in the next one (`reserve_many`, `close_many`), one commit for all of them, each call
+    /// in a subtransaction of its own so that one failing call fails alone and the others keep
+    /// their exact answers. A call that finds nothing in flight is sent at once, alone: each
+    /// caller still makes one round trip per call. `false`: one statement per call.
+    pub fn coalesce(mut self, on: bool) -> Self {
+        self.coalesce = on;
+        self
+    }
+
+    /// Whether the ledger coalesces its statements (see [`coalesce`](Self::coalesce)).
+    pub fn coalesces(&self) -> bool {
+        self.coalesce
+    }
 }
 
 /// Whether `name` may be a [`PostgresOptions::schema`]: 1 to 63 characters of `a-z`, `0-9` and
@@ -232,12 +252,58 @@ pub(crate) struct Shared {
     options: PostgresOptions,
     /// `"schema"`, quoted, for the SQL text.
     schema: String,
+    /// The hot path's statements.
+    hot: Hot,
+    /// The reserves of this pool, coalesced.
+    reserves: coalesce::Coalescer<ledger::ReserveCall, ledger::ReserveRow>,
+    /// The closes of this pool, coalesced.
+    closes: coalesce::Coalescer<ledger::CloseCall, crate::credits::ledger::Settlement>,
+}
+
+/// The statements of the hot path, with the schema in them.
+struct Hot {
+    reserve: SqlStr,
+    close: SqlStr,
+    reserve_many: SqlStr,
+    close_many: SqlStr,
+}
+
+impl Hot {
+    fn new(schema: &str) -> Self {
+        Hot {
+            reserve: with_schema(
+                schema,
+                "SELECT status, available, verdict, idx, wait, rels FROM @schema@.reserve(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            ),
+            close: with_schema(
+                schema,
+                "SELECT charged, balance, was_open FROM @schema@.close(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            ),
+            reserve_many: with_schema(
+                schema,
+                "SELECT n, status, available, verdict, idx, wait, rels, err FROM @schema@.reserve_many(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ORDER BY n",
+            ),
+            close_many: with_schema(
+                schema,
+                "SELECT n, status, charged, balance, was_open, err FROM @schema@.close_many(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ORDER BY n",
+            ),
+        }
+    }
+}
+
+/// A statement's text with the (quoted) schema in it.
+fn with_schema(schema: &str, text: &str) -> SqlStr {
+    AssertSqlSafe(text.replace("@schema@", schema)).into_sql_str()
 }
 
 impl Shared {
     /// A statement's text with the schema in it.
     fn sql(&self, text: &str) -> SqlStr {
-        AssertSqlSafe(text.replace("@schema@", &self.schema)).into_sql_str()
+        with_schema(&self.schema, text)
     }
 
     /// The deadline of one call: a connection, then a statement.
@@ -404,11 +470,15 @@ impl PostgresBackend {
     /// deadline (the client-side one applies anyway).
     pub fn from_pool(pool: PgPool, options: PostgresOptions) -> Self {
         let schema = format!("\"{}\"", options.schema);
+        let (reserves, closes) = ledger::coalescers();
         PostgresBackend {
             shared: Arc::new(Shared {
                 pool,
                 options,
+                hot: Hot::new(&schema),
                 schema,
+                reserves,
+                closes,
             }),
         }
     }
