@@ -112,6 +112,10 @@ pub(super) enum Reserved {
 /// was looked at).
 pub(super) type Limits = Option<(i32, i32, i64, Vec<i64>)>;
 
+/// The answers of a batched statement, one per call in order: `None` for a call rolled back
+/// (a lock waited on too long) to be sent again alone; an error of the whole statement.
+pub(super) type Batch<T> = Result<Vec<Option<Result<T, BackendError>>>, BackendError>;
+
 /// Rate-limit corrections made by the close statement.
 pub(super) enum Corrections {
     None,
@@ -460,7 +464,7 @@ pub(super) fn reserve_one(
 pub(super) fn reserve_many(
     shared: &Arc<Shared>,
     calls: Vec<ReserveCall>,
-) -> BoxFuture<Result<Vec<Option<Result<ReserveRow, BackendError>>>, BackendError>> {
+) -> BoxFuture<Batch<ReserveRow>> {
     let sql = shared.hot.reserve_many.clone();
     let n = calls.len();
     let mut columns = (
@@ -593,7 +597,7 @@ pub(super) fn close_one(
 pub(super) fn close_many(
     shared: &Arc<Shared>,
     calls: Vec<CloseCall>,
-) -> BoxFuture<Result<Vec<Option<Result<Settlement, BackendError>>>, BackendError>> {
+) -> BoxFuture<Batch<Settlement>> {
     let sql = shared.hot.close_many.clone();
     let n = calls.len();
     let mut columns = (
