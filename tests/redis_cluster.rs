@@ -283,6 +283,71 @@ async fn a_multi_slot_burst_lets_exactly_n_through_and_gives_back_the_rest() {
     }
 }
 
+/// A top-up that promotes a plan on a cluster: the top-up in the account's slot, then the
+/// promotion as its own script in the `{keys}` slot; the other replica sees the new plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoting_top_up_moves_the_plan_on_a_cluster() {
+    use tollgate::credits::promote::{Promotions, TopUpPromoter};
+    let cluster = RedisCluster::start();
+    let a = replica(&cluster, patient().key_cache_ttl(Duration::from_secs(60))).await;
+    let b = replica(&cluster, patient().key_cache_ttl(Duration::from_secs(60))).await;
+    let keys = a.key_store();
+    keys.put_account(AccountRecord::new("acct_1", "free"))
+        .await
+        .unwrap();
+    let key = keys
+        .create_key("sk-test-", KeyRecord::new("key_1", "acct_1"))
+        .await
+        .unwrap();
+    let other = b.key_store();
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the listeners subscribe
+    assert_eq!(
+        other
+            .lookup(&key.digest())
+            .await
+            .unwrap()
+            .unwrap()
+            .caller
+            .plan(),
+        "free"
+    );
+    let promoter = tollgate::redis::RedisPromoter::new(
+        a.ledger(),
+        keys.clone(),
+        Promotions::new().after_top_up("free", "trusted"),
+    );
+    let promoted = promoter
+        .top_up_and_promote("acct_1", 500, "invoice-1")
+        .await
+        .unwrap();
+    assert!(promoted.top_up.applied);
+    let change = promoted.plan_change.expect("promoted");
+    assert_eq!((&*change.from, &*change.to), ("free", "trusted"));
+    let start = Instant::now();
+    while other
+        .lookup(&key.digest())
+        .await
+        .unwrap()
+        .unwrap()
+        .caller
+        .plan()
+        != "trusted"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the other replica sees the new plan"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A repeated top-up is a duplicate: it promotes nothing.
+    let again = promoter
+        .top_up_and_promote("acct_1", 500, "invoice-1")
+        .await
+        .unwrap();
+    assert!(!again.top_up.applied && again.plan_change.is_none());
+    assert_eq!(a.ledger().balance("acct_1").await.unwrap().balance, 500);
+}
+
 /// Revocation on one replica reaches the other within a second on a cluster, and still does
 /// after the node its invalidation listener subscribed on is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -489,6 +489,20 @@ mod tests {
         conformance::run(&limiter, |d| *clock.lock().unwrap() += d).await;
     }
 
+    /// The same vectors on a Redis Cluster (3 masters, 3 replicas).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_conformance_vectors_on_a_cluster() {
+        let cluster = crate::redis::test_cluster::RedisCluster::start();
+        let backend =
+            RedisBackend::connect_cluster(&cluster.urls(), crate::redis::RedisOptions::new())
+                .await
+                .unwrap();
+        let clock = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000)));
+        let mut limiter = backend.limiter().fail_mode(FailMode::Closed);
+        limiter.frozen = Some(Arc::clone(&clock));
+        conformance::run(&limiter, |d| *clock.lock().unwrap() += d).await;
+    }
+
     /// Random sequences: the same decisions and statuses as the in-memory backend.
     #[tokio::test]
     async fn same_decisions_as_memory_on_random_sequences() {

@@ -484,3 +484,7 @@ impl fmt::Debug for RedisBackend {
 #[cfg(test)]
 #[path = "../../tests/support/redis_server.rs"]
 mod test_server;
+
+#[cfg(test)]
+#[path = "../../tests/support/redis_cluster.rs"]
+mod test_cluster;
