@@ -689,9 +689,19 @@ async fn redis_backend(config: &GatewayConfig, limits: Limits) -> Result<Apps, S
             return Err("backend.record needs the `postgres` feature too: cargo run --release -p tollgate-gateway --features redis,postgres -- ...".into());
         }
     }
-    let backend = redis::RedisBackend::connect_with(url, options)
-        .await
-        .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?;
+    let backend = match &config.backend.cluster {
+        Some(nodes) => redis::RedisBackend::connect_cluster(nodes, options)
+            .await
+            .map_err(|e| {
+                format!(
+                    "backend.cluster: cannot connect to the Redis Cluster: {}",
+                    e.message()
+                )
+            })?,
+        None => redis::RedisBackend::connect_with(url, options)
+            .await
+            .map_err(|e| format!("backend.url: cannot connect to Redis: {}", e.message()))?,
+    };
     let key_store = backend.key_store();
     // Plan promotion in the top-up's own script: balance, journal and plan together.
     let promoter =

@@ -313,9 +313,12 @@ pub struct BackendConfig {
     /// `memory` (default), `sqlite`, `redis` or `postgres`.
     #[serde(default)]
     pub kind: BackendKind,
-    /// The Redis URL, with `kind = "redis"`; the PostgreSQL URL
+    /// The Redis URL, with `kind = "redis"` (or `cluster` instead); the PostgreSQL URL
     /// (`postgres://user@host:port/db`), with `kind = "postgres"`.
     pub url: Option<String>,
+    /// With `kind = "redis"`, instead of `url`: some nodes of a Redis Cluster
+    /// (`["redis://host:port", ...]`; the others are discovered).
+    pub cluster: Option<Vec<String>>,
     /// With `kind = "sqlite"`: the database file, relative to the working directory (default
     /// `tollgate.db`), created on first start.
     pub path: Option<std::path::PathBuf>,
@@ -928,11 +931,33 @@ impl GatewayConfig {
                 }
             }
         }
-        if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
+        if self.backend.kind == BackendKind::Redis {
+            match (&self.backend.url, &self.backend.cluster) {
+                (None, None) => {
+                    return Err(ConfigError {
+                        line: None,
+                        message: "backend.url: `kind = \"redis\"` needs a url such as redis://127.0.0.1:6379 (or `cluster = [\"redis://host:port\", ...]`)".into(),
+                    });
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError {
+                        line: None,
+                        message: "backend.cluster: give either `url` (one Redis) or `cluster` (the nodes of a Redis Cluster), not both".into(),
+                    });
+                }
+                (None, Some(nodes)) if nodes.is_empty() => {
+                    return Err(ConfigError {
+                        line: None,
+                        message: "backend.cluster: needs at least one node, such as [\"redis://127.0.0.1:7000\"]".into(),
+                    });
+                }
+                _ => {}
+            }
+        } else if self.backend.cluster.is_some() {
             return Err(ConfigError {
                 line: None,
                 message:
-                    "backend.url: `kind = \"redis\"` needs a url such as redis://127.0.0.1:6379"
+                    "backend.cluster: only with `kind = \"redis\"` (the nodes of a Redis Cluster)"
                         .into(),
             });
         }

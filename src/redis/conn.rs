@@ -1,4 +1,5 @@
-//! One shared connection with a timeout on every call and a circuit breaker in front of it.
+//! One shared connection (to one Redis, or to a Redis Cluster) with a timeout on every call and
+//! a circuit breaker in front of it.
 
 use std::{
     future::Future,
@@ -6,26 +7,107 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{aio::ConnectionManager, RedisResult};
+use redis::{
+    aio::{ConnectionLike, ConnectionManager},
+    cluster_async::ClusterConnection,
+    Cmd, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+};
 
 use crate::BackendError;
 
-/// A `ConnectionManager` (one multiplexed connection, reconnected in the background), a deadline
-/// on every call and a circuit breaker.
+/// What the calls go out on: one Redis through a `ConnectionManager` (one multiplexed
+/// connection, reconnected in the background), or a Redis Cluster through redis-rs's
+/// cluster-async `ClusterConnection` (one multiplexed connection per node, routed by slot).
 ///
-/// The manager never re-sends a command: a call that fails or times out returns an error and
-/// the next call goes out on a fresh connection. The only automatic second send is redis-rs's
+/// Neither re-sends a command whose answer was lost: the cluster client is built with its
+/// retries off, and [`Link`] itself sends a command again only on an answer that proves it did
+/// not run (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`, a
+/// refused connection), within the call's deadline. A timeout or a connection broken after the
+/// send is never re-sent: the script may have run, and money must not be charged twice.
+#[derive(Clone)]
+pub(crate) enum Link {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Whether `error` proves the command was not executed (so it may be sent again).
+pub(crate) fn not_executed(error: &RedisError) -> bool {
+    if error.is_connection_refusal() {
+        return true;
+    }
+    matches!(
+        error.kind(),
+        redis::ErrorKind::Server(
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+                | ServerErrorKind::ReadOnly
+        )
+    )
+}
+
+/// The pause before sending again a command the cluster refused (its slot map is being
+/// refreshed, or a replica is being promoted); the call's deadline bounds the attempts.
+const RESEND_DELAY: Duration = Duration::from_millis(20);
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Link::Single(manager) => manager.req_packed_command(cmd),
+            Link::Cluster(cluster) => Box::pin(async move {
+                loop {
+                    match cluster.req_packed_command(cmd).await {
+                        Err(error) if not_executed(&error) => {
+                            tracing::debug!(%error, "redis cluster: not executed, sending again");
+                            tokio::time::sleep(RESEND_DELAY).await;
+                        }
+                        answer => return answer,
+                    }
+                }
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Link::Single(manager) => manager.req_packed_commands(pipeline, offset, count),
+            // A pipeline is never sent again: part of it may have run.
+            Link::Cluster(cluster) => cluster.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(manager) => manager.get_db(),
+            Link::Cluster(cluster) => cluster.get_db(),
+        }
+    }
+}
+
+/// A [`Link`], a deadline on every call and a circuit breaker (one per backend, whatever the
+/// number of nodes behind the link).
+///
+/// A call that fails or times out returns an error and is never re-sent (see [`Link`] for the
+/// answers that prove a command did not run). The only other automatic second send is redis-rs's
 /// `EVALSHA` → `SCRIPT LOAD` → `EVALSHA` on `NOSCRIPT`, which is safe because `NOSCRIPT` means the
 /// script did not run.
 #[derive(Clone)]
 pub(crate) struct Conn {
-    manager: ConnectionManager,
+    manager: Link,
     breaker: Arc<Breaker>,
     timeout: Duration,
 }
 
 impl Conn {
-    pub(crate) fn new(manager: ConnectionManager, breaker: Breaker, timeout: Duration) -> Self {
+    pub(crate) fn new(manager: Link, breaker: Breaker, timeout: Duration) -> Self {
         Conn {
             manager,
             breaker: Arc::new(breaker),
@@ -40,7 +122,7 @@ impl Conn {
         f: F,
     ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
     where
-        F: FnOnce(ConnectionManager) -> Fut + Send + 'static,
+        F: FnOnce(Link) -> Fut + Send + 'static,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
         T: Send + 'static,
     {
@@ -90,6 +172,11 @@ impl Conn {
     /// Whether the breaker lets calls through now.
     pub(crate) fn is_open(&self) -> bool {
         self.breaker.is_open()
+    }
+
+    /// Whether the link is to a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.manager, Link::Cluster(_))
     }
 }
 

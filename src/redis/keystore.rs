@@ -103,17 +103,23 @@ impl RedisKeyStore {
         self.cache.invalidate(ALL);
     }
 
+    /// The invalidation listener: subscribed on one server (one node of a cluster, where
+    /// `PUBLISH` reaches every node); when its connection ends it subscribes again, on the next
+    /// node of the cluster's URLs, and drops the whole cache (messages may have been missed).
     fn spawn_listener(&self) {
-        let client = self.shared.client.clone();
+        let clients = self.shared.clients.clone();
         let channel = self.channel();
         let weak: Weak<KeyCache> = Arc::downgrade(&self.cache);
         let connect_timeout = self.shared.options.connect_timeout;
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
+            let mut next = 0usize;
             loop {
                 if weak.strong_count() == 0 {
                     return;
                 }
+                let client = &clients[next % clients.len()];
+                next = next.wrapping_add(1);
                 let subscribed = tokio::time::timeout(connect_timeout, async {
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.subscribe(&channel).await?;
@@ -121,8 +127,12 @@ impl RedisKeyStore {
                 })
                 .await;
                 let Ok(Ok(pubsub)) = subscribed else {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    // With several nodes, the next one is tried at once; a whole round failed
+                    // waits (longer each round, at most 1 s).
+                    if next % clients.len() == 0 {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
                     continue;
                 };
                 delay = Duration::from_millis(50);
@@ -144,6 +154,7 @@ impl RedisKeyStore {
                         Err(_) => {}
                     }
                 }
+                // The node it listened on went away: `next` is the following one, tried at once.
                 tracing::debug!("key invalidation listener disconnected; reconnecting");
             }
         });
@@ -175,12 +186,19 @@ impl RedisKeyStore {
         args: Vec<String>,
     ) -> impl Future<Output = Result<Vec<String>, KeyAdminError>> + Send + 'static {
         let prefix = self.prefix();
+        // The script's declared key (in the `{keys}` slot, where it runs on a cluster): the
+        // key id's entry; the id is the second argument of an insert, the first of the others.
+        let id = args
+            .get(usize::from(op == "insert"))
+            .cloned()
+            .unwrap_or_default();
+        let id_key = format!("{prefix}keyid:{id}");
         let call = self
             .shared
             .conn
             .call("key admin", move |mut conn| async move {
                 let mut invocation = KEY_ADMIN.prepare_invoke();
-                invocation.arg(prefix).arg(op);
+                invocation.key(id_key).arg(prefix).arg(op);
                 for arg in args {
                     invocation.arg(arg);
                 }

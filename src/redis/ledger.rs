@@ -32,6 +32,9 @@ pub const MAX_BALANCE: u64 = crate::credits::ledger::MAX_CREDITS;
 
 const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
 
+/// A plan promotion as a script of its own, in the key store's `{keys}` slot (Redis Cluster).
+static PROMOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/promote.lua")));
+
 /// The ledger's scripts for one per-account journal limit (0: unbounded) and one choice of
 /// durable record (whose undrained entries are never trimmed), made once per pair a process
 /// uses (both are constants of the script, so a script call has no extra argument).
@@ -190,6 +193,13 @@ impl RedisLedger {
         let account = account.to_owned();
         let idempotency_key = idempotency_key.to_owned();
         let scripts = self.scripts();
+        // On a cluster the key store's hash is in another slot: the promotion is a script of
+        // its own, run after an applied top-up.
+        let (promote, promote_apart) = if self.conn().is_cluster() {
+            (None, promote)
+        } else {
+            (promote, None)
+        };
         let call = self.conn().call("top-up", move |mut conn| async move {
             let mut invocation = scripts.top_up.prepare_invoke();
             invocation
@@ -203,7 +213,24 @@ impl RedisLedger {
                     invocation.arg(from).arg(to);
                 }
             }
-            let reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
+            let mut reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
+            if let Some((plans_key, rules)) = promote_apart {
+                if reply.first().map(value_str).as_deref() == Some("applied") {
+                    let mut invocation = PROMOTE.prepare_invoke();
+                    invocation.key(plans_key);
+                    for (from, to) in rules.iter() {
+                        invocation.arg(from).arg(to);
+                    }
+                    // The top-up is applied whatever happens here: a promotion that fails is
+                    // logged, not an error (a retried top-up is a duplicate and promotes nothing).
+                    match invocation.invoke_async::<Vec<Value>>(&mut conn).await {
+                        Ok(moved) => reply.extend(moved),
+                        Err(error) => {
+                            tracing::warn!(%error, "top-up applied but its plan promotion failed");
+                        }
+                    }
+                }
+            }
             // The registry `expire_holds` walks; a set, so a repeat is harmless.
             let () = conn.sadd(accounts, account).await?;
             Ok(reply)
@@ -722,7 +749,11 @@ pub(super) fn entry(raw: &[u8]) -> Result<JournalEntry, BackendError> {
 /// journal entry and the key store's account plan change together, or nothing does).
 ///
 /// The script spans the account's `{acct:ID}` slot and the key store's `{keys}` slot, which one
-/// Redis server (what [`RedisBackend`](super::RedisBackend) connects to) allows. After a
+/// Redis server ([`RedisBackend::connect`](super::RedisBackend::connect)) allows. On a Redis
+/// Cluster ([`RedisBackend::connect_cluster`](super::RedisBackend::connect_cluster)) the
+/// promotion runs as a second script (`promote.lua`, in the `{keys}` slot) right after an
+/// applied top-up: not atomic with it, and should that second call fail the top-up stays
+/// applied without its promotion (logged; a retried top-up is a duplicate and promotes nothing). After a
 /// promotion the key store's cache is invalidated here and on every replica (published), so the
 /// account's next request on this replica authenticates with the new plan.
 ///

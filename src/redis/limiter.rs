@@ -233,6 +233,145 @@ impl Params {
     }
 }
 
+/// The hash slot's tag of a key name: what is between its first `{` and the next `}` (when not
+/// empty), else the whole name, as Redis Cluster hashes it. Keys with the same tag share a slot.
+pub(super) fn slot_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// The positions of `buckets` grouped by hash slot, in order of first appearance.
+fn by_slot(buckets: &[Bucket]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, bucket) in buckets.iter().enumerate() {
+        let tag = slot_tag(&bucket.key);
+        match groups.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, group)) => group.push(i),
+            None => groups.push((tag, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
+impl RedisLimiter {
+    /// A check on a cluster whose buckets live in several hash slots: one script per slot, in
+    /// turn, each all-or-nothing on its buckets. When a slot refuses, the tokens taken in the
+    /// slots before it are given back (a correction of minus the cost), so a refused check
+    /// charges nothing; the refused slot's bucket decides the outcome, and the headers report
+    /// the slots checked (the earlier ones as they were before the check). A failed give-back
+    /// leaves those tokens taken (callers are limited a little more, never less).
+    fn check_slot_by_slot(
+        &self,
+        buckets: Vec<Bucket>,
+        meta: Vec<Meta>,
+    ) -> BoxFuture<Result<Decision, BackendError>> {
+        let limiter = self.clone();
+        Box::pin(async move {
+            let groups = by_slot(&buckets);
+            let mut taken: Vec<usize> = Vec::new();
+            let mut statuses: Vec<(LimitKind, LimitStatus)> = Vec::new();
+            for group in groups {
+                let part: Vec<Bucket> = group.iter().map(|&i| buckets[i].clone()).collect();
+                let part_meta: Vec<Meta> = group.iter().map(|&i| meta[i]).collect();
+                let reply = match limiter.invoke("check", part).await {
+                    Ok(reply) => reply,
+                    Err(error) => {
+                        limiter.give_back(&buckets, &taken);
+                        return Err(error);
+                    }
+                };
+                let decision = match decision(&reply, &part_meta) {
+                    Ok(decision) => decision,
+                    Err(error) => {
+                        limiter.give_back(&buckets, &taken);
+                        return Err(error);
+                    }
+                };
+                if decision.is_allowed() {
+                    for ((kind, params, _), rel) in part_meta.iter().zip(&reply[3..]) {
+                        statuses.push((*kind, params.status(u64::try_from(*rel).unwrap_or(0))));
+                    }
+                    taken.extend(group);
+                    continue;
+                }
+                limiter.give_back(&buckets, &taken);
+                let mut refused = decision;
+                for &i in &taken {
+                    // As it was before this check took its cost (`rel` after a charge is the
+                    // rel before it, at least 0, plus cost × t).
+                    let (kind, params, cost) = meta[i];
+                    let (_, rel) = statuses.remove(0);
+                    let after = rel.reset.as_nanos() as u64;
+                    let before = after.saturating_sub(cost.saturating_mul(params.t));
+                    refused.observe(kind, params.status(before));
+                }
+                return Ok(refused);
+            }
+            let mut allowed = Decision::new(Outcome::Allowed);
+            for (kind, status) in statuses {
+                allowed.observe(kind, status);
+            }
+            Ok(allowed)
+        })
+    }
+
+    /// Give back the cost of the buckets at `taken` (a check refused in a later slot), in the
+    /// background, one script per slot.
+    fn give_back(&self, buckets: &[Bucket], taken: &[usize]) {
+        let refunds: Vec<Bucket> = taken
+            .iter()
+            .map(|&i| Bucket {
+                amount: -buckets[i].amount,
+                ..buckets[i].clone()
+            })
+            .filter(|bucket| bucket.amount != 0)
+            .collect();
+        if refunds.is_empty() {
+            return;
+        }
+        for group in by_slot(&refunds) {
+            let part = group.iter().map(|&i| refunds[i].clone()).collect();
+            let call = self.invoke("settle", part);
+            tokio::spawn(async move {
+                if let Err(error) = call.await {
+                    tracing::warn!(%error, "rate-limit tokens of a refused check not given back");
+                }
+            });
+        }
+    }
+
+    /// Corrections on a cluster: one script per hash slot.
+    fn settle_slot_by_slot(
+        &self,
+        buckets: Vec<Bucket>,
+    ) -> BoxFuture<Result<Vec<i64>, BackendError>> {
+        let calls: Vec<_> = by_slot(&buckets)
+            .into_iter()
+            .map(|group| {
+                let part = group.iter().map(|&i| buckets[i].clone()).collect();
+                self.invoke("settle", part)
+            })
+            .collect();
+        Box::pin(async move {
+            for call in calls {
+                call.await?;
+            }
+            Ok(Vec::new())
+        })
+    }
+
+    /// Whether `buckets` span several hash slots of a cluster (then one script each).
+    fn crosses_slots(&self, buckets: &[Bucket]) -> bool {
+        self.shared.conn.is_cluster() && by_slot(buckets).len() > 1
+    }
+}
+
 impl Limiter for RedisLimiter {
     type Future = BoxFuture<Result<Decision, BackendError>>;
     type SettleFuture = BoxFuture<Result<(), BackendError>>;
@@ -242,8 +381,20 @@ impl Limiter for RedisLimiter {
             return Box::pin(std::future::ready(Ok(Decision::new(Outcome::Allowed))));
         }
         let (buckets, meta) = self.buckets(charges);
-        let call = self.invoke("check", buckets);
         let fail = self.fail;
+        if self.crosses_slots(&buckets) {
+            let call = self.check_slot_by_slot(buckets, meta);
+            return Box::pin(async move {
+                match call.await {
+                    Err(error) if fail == FailMode::Open => {
+                        tracing::warn!(%error, "rate limiter unavailable: failing open");
+                        Ok(Decision::new(Outcome::Allowed))
+                    }
+                    other => other,
+                }
+            });
+        }
+        let call = self.invoke("check", buckets);
         Box::pin(async move {
             let reply = match call.await {
                 Ok(reply) => reply,
@@ -261,7 +412,12 @@ impl Limiter for RedisLimiter {
         if corrections.is_empty() {
             return Box::pin(std::future::ready(Ok(())));
         }
-        let call = self.invoke("settle", self.corrections(corrections));
+        let buckets = self.corrections(corrections);
+        let call = if self.crosses_slots(&buckets) {
+            self.settle_slot_by_slot(buckets)
+        } else {
+            self.invoke("settle", buckets)
+        };
         let fail = self.fail;
         Box::pin(async move {
             match call.await {
@@ -327,6 +483,20 @@ mod tests {
     async fn passes_the_conformance_vectors() {
         let server = RedisServer::start();
         let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let clock = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000)));
+        let mut limiter = backend.limiter().fail_mode(FailMode::Closed);
+        limiter.frozen = Some(Arc::clone(&clock));
+        conformance::run(&limiter, |d| *clock.lock().unwrap() += d).await;
+    }
+
+    /// The same vectors on a Redis Cluster (3 masters, 3 replicas).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_conformance_vectors_on_a_cluster() {
+        let cluster = crate::redis::test_cluster::RedisCluster::start();
+        let backend =
+            RedisBackend::connect_cluster(&cluster.urls(), crate::redis::RedisOptions::new())
+                .await
+                .unwrap();
         let clock = Arc::new(Mutex::new(Duration::from_secs(1_700_000_000)));
         let mut limiter = backend.limiter().fail_mode(FailMode::Closed);
         limiter.frozen = Some(Arc::clone(&clock));

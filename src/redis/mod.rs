@@ -1,7 +1,8 @@
 //! Redis backends: one Redis shared by many gateway replicas, so they behave as one.
 //!
-//! [`RedisBackend::connect`] opens one multiplexed connection (reconnected in the background)
-//! and hands out the three stores, each implementing the same trait as its in-memory sibling:
+//! [`RedisBackend::connect`] opens one multiplexed connection (reconnected in the background),
+//! [`RedisBackend::connect_cluster`] a cluster connection (one per node, routed by hash slot),
+//! and either hands out the three stores, each implementing the same trait as its in-memory sibling:
 //!
 //! | store | trait | per request |
 //! |---|---|---|
@@ -274,11 +275,11 @@ impl RedisOptions {
     }
 }
 
-/// What the stores of one backend share: the connection, the options, the client (for the
-/// key store's pub/sub connection).
+/// What the stores of one backend share: the connection, the options, the clients (for the
+/// key store's pub/sub connection: the server, or each seed node of a cluster in turn).
 pub(crate) struct Shared {
     conn: conn::Conn,
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     options: RedisOptions,
 }
 
@@ -328,11 +329,89 @@ impl RedisBackend {
         .await
         .map_err(|_| BackendError::new("redis connect: timed out"))?
         .map_err(|e| BackendError::new(format!("redis connect: {e}")))?;
+        Ok(Self::with_link(
+            conn::Link::Single(manager),
+            vec![client],
+            options,
+        ))
+    }
+
+    /// Connect to a Redis Cluster through redis-rs's cluster-async client, given one or more
+    /// of its nodes (`redis://host:port`; the others are discovered). Fails when a URL is
+    /// invalid or no node answers within the connect timeout.
+    ///
+    /// Every script runs on the keys of one hash slot: an account's keys share the slot of
+    /// `{acct:ID}`, the key store's that of `{keys}`. A limiter check whose buckets live in
+    /// several slots (a per-key or global limit beside the account's) is checked slot by slot,
+    /// giving back the tokens taken when a later slot refuses
+    /// ([`RedisLimiter`](RedisLimiter)); a top-up that promotes a plan runs the promotion as a
+    /// second script in the `{keys}` slot ([`RedisPromoter`]).
+    ///
+    /// Commands are sent again only on answers that prove they did not run (`MOVED`, `ASK`,
+    /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`, a refused connection),
+    /// within the response timeout; never after a timeout or a connection lost after the send,
+    /// so nothing is charged twice. While a failed master's slots move to its replica, the
+    /// calls on them fail and credits fail closed (503 `backend_unavailable`). The circuit
+    /// breaker is the backend's, not a node's: failures on one master's slots can open it for
+    /// every account.
+    ///
+    /// The key store's invalidation listener subscribes on one node (`PUBLISH` reaches every
+    /// node of a cluster) and, when that node goes away, on the next of `urls`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use tollgate::redis::{RedisBackend, RedisOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tollgate::BackendError> {
+    /// let backend = RedisBackend::connect_cluster(
+    ///     &["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"],
+    ///     RedisOptions::new(),
+    /// )
+    /// .await?;
+    /// let (ledger, keys) = (backend.ledger(), backend.key_store());
+    /// # let _ = (ledger, keys);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_cluster<S: AsRef<str>>(
+        urls: &[S],
+        options: RedisOptions,
+    ) -> Result<Self, BackendError> {
+        if urls.is_empty() {
+            return Err(BackendError::new("redis cluster: no node URL given"));
+        }
+        let clients = urls
+            .iter()
+            .map(|url| redis::Client::open(url.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BackendError::new(format!("redis url: {e}")))?;
+        let client = redis::cluster::ClusterClient::builder(urls.iter().map(|u| u.as_ref()))
+            // redis-rs re-sends on a lost connection too: off, `Link` re-sends what did not run.
+            .retries(0)
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.response_timeout)
+            .build()
+            .map_err(|e| BackendError::new(format!("redis cluster: {e}")))?;
+        let connection =
+            tokio::time::timeout(options.connect_timeout * 4, client.get_async_connection())
+                .await
+                .map_err(|_| BackendError::new("redis cluster connect: timed out"))?
+                .map_err(|e| BackendError::new(format!("redis cluster connect: {e}")))?;
+        Ok(Self::with_link(
+            conn::Link::Cluster(connection),
+            clients,
+            options,
+        ))
+    }
+
+    fn with_link(link: conn::Link, clients: Vec<redis::Client>, options: RedisOptions) -> Self {
         let breaker = conn::Breaker::new(options.breaker_threshold, options.breaker_cooldown);
         let backend = RedisBackend {
             shared: Arc::new(Shared {
-                conn: conn::Conn::new(manager, breaker, options.response_timeout),
-                client,
+                conn: conn::Conn::new(link, breaker, options.response_timeout),
+                clients,
                 options,
             }),
         };
@@ -340,7 +419,7 @@ impl RedisBackend {
         if let Some(record) = backend.shared.options.record.clone() {
             record::spawn(Arc::downgrade(&backend.shared), record);
         }
-        Ok(backend)
+        backend
     }
 
     /// Drain the journal into the durable record now (what the background task of
@@ -405,3 +484,7 @@ impl fmt::Debug for RedisBackend {
 #[cfg(test)]
 #[path = "../../tests/support/redis_server.rs"]
 mod test_server;
+
+#[cfg(test)]
+#[path = "../../tests/support/redis_cluster.rs"]
+mod test_cluster;

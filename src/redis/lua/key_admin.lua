@@ -1,4 +1,6 @@
--- Key mutations, checked and applied atomically. ARGV[1]: the prefix, ARGV[2]: the operation.
+-- Key mutations, checked and applied atomically. KEYS[1]: the key id's entry `{prefix}keyid:ID`
+-- (declared so that the script runs on the node of the `{keys}` slot, where all its keys are).
+-- ARGV[1]: the prefix, ARGV[2]: the operation.
 -- insert: ARGV[3] digest, ARGV[4] id, ARGV[5] account, ARGV[6..] field/value pairs
 -- update: ARGV[3] id, ARGV[4] account, ARGV[5..] field/value pairs (the record replaced)
 -- status: ARGV[3] id, ARGV[4] status
