@@ -9,7 +9,7 @@ use std::{
 use sqlx::{postgres::PgRow, Row, SqlStr};
 
 use super::{
-    coalesce::{self, Coalescer},
+    coalesce::{self, Answers, Coalescer},
     limiter::Bucket,
     millis, to_i64, to_u64, BoxFuture, Shared,
 };
@@ -460,7 +460,7 @@ pub(super) fn reserve_one(
 pub(super) fn reserve_many(
     shared: &Arc<Shared>,
     calls: Vec<ReserveCall>,
-) -> BoxFuture<Result<Vec<Option<Result<ReserveRow, BackendError>>>, BackendError>> {
+) -> BoxFuture<Answers<ReserveRow>> {
     let sql = shared.hot.reserve_many.clone();
     let n = calls.len();
     let mut columns = (
@@ -593,7 +593,7 @@ pub(super) fn close_one(
 pub(super) fn close_many(
     shared: &Arc<Shared>,
     calls: Vec<CloseCall>,
-) -> BoxFuture<Result<Vec<Option<Result<Settlement, BackendError>>>, BackendError>> {
+) -> BoxFuture<Answers<Settlement>> {
     let sql = shared.hot.close_many.clone();
     let n = calls.len();
     let mut columns = (
