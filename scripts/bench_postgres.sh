@@ -4,9 +4,11 @@
 # Starts a throwaway PostgreSQL (initdb into a temp dir, default durability: fsync and
 # synchronous_commit on), measures `pgbench` with one conditional `UPDATE ... RETURNING` per
 # transaction (1 and 8 clients), then the gateway example (bench profile, `kind = "postgres"`,
-# built-in mock upstream) with `wrk` (8 connections, one key and account per connection, so the
-# accounts' row locks do not serialize them), and the statements per billed request from
-# `pg_stat_statements`. Needs `wrk` and the PostgreSQL binaries.
+# built-in mock upstream) with `wrk` (8 threads of one connection each, one key and account per
+# thread, so two requests in flight never wait on each other's account row), the statements per
+# billed request from `pg_stat_statements`, and the CPU time per billed request of the gateway
+# and of PostgreSQL (all its processes) from /proc, to tell which side is the bottleneck. Needs
+# `wrk` and the PostgreSQL binaries.
 #
 #   scripts/bench_postgres.sh [SECONDS=10]
 #   BENCH_NO_BUILD=1 scripts/bench_postgres.sh   # use the binary already built
@@ -53,7 +55,7 @@ for clients in 1 8; do
   echo "pgbench clients=$clients: $tps tps"
 done
 
-echo "== gateway on PostgreSQL: wrk, 8 connections, one key per connection"
+echo "== gateway on PostgreSQL: wrk, 8 connections (8 threads), one key per thread"
 CONFIG="$WORK/gateway.toml"
 {
   cat <<TOML
@@ -119,11 +121,9 @@ function setup(thread)
   thread:set("id", counter)
   counter = counter + 1
 end
-local n = 0
 function request()
-  -- Each connection of each thread uses its own key: 2 threads x 4 connections = 8 keys.
-  n = n + 1
-  local key = (id * 4 + (n % 4)) % 8
+  -- One connection per thread, one key (and account) per thread: 8 threads = 8 keys.
+  local key = id % 8
   return wrk.format("POST", "/v1/chat/completions", {
     ["Authorization"] = "Bearer sk-bench-pg-" .. key .. "-0123456789abcdef",
     ["Content-Type"] = "application/json",
@@ -135,12 +135,18 @@ function done(summary, latency, requests)
 end
 LUA
 # Warm the key caches and the prepared statements.
-wrk -t2 -c8 -d2s -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" >/dev/null
+wrk -t8 -c8 -d2s -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" >/dev/null
 sleep 0.5
 "${PSQL[@]}" -c "SELECT pg_stat_statements_reset()" >/dev/null
 settles() { "${PSQL[@]}" -c "SELECT count(*) FROM tollgate.journal WHERE kind = 'settle'"; }
 settled_before=$(settles)
-wrk -t2 -c8 -d"${SECONDS_EACH}s" --latency -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" | tee "$WORK/wrk.txt"
+# CPU time (utime + stime, clock ticks) of the gateway, and of the postmaster and its children.
+PG_PID=$(head -1 "$WORK/data/postmaster.pid")
+ticks() { awk '{ t += $14 + $15 } END { print t }' "$@" 2>/dev/null; }
+pg_ticks() { ticks /proc/"$PG_PID"/stat $(for c in $(pgrep -P "$PG_PID"); do echo /proc/"$c"/stat; done); }
+gw_before=$(ticks /proc/"$GW_PID"/stat); pg_before=$(pg_ticks)
+wrk -t8 -c8 -d"${SECONDS_EACH}s" --latency -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" | tee "$WORK/wrk.txt"
+gw_cpu=$(( $(ticks /proc/"$GW_PID"/stat) - gw_before )); pg_cpu=$(( $(pg_ticks) - pg_before ))
 # Requests cut by wrk's end release their holds in the background: give them a moment.
 sleep 3
 billed=$(( $(settles) - settled_before ))
@@ -148,3 +154,5 @@ statements=$("${PSQL[@]}" -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statem
 held=$("${PSQL[@]}" -c "SELECT coalesce(sum(held), 0) FROM tollgate.balances")
 echo "billed requests (settles journaled): $billed; statements on the books: $statements; per billed request: $(awk "BEGIN { printf \"%.2f\", $statements / $billed }")"
 echo "credits still held after the run: $held"
+HZ=$(getconf CLK_TCK)
+echo "CPU per billed request: gateway $(awk "BEGIN { printf \"%.0f\", $gw_cpu * 1000000 / $HZ / $billed }") µs, PostgreSQL $(awk "BEGIN { printf \"%.0f\", $pg_cpu * 1000000 / $HZ / $billed }") µs (of $(nproc) cores x ${SECONDS_EACH} s)"

@@ -33,13 +33,12 @@ pub(super) const MAX_BATCH: usize = 64;
 /// One call alone: its own statement.
 pub(super) type One<C, A> = fn(&Arc<Shared>, C) -> BoxFuture<Result<A, BackendError>>;
 
-/// Several calls in one statement: per call (in the order given), its answer, or `None` when it
-/// must be sent again alone (it waited on a lock too long and was rolled back).
-pub(super) type Many<C, A> =
-    fn(
-        &Arc<Shared>,
-        Vec<C>,
-    ) -> BoxFuture<Result<Vec<Option<Result<A, BackendError>>>, BackendError>>;
+/// The answer of a batch: per call (in the order given), its answer, or `None` when it must be
+/// sent again alone (it waited on a lock too long and was rolled back).
+pub(super) type Answers<A> = Result<Vec<Option<Result<A, BackendError>>>, BackendError>;
+
+/// Several calls in one statement.
+pub(super) type Many<C, A> = fn(&Arc<Shared>, Vec<C>) -> BoxFuture<Answers<A>>;
 
 type Waiting<C, A> = (C, oneshot::Sender<Result<A, BackendError>>);
 

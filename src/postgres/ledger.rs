@@ -9,7 +9,7 @@ use std::{
 use sqlx::{postgres::PgRow, Row, SqlStr};
 
 use super::{
-    coalesce::{self, Coalescer},
+    coalesce::{self, Answers, Coalescer},
     limiter::Bucket,
     millis, to_i64, to_u64, BoxFuture, Shared,
 };
@@ -111,10 +111,6 @@ pub(super) enum Reserved {
 /// The GCRA answer of a statement: verdict, index, wait, the buckets' states (`None`: no limit
 /// was looked at).
 pub(super) type Limits = Option<(i32, i32, i64, Vec<i64>)>;
-
-/// The answers of a batched statement, one per call in order: `None` for a call rolled back
-/// (a lock waited on too long) to be sent again alone; an error of the whole statement.
-pub(super) type Batch<T> = Result<Vec<Option<Result<T, BackendError>>>, BackendError>;
 
 /// Rate-limit corrections made by the close statement.
 pub(super) enum Corrections {
@@ -464,7 +460,7 @@ pub(super) fn reserve_one(
 pub(super) fn reserve_many(
     shared: &Arc<Shared>,
     calls: Vec<ReserveCall>,
-) -> BoxFuture<Batch<ReserveRow>> {
+) -> BoxFuture<Answers<ReserveRow>> {
     let sql = shared.hot.reserve_many.clone();
     let n = calls.len();
     let mut columns = (
@@ -597,7 +593,7 @@ pub(super) fn close_one(
 pub(super) fn close_many(
     shared: &Arc<Shared>,
     calls: Vec<CloseCall>,
-) -> BoxFuture<Batch<Settlement>> {
+) -> BoxFuture<Answers<Settlement>> {
     let sql = shared.hot.close_many.clone();
     let n = calls.len();
     let mut columns = (
