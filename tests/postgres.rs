@@ -939,7 +939,9 @@ async fn postgres_down_fails_closed_for_credits_and_as_configured_for_limits_the
             (settled, failed, slowest)
         })
     };
-    let workers: Vec<_> = (0..8).map(|_| load(120)).collect();
+    // Enough requests that the load is still going when the server stops (coalesced, 8 workers
+    // make well over 1k requests a second).
+    let workers: Vec<_> = (0..8).map(|_| load(400)).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.stop();
     let started = Instant::now();
