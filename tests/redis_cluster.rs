@@ -427,6 +427,9 @@ async fn revocation_reaches_the_other_replica_within_a_second_even_after_its_nod
     );
 }
 
+/// Per account, the settlements acknowledged to clients: (hold id, charged).
+type Acked = HashMap<String, Vec<(u64, u64)>>;
+
 /// `kill -9` of a master while two replicas bill 24 accounts: credits on the moving slots fail
 /// closed (a backend error, never a hold placed unanswered), service resumes once the replica
 /// is promoted, nothing is charged twice and nothing acknowledged is lost.
@@ -453,7 +456,7 @@ async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     cluster.wait_replicas_in_sync(Duration::from_secs(10));
 
     // What clients were told: per account, the settlements acknowledged (hold id, charged).
-    let acked: Arc<Mutex<HashMap<String, Vec<(u64, u64)>>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let refused = Arc::new(AtomicU32::new(0));
     let other_errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let served_after = Arc::new(Mutex::new(None::<Instant>));
