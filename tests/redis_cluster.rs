@@ -427,6 +427,9 @@ async fn revocation_reaches_the_other_replica_within_a_second_even_after_its_nod
     );
 }
 
+/// Per account, the settlements acknowledged to clients: (hold id, charged).
+type Acked = HashMap<String, Vec<(u64, u64)>>;
+
 /// `kill -9` of a master while two replicas bill 24 accounts: credits on the moving slots fail
 /// closed (a backend error, never a hold placed unanswered), service resumes once the replica
 /// is promoted, nothing is charged twice and nothing acknowledged is lost.
