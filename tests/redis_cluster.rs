@@ -433,9 +433,6 @@ type Acked = HashMap<String, Vec<(u64, u64)>>;
 /// `kill -9` of a master while two replicas bill 24 accounts: credits on the moving slots fail
 /// closed (a backend error, never a hold placed unanswered), service resumes once the replica
 /// is promoted, nothing is charged twice and nothing acknowledged is lost.
-/// Per account, the settlements acknowledged to clients: (hold id, charged).
-type Acked = HashMap<String, Vec<(u64, u64)>>;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     let mut cluster = RedisCluster::start();
