@@ -242,7 +242,12 @@ fn layered(c: &mut Criterion) {
                 if let Some(v) = line.strip_prefix("total_commands_processed:") {
                     total = v.trim().parse().unwrap();
                 }
-                for name in ["cmdstat_evalsha:", "cmdstat_evalsha_ro:"] {
+                for name in [
+                    "cmdstat_evalsha:",
+                    "cmdstat_evalsha_ro:",
+                    "cmdstat_fcall:",
+                    "cmdstat_fcall_ro:",
+                ] {
                     if let Some(rest) = line.strip_prefix(name) {
                         let calls = rest.split(',').next().unwrap().trim_start_matches("calls=");
                         scripts += calls.parse::<u64>().unwrap();
