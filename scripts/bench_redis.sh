@@ -5,9 +5,10 @@
 # `[backend] kind = "redis"`, built-in mock upstream, 8 accounts with one key each), then:
 #   1. loadgen, ~1k billed requests: Redis memory (`used_memory`) after them;
 #   2. `wrk` (2 threads, 8 connections, one key per connection) for SECONDS: billed requests/s,
-#      Redis CPU per billed request (`INFO cpu` used_cpu_sys + used_cpu_user, delta / billed),
+#      Redis CPU per billed request (`INFO cpu` used_cpu_sys + used_cpu_user, delta / billed; and
+#      Σ `commandstats` usec of the calls clients made: FCALL/EVALSHA, inner commands included),
 #      commands and scripts per billed request (`INFO commandstats`, the commands inside
-#      scripts counted too), round trips per billed request (calls made by clients: EVALSHA and
+#      scripts counted too), round trips per billed request (calls made by clients: FCALL, EVALSHA and
 #      any command sent on its own), and where the time went (usec per command);
 #   3. loadgen until ~20k billed requests in all: Redis memory again (flat: bounded);
 #   4. loadgen at a fixed RATE on the Redis gateway and on the same gateway with the memory
@@ -174,19 +175,22 @@ for line in open(sys.argv[1]):
 # Ours (the bench's own reads) aside.
 for ours in ("info", "config", "hget|bench"):
     stats.pop(ours, None)
-scripts = sum(c for n, (c, _) in stats.items() if n in ("evalsha", "evalsha_ro", "eval", "eval_ro"))
-script_usec = sum(u for n, (_, u) in stats.items() if n in ("evalsha", "evalsha_ro", "eval", "eval_ro"))
-inner = {n: v for n, v in stats.items() if n not in ("evalsha", "evalsha_ro", "eval", "eval_ro")}
+CALLS = ("evalsha", "evalsha_ro", "eval", "eval_ro", "fcall", "fcall_ro")
+scripts = sum(c for n, (c, _) in stats.items() if n in CALLS)
+script_usec = sum(u for n, (_, u) in stats.items() if n in CALLS)
+inner = {n: v for n, v in stats.items() if n not in CALLS}
 commands = sum(c for c, _ in inner.values())
+# A script's or function's usec includes the commands it runs: the total is the outer calls'.
 print(f"Redis CPU (INFO cpu, sys+user): {cpu / billed:.1f} µs per billed request")
-print(f"scripts: {scripts / billed:.2f} per billed request, {script_usec / max(scripts, 1):.1f} µs each "
+print(f"Redis CPU (Σ commandstats usec of the calls clients made): {script_usec / billed:.1f} µs per billed request")
+print(f"scripts/functions: {scripts / billed:.2f} per billed request, {script_usec / max(scripts, 1):.1f} µs each "
       f"(commandstats, inner commands included)")
 print(f"commands inside scripts (and any sent alone): {commands / billed:.2f} per billed request")
 print(f"round trips: {scripts / billed:.2f} script calls per billed request, plus commands sent alone "
       f"(the key store's cache is warm: none expected)")
-print("per billed request, by command (calls, µs):")
+print("per billed request, by command (calls, µs; usec_per_call):")
 for n, (c, u) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
-    print(f"  {n:12} {c / billed:6.2f} calls  {u / billed:6.2f} µs")
+    print(f"  {n:12} {c / billed:6.2f} calls  {u / billed:6.2f} µs  {u / max(c, 1):6.2f} µs/call")
 PY
 # Only the bench's own HGETs are sent alone; commandstats above counts them in hget: the
 # script-only commands are what the scripts run.

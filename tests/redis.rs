@@ -1201,7 +1201,7 @@ async fn a_redis_that_lost_the_library_loads_it_again_and_charges_once() {
     let backend = replica(&server, RedisOptions::new()).await;
     let ledger = backend.ledger();
     let client = redis::Client::open(server.url()).unwrap();
-    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
     let libraries = |mut admin: redis::aio::MultiplexedConnection| async move {
         let list: Vec<redis::Value> = redis::cmd("FUNCTION")
             .arg("LIST")

@@ -430,6 +430,9 @@ async fn revocation_reaches_the_other_replica_within_a_second_even_after_its_nod
 /// `kill -9` of a master while two replicas bill 24 accounts: credits on the moving slots fail
 /// closed (a backend error, never a hold placed unanswered), service resumes once the replica
 /// is promoted, nothing is charged twice and nothing acknowledged is lost.
+/// Per account, the settlements acknowledged: (hold id, charged).
+type Acked = HashMap<String, Vec<(u64, u64)>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     let mut cluster = RedisCluster::start();
@@ -451,9 +454,23 @@ async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     }
     let victim = cluster.master_of("tollgate:{acct:acct_0}");
     cluster.wait_replicas_in_sync(Duration::from_secs(10));
+    // The library was loaded on every primary at connect and replicated: a promoted replica
+    // has it (no `Function not found` after the failover).
+    for port in cluster.live_ports() {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(tollgate::redis::RedisBackend::library_name())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(libraries.len(), 1, "the library on node {port}");
+    }
 
     // What clients were told: per account, the settlements acknowledged (hold id, charged).
-    let acked: Arc<Mutex<HashMap<String, Vec<(u64, u64)>>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let refused = Arc::new(AtomicU32::new(0));
     let other_errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let served_after = Arc::new(Mutex::new(None::<Instant>));
