@@ -351,7 +351,7 @@ impl RedisBackend {
     /// `{acct:ID}`, the key store's that of `{keys}`. A limiter check whose buckets live in
     /// several slots (a per-key or global limit beside the account's) is checked slot by slot,
     /// giving back the tokens taken when a later slot refuses
-    /// ([`RedisLimiter`](RedisLimiter)); a top-up that promotes a plan runs the promotion as a
+    /// ([`RedisLimiter`]); a top-up that promotes a plan runs the promotion as a
     /// second script in the `{keys}` slot ([`RedisPromoter`]).
     ///
     /// Commands are sent again only on answers that prove they did not run (`MOVED`, `ASK`,
