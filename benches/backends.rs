@@ -119,7 +119,12 @@ fn redis_scripts(url: &str, runtime: &Runtime) -> (u64, u64) {
             if let Some(v) = line.strip_prefix("total_commands_processed:") {
                 total = v.trim().parse().unwrap();
             }
-            for name in ["cmdstat_evalsha:", "cmdstat_evalsha_ro:"] {
+            for name in [
+                "cmdstat_evalsha:",
+                "cmdstat_evalsha_ro:",
+                "cmdstat_fcall:",
+                "cmdstat_fcall_ro:",
+            ] {
                 if let Some(rest) = line.strip_prefix(name) {
                     let calls = rest.split(',').next().unwrap().trim_start_matches("calls=");
                     scripts += calls.parse::<u64>().unwrap();

@@ -5,9 +5,10 @@
 # `[backend] kind = "redis"`, built-in mock upstream, 8 accounts with one key each), then:
 #   1. loadgen, ~1k billed requests: Redis memory (`used_memory`) after them;
 #   2. `wrk` (2 threads, 8 connections, one key per connection) for SECONDS: billed requests/s,
-#      Redis CPU per billed request (`INFO cpu` used_cpu_sys + used_cpu_user, delta / billed),
+#      Redis CPU per billed request (`INFO cpu` used_cpu_sys + used_cpu_user, delta / billed; and
+#      Σ `commandstats` usec of the calls clients made: FCALL/EVALSHA, inner commands included),
 #      commands and scripts per billed request (`INFO commandstats`, the commands inside
-#      scripts counted too), round trips per billed request (calls made by clients: EVALSHA and
+#      scripts counted too), round trips per billed request (calls made by clients: FCALL, EVALSHA and
 #      any command sent on its own), and where the time went (usec per command);
 #   3. loadgen until ~20k billed requests in all: Redis memory again (flat: bounded);
 #   4. loadgen at a fixed RATE on the Redis gateway and on the same gateway with the memory

@@ -115,21 +115,23 @@ for path in files:
 # Ours (the bench's own reads) aside.
 for ours in ("info", "config", "config|resetstat", "hget|bench"):
     stats.pop(ours, None)
-SCRIPTS = ("evalsha", "evalsha_ro", "eval", "eval_ro")
+SCRIPTS = ("evalsha", "evalsha_ro", "eval", "eval_ro", "fcall", "fcall_ro")
 scripts = sum(c for n, (c, _) in stats.items() if n in SCRIPTS)
 script_usec = sum(u for n, (_, u) in stats.items() if n in SCRIPTS)
 inner = {n: v for n, v in stats.items() if n not in SCRIPTS}
 commands = sum(c for c, _ in inner.values())
 where = "summed over the masters" if len(files) > 1 else "sys+user"
 print(f"Redis CPU (INFO cpu, {where}): {cpu / billed:.1f} µs per billed request")
-print(f"scripts: {scripts / billed:.2f} per billed request, {script_usec / max(scripts, 1):.1f} µs each "
+# A script's or function's usec includes the commands it runs: the total is the outer calls'.
+print(f"Redis CPU (Σ commandstats usec of the calls clients made): {script_usec / billed:.1f} µs per billed request")
+print(f"scripts/functions: {scripts / billed:.2f} per billed request, {script_usec / max(scripts, 1):.1f} µs each "
       f"(commandstats, inner commands included)")
 print(f"commands inside scripts (and any sent alone): {commands / billed:.2f} per billed request")
 print(f"round trips: {scripts / billed:.2f} script calls per billed request, plus commands sent alone "
       f"(the key store's cache is warm: none expected)")
-print("per billed request, by command (calls, µs):")
+print("per billed request, by command (calls, µs; usec_per_call):")
 for n, (c, u) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
-    print(f"  {n:12} {c / billed:6.2f} calls  {u / billed:6.2f} µs")
+    print(f"  {n:12} {c / billed:6.2f} calls  {u / billed:6.2f} µs  {u / max(c, 1):6.2f} µs/call")
 PY
 }
 

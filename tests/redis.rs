@@ -806,7 +806,7 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
     let ledger = backend.ledger();
     ledger.top_up("acct_1", 3, "invoice-1").await.unwrap();
     let service = one_step(&backend, Plan::new().requests_per_minute(5), KeyBy::Key);
-    // Warm: the first call of each script loads it (a NOSCRIPT answer, then EVALSHA again).
+    // Warm (as a replica long connected).
     assert_eq!(send_one(&service).await.0, 200);
     settled(&ledger).await;
     let before = server.script_calls().await;
@@ -1119,4 +1119,90 @@ async fn reserves_the_open_breaker_refuses_leave_nothing_to_undo() {
         after < before + 5,
         "{before} tasks before, {after} after 50 refused reserves"
     );
+}
+
+/// A Redis that lost the tollgate library (restarted empty, a failover to a node without it:
+/// here `FUNCTION FLUSH`) keeps working: the next call is answered `Function not found`, which
+/// proves it did not run, so the library is loaded again and the call sent once more; each
+/// movement is made exactly once and the books stay exact.
+#[tokio::test]
+async fn a_redis_that_lost_the_library_loads_it_again_and_charges_once() {
+    let server = RedisServer::start();
+    let backend = replica(&server, RedisOptions::new()).await;
+    let ledger = backend.ledger();
+    let client = redis::Client::open(server.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
+    let libraries = |mut admin: redis::aio::MultiplexedConnection| async move {
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(RedisBackend::library_name())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        list.len()
+    };
+    assert_eq!(libraries(admin.clone()).await, 1, "loaded at connect");
+    let flush = |mut admin: redis::aio::MultiplexedConnection| async move {
+        let () = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    };
+
+    flush(admin.clone()).await;
+    assert_eq!(
+        ledger
+            .top_up("acct_1", 100, "invoice-1")
+            .await
+            .unwrap()
+            .balance
+            .balance,
+        100
+    );
+    assert_eq!(libraries(admin.clone()).await, 1, "loaded again");
+    flush(admin.clone()).await;
+    let hold = ledger
+        .reserve(ReserveRequest::new("acct_1", 30))
+        .await
+        .unwrap()
+        .into_hold()
+        .unwrap();
+    flush(admin.clone()).await;
+    let settlement = ledger.settle(&hold, 12).await.unwrap();
+    assert_eq!(settlement.balance, 88);
+    assert!(settlement.was_open);
+    flush(admin.clone()).await;
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (88, 0, 0));
+    flush(admin.clone()).await;
+    let journal = ledger.journal("acct_1", JournalQuery::new()).await.unwrap();
+    let moves: Vec<(EntryKind, u64)> = journal.iter().map(|e| (e.kind, e.amount)).collect();
+    assert_eq!(
+        moves,
+        [
+            (EntryKind::TopUp, 100),
+            (EntryKind::Reserve, 30),
+            (EntryKind::Settle, 12)
+        ],
+        "each movement once"
+    );
+    assert_eq!(journal.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+
+    // The rate limiter's function too.
+    flush(admin.clone()).await;
+    let limiter = backend.limiter();
+    let mut allowed = 0;
+    for _ in 0..3 {
+        flush(admin.clone()).await;
+        allowed += u32::from(
+            limiter
+                .check(&[charge("acct_2", 2)])
+                .await
+                .unwrap()
+                .is_allowed(),
+        );
+    }
+    assert_eq!(allowed, 2, "the burst, each check once");
 }

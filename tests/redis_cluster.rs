@@ -454,6 +454,20 @@ async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     }
     let victim = cluster.master_of("tollgate:{acct:acct_0}");
     cluster.wait_replicas_in_sync(Duration::from_secs(10));
+    // The library was loaded on every primary at connect and replicated: a promoted replica
+    // has it (no `Function not found` after the failover).
+    for port in cluster.live_ports() {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(tollgate::redis::RedisBackend::library_name())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(libraries.len(), 1, "the library on node {port}");
+    }
 
     // What clients were told: per account, the settlements acknowledged (hold id, charged).
     let acked: Arc<Mutex<Acked>> = Arc::default();

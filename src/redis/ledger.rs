@@ -1,9 +1,8 @@
 //! The Redis [`Ledger`]: one Lua script per operation, on keys hash-tagged per account.
 
 use std::{
-    collections::HashMap,
     fmt,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, LazyLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,6 +10,7 @@ use redis::{AsyncCommands, Script, Value};
 
 use super::{
     conn::Conn,
+    function::FnCall,
     limiter::{push_buckets, Bucket},
     BoxFuture, RedisKeyStore, Shared,
 };
@@ -30,51 +30,19 @@ use crate::{
 /// The largest balance the ledger keeps: Lua numbers are doubles, exact up to 2⁵³.
 pub const MAX_BALANCE: u64 = crate::credits::ledger::MAX_CREDITS;
 
-const PRELUDE: &str = include_str!("lua/ledger_prelude.lua");
-
 /// A plan promotion as a script of its own, in the key store's `{keys}` slot (Redis Cluster).
 static PROMOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/promote.lua")));
 
-/// The ledger's scripts for one per-account journal limit (0: unbounded) and one choice of
-/// durable record (whose undrained entries are never trimmed), made once per pair a process
-/// uses (both are constants of the script, so a script call has no extra argument).
-struct Scripts {
-    reserve: Script,
-    close: Script,
-    top_up: Script,
-    balance: Script,
-    expire: Script,
-    extend: Script,
-    journal: Script,
-}
+/// What every ledger function's arguments end with: the per-account journal limit (0:
+/// unbounded) and whether a durable record drains the journal (its undrained entries are never
+/// trimmed).
+#[derive(Clone, Copy)]
+struct Tail(usize, bool);
 
-fn scripts(journal_limit: usize, record: bool) -> &'static Scripts {
-    static MADE: LazyLock<Mutex<HashMap<(usize, bool), &'static Scripts>>> =
-        LazyLock::new(|| Mutex::new(HashMap::new()));
-    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    made.entry((journal_limit, record)).or_insert_with(|| {
-        let script = |body: &str| {
-            Script::new(&format!(
-                "local JOURNAL_MAX = {journal_limit}\nlocal RECORD = {record}\n{PRELUDE}\n{body}"
-            ))
-        };
-        // A ledger script that also charges or corrects the account's rate-limit buckets.
-        let limits_script = |body: &str| {
-            Script::new(&format!(
-                "local JOURNAL_MAX = {journal_limit}\nlocal RECORD = {record}\n{PRELUDE}\n{}\n{body}",
-                super::limiter::GCRA_LIB
-            ))
-        };
-        Box::leak(Box::new(Scripts {
-            reserve: limits_script(include_str!("lua/reserve.lua")),
-            close: limits_script(include_str!("lua/close.lua")),
-            top_up: script(include_str!("lua/top_up.lua")),
-            balance: script(include_str!("lua/balance.lua")),
-            expire: script(include_str!("lua/expire.lua")),
-            extend: script(include_str!("lua/extend.lua")),
-            journal: Script::new(include_str!("lua/journal.lua")),
-        }))
-    })
+impl Tail {
+    fn finish(self, call: &mut FnCall) -> &mut FnCall {
+        call.arg(self.0).arg(u8::from(self.1))
+    }
 }
 
 /// Holds settled per account and script call by [`LedgerAdmin::expire_holds`].
@@ -120,8 +88,9 @@ impl RedisLedger {
         RedisLedger { shared }
     }
 
-    fn scripts(&self) -> &'static Scripts {
-        scripts(
+    /// The two arguments every ledger function call ends with.
+    fn tail(&self) -> Tail {
+        Tail(
             self.shared.options.journal_limit,
             self.shared.options.has_record(),
         )
@@ -159,9 +128,8 @@ impl RedisLedger {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
         let key = self.journal_key(account);
-        let scripts = self.scripts();
         let call = self.conn().call("journal", move |mut conn| async move {
-            let mut invocation = scripts.journal.prepare_invoke();
+            let mut invocation = FnCall::new("journal");
             invocation
                 .key(key)
                 .arg(query.after.map_or(String::new(), |after| after.to_string()))
@@ -171,7 +139,7 @@ impl RedisLedger {
                 } else {
                     query.limit
                 });
-            invocation.invoke_async::<Vec<Vec<u8>>>(&mut conn).await
+            invocation.invoke::<Vec<Vec<u8>>, _>(&mut conn).await
         });
         Box::pin(async move {
             let reply = call.await?;
@@ -192,7 +160,7 @@ impl RedisLedger {
         let accounts = self.accounts_key();
         let account = account.to_owned();
         let idempotency_key = idempotency_key.to_owned();
-        let scripts = self.scripts();
+        let tail = self.tail();
         // On a cluster the key store's hash is in another slot: the promotion is a script of
         // its own, run after an applied top-up.
         let (promote, promote_apart) = if self.conn().is_cluster() {
@@ -201,7 +169,7 @@ impl RedisLedger {
             (promote, None)
         };
         let call = self.conn().call("top-up", move |mut conn| async move {
-            let mut invocation = scripts.top_up.prepare_invoke();
+            let mut invocation = FnCall::new("top_up");
             invocation
                 .key(key)
                 .arg(amount)
@@ -213,7 +181,10 @@ impl RedisLedger {
                     invocation.arg(from).arg(to);
                 }
             }
-            let mut reply = invocation.invoke_async::<Vec<Value>>(&mut conn).await?;
+            let mut reply = tail
+                .finish(&mut invocation)
+                .invoke::<Vec<Value>, _>(&mut conn)
+                .await?;
             if let Some((plans_key, rules)) = promote_apart {
                 if reply.first().map(value_str).as_deref() == Some("applied") {
                     let mut invocation = PROMOTE.prepare_invoke();
@@ -341,9 +312,9 @@ impl RedisLedger {
                 ..bucket.clone()
             })
             .collect();
-        let scripts = self.scripts();
+        let tail = self.tail();
         let call = self.conn().call("reserve", move |mut conn| async move {
-            let mut invocation = scripts.reserve.prepare_invoke();
+            let mut invocation = FnCall::new("reserve");
             invocation
                 .key(key)
                 .arg(id)
@@ -355,7 +326,9 @@ impl RedisLedger {
                 .arg(request_id)
                 .arg(key_id);
             push_buckets(&mut invocation, buckets, false);
-            invocation.invoke_async::<Vec<Value>>(&mut conn).await
+            tail.finish(&mut invocation)
+                .invoke::<Vec<Value>, _>(&mut conn)
+                .await
         });
         let ledger = self.clone();
         let account = request.account;
@@ -454,9 +427,9 @@ impl RedisLedger {
             Corrections::IfOpen(buckets) => ("if_open", buckets),
         };
         let fence = if fence { self.hold_ttl_ms() * 2 } else { 0 };
-        let scripts = self.scripts();
+        let tail = self.tail();
         let call = self.conn().call("settle", move |mut conn| async move {
-            let mut invocation = scripts.close.prepare_invoke();
+            let mut invocation = FnCall::new("close");
             invocation
                 .key(key)
                 .arg(id)
@@ -465,7 +438,9 @@ impl RedisLedger {
                 .arg(fence)
                 .arg(when);
             push_buckets(&mut invocation, buckets, false);
-            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+            tail.finish(&mut invocation)
+                .invoke::<Vec<i64>, _>(&mut conn)
+                .await
         });
         Box::pin(async move {
             let reply = call.await?;
@@ -510,11 +485,13 @@ impl Ledger for RedisLedger {
     fn extend(&self, hold: &Hold) -> Self::ExtendFuture {
         let key = self.account_key(hold.account());
         let (id, ttl) = (hold.id(), self.hold_ttl_ms());
-        let scripts = self.scripts();
+        let tail = self.tail();
         let call = self.conn().call("extend", move |mut conn| async move {
-            let mut invocation = scripts.extend.prepare_invoke();
+            let mut invocation = FnCall::new("extend");
             invocation.key(key).arg(id).arg(ttl);
-            invocation.invoke_async::<i64>(&mut conn).await
+            tail.finish(&mut invocation)
+                .invoke::<i64, _>(&mut conn)
+                .await
         });
         Box::pin(async move { Ok(call.await? == 1) })
     }
@@ -537,11 +514,13 @@ impl LedgerAdmin for RedisLedger {
 
     fn balance(&self, account: &str) -> Self::BalanceFuture {
         let key = self.account_key(account);
-        let scripts = self.scripts();
+        let tail = self.tail();
         let call = self.conn().call("balance", move |mut conn| async move {
-            let mut invocation = scripts.balance.prepare_invoke();
+            let mut invocation = FnCall::new("balance");
             invocation.key(key);
-            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+            tail.finish(&mut invocation)
+                .invoke::<Vec<i64>, _>(&mut conn)
+                .await
         });
         Box::pin(async move {
             match call.await?[..] {
@@ -587,7 +566,7 @@ impl LedgerAdmin for RedisLedger {
 
     fn expire_holds(&self, now: SystemTime) -> Self::ExpireFuture {
         let ledger = self.clone();
-        let scripts = self.scripts();
+        let tail = self.tail();
         let now_ms = millis(now.duration_since(UNIX_EPOCH).unwrap_or_default());
         Box::pin(async move {
             let accounts_key = ledger.accounts_key();
@@ -604,9 +583,9 @@ impl LedgerAdmin for RedisLedger {
                     let reply: Vec<i64> = ledger
                         .conn()
                         .call("expire", move |mut conn| async move {
-                            let mut invocation = scripts.expire.prepare_invoke();
+                            let mut invocation = FnCall::new("expire");
                             invocation.key(key).arg(now_ms).arg(EXPIRE_BATCH);
-                            invocation.invoke_async(&mut conn).await
+                            tail.finish(&mut invocation).invoke(&mut conn).await
                         })
                         .await?;
                     let (holds, charged) = match reply[..] {

@@ -1,28 +1,16 @@
 //! The Redis [`Limiter`]: GCRA in one Lua script per check, every limit all-or-nothing.
 
-use std::{
-    fmt,
-    sync::{Arc, LazyLock},
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
 
-use redis::Script;
-
-use super::{BoxFuture, FailMode, Shared};
+use super::{function::FnCall, BoxFuture, FailMode, Shared};
 use crate::{
     ratelimit::{BucketKey, Charge, Correction, Decision, LimitStatus, Limiter, Outcome, Subject},
     BackendError, LimitKind,
 };
 
-/// GCRA's Lua functions, shared with the ledger's reserve and close scripts.
-pub(super) const GCRA_LIB: &str = include_str!("lua/gcra_lib.lua");
-
-static GCRA: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{GCRA_LIB}\n{}", include_str!("lua/gcra.lua"))));
-
 /// A [`Limiter`] in Redis: every replica draws from the same buckets.
 ///
-/// One `EVALSHA` per [`check`](Limiter::check), however many limits it charges: the script reads
+/// One `FCALL` per [`check`](Limiter::check), however many limits it charges: the function reads
 /// the time from Redis (`TIME`), tests every bucket with governor's GCRA arithmetic and writes
 /// all of them or none, so concurrent checks from any number of replicas are linearizable and
 /// a burst of N across replicas lets exactly N through. Decisions are the in-memory
@@ -158,10 +146,10 @@ impl RedisLimiter {
             self.shared
                 .conn
                 .call("rate limit", move |mut conn| async move {
-                    let mut invocation = GCRA.prepare_invoke();
+                    let mut invocation = FnCall::new("gcra");
                     invocation.arg(seconds).arg(nanos).arg(mode);
                     push_buckets(&mut invocation, buckets, true);
-                    invocation.invoke_async::<Vec<i64>>(&mut conn).await
+                    invocation.invoke::<Vec<i64>, _>(&mut conn).await
                 }),
         )
     }
@@ -185,11 +173,7 @@ pub(super) type Meta = (LimitKind, Params, u64);
 /// Appends buckets to a script call: each one four arguments (field, t, burst, cost or delta),
 /// as `gcra_lib.lua` reads them, and with `keys` its key (the limiter's script; the ledger's
 /// scripts have the account's hash as their only key, every bucket a field of it).
-pub(super) fn push_buckets(
-    invocation: &mut redis::ScriptInvocation<'_>,
-    buckets: Vec<Bucket>,
-    keys: bool,
-) {
+pub(super) fn push_buckets(invocation: &mut FnCall, buckets: Vec<Bucket>, keys: bool) {
     for bucket in buckets {
         if keys {
             invocation.key(bucket.key);

@@ -55,6 +55,7 @@ use crate::BackendError;
 
 mod admission;
 mod conn;
+mod function;
 mod keystore;
 mod ledger;
 mod limiter;
@@ -283,6 +284,14 @@ pub(crate) struct Shared {
     options: RedisOptions,
 }
 
+/// `FUNCTION LOAD REPLACE` of the tollgate library at connect (on a cluster: every primary).
+async fn load_library(link: &mut conn::Link, options: &RedisOptions) -> Result<(), BackendError> {
+    tokio::time::timeout(options.connect_timeout * 4, function::LIBRARY.load(link))
+        .await
+        .map_err(|_| BackendError::new("redis connect: loading the library timed out"))?
+        .map_err(|e| BackendError::new(format!("redis connect: loading the library: {e}")))
+}
+
 /// A connection to the Redis that every replica shares, and the stores built on it.
 ///
 /// Cloning shares the connection.
@@ -329,11 +338,9 @@ impl RedisBackend {
         .await
         .map_err(|_| BackendError::new("redis connect: timed out"))?
         .map_err(|e| BackendError::new(format!("redis connect: {e}")))?;
-        Ok(Self::with_link(
-            conn::Link::Single(manager),
-            vec![client],
-            options,
-        ))
+        let mut link = conn::Link::Single(manager);
+        load_library(&mut link, &options).await?;
+        Ok(Self::with_link(link, vec![client], options))
     }
 
     /// Connect to a Redis Cluster through redis-rs's cluster-async client, given one or more
@@ -399,11 +406,15 @@ impl RedisBackend {
                 .await
                 .map_err(|_| BackendError::new("redis cluster connect: timed out"))?
                 .map_err(|e| BackendError::new(format!("redis cluster connect: {e}")))?;
-        Ok(Self::with_link(
-            conn::Link::Cluster(connection),
-            clients,
-            options,
-        ))
+        let mut link = conn::Link::Cluster(connection);
+        load_library(&mut link, &options).await?;
+        Ok(Self::with_link(link, clients, options))
+    }
+
+    /// The name of the Lua library (Redis Functions) this build loads and calls
+    /// (`tollgate_<version>_<hash of its code>`; its functions are `<name>_reserve`, ...).
+    pub fn library_name() -> &'static str {
+        function::LIBRARY.name()
     }
 
     fn with_link(link: conn::Link, clients: Vec<redis::Client>, options: RedisOptions) -> Self {

@@ -36,7 +36,8 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// `EVALSHA` calls the server has run so far: one per script call, one round trip each.
+    /// Script and function calls (`EVALSHA`, `FCALL`) the server has run so far: one round
+    /// trip each.
     pub async fn script_calls(&self) -> u64 {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -47,9 +48,9 @@ impl RedisServer {
             .unwrap();
         info.lines()
             .filter_map(|line| {
-                let rest = line
-                    .strip_prefix("cmdstat_evalsha:")
-                    .or_else(|| line.strip_prefix("cmdstat_evalsha_ro:"))?;
+                let rest = ["evalsha", "evalsha_ro", "fcall", "fcall_ro"]
+                    .iter()
+                    .find_map(|name| line.strip_prefix(&format!("cmdstat_{name}:")))?;
                 rest.split(',')
                     .next()?
                     .strip_prefix("calls=")?

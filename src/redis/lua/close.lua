@@ -10,7 +10,7 @@
 -- idempotency key adds HGET and HSET (or DEL).
 local id, how, actual, fence = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local nb = (#ARGV - 5) / 4
-local field, t, burst, delta = gcra_params(6, nb)
+local field, t, burst, delta = gcra_params(ARGV, 6, nb)
 local extra = { 'h:' .. id }
 for i = 1, nb do extra[1 + i] = field[i] end
 local S, v = load(extra)

@@ -10,7 +10,7 @@ else
   local time = redis.call('TIME')
   now_s, now_ns = tonumber(time[1]), tonumber(time[2]) * 1000
 end
-local field, t, burst, amount = gcra_params(4, #KEYS)
+local field, t, burst, amount = gcra_params(ARGV, 4, #KEYS)
 local vals, ids = {}, {}
 for i = 1, #KEYS do
   if field[i] == '' then

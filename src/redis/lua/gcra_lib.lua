@@ -8,7 +8,7 @@
 -- A bucket's parameters are four ARGV from `a` on: field ('' for a string key), t (ns per
 -- cell), burst, cost or delta.
 
-local function gcra_params(a, n)
+local function gcra_params(ARGV, a, n)
   local field, t, burst, amount = {}, {}, {}, {}
   for i = 1, n do
     local b = a + (i - 1) * 4

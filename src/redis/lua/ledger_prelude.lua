@@ -1,5 +1,4 @@
--- Shared by every ledger script (after the constants JOURNAL_MAX, the per-account journal limit
--- (0: unbounded), and RECORD, whether a durable record drains the journal). KEYS[1] is the
+-- Shared by every ledger function of the tollgate library (see begin below). KEYS[1] is the
 -- account's hash `P` (`tollgate:{acct:ID}`); its other keys are `P..suffix`, in the same slot.
 --   P            hash    balance, held, holds, seq, due, drained, and one field per
 --                          h:ID    open hold: "amount expiry_ms tail"
@@ -14,11 +13,25 @@
 --   P:idem:KEY   hash    fp, hold, charged (PEXPIREd at the idempotency window)
 --   P:topups     hash    top-up idempotency key -> amount
 -- `tail` is the idempotency key, the request id and the key id, each as "length:text".
-local P = KEYS[1]
-local LOG = P .. ':log'
-local TIME = redis.call('TIME')
-local NOW_S, NOW_NS = tonumber(TIME[1]), tonumber(TIME[2]) * 1000
-local NOW = NOW_S * 1000 + math.floor(tonumber(TIME[2]) / 1000)
+-- Every ledger function of the library starts with begin(KEYS, ARGV): the call's state below is
+-- the library's (made once, at FUNCTION LOAD), reset for each call.
+local P, LOG, NOW_S, NOW_NS, NOW, JOURNAL_MAX, RECORD
+local W, D, J = {}, {}, {}
+
+-- The call's account, Redis's time, and the two arguments every ledger call ends with (taken
+-- off ARGV): the journal limit (0: unbounded) and whether a durable record drains the journal.
+local function begin(keys, argv)
+  P = keys[1]
+  LOG = P .. ':log'
+  local n = #argv
+  JOURNAL_MAX, RECORD = tonumber(argv[n - 1]), argv[n] == '1'
+  argv[n], argv[n - 1] = nil, nil
+  local time = redis.call('TIME')
+  local us = tonumber(time[2])
+  NOW_S, NOW_NS = tonumber(time[1]), us * 1000
+  NOW = NOW_S * 1000 + math.floor(us / 1000)
+  W, D, J = {}, {}, {}
+end
 
 local function num(v)
   return tonumber(v) or 0
@@ -34,9 +47,8 @@ local function enc(s)
   return #s .. ':' .. s
 end
 
--- The script's pending writes to P (field -> value), deletions from P (field -> true) and
--- journal entries, made by flush() in three commands at most (and a trim).
-local W, D, J = {}, {}, {}
+-- The call's pending writes to P (field -> value), deletions from P (field -> true) and
+-- journal entries (W, D, J), made by flush() in three commands at most (and a trim).
 
 local function put(field, value)
   W[field] = value

@@ -11,7 +11,7 @@
 local id, amount, ttl, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local ikey, fp, r, k = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local nb = (#ARGV - 8) / 4
-local field, t, burst, cost = gcra_params(9, nb)
+local field, t, burst, cost = gcra_params(ARGV, 9, nb)
 local extra = { 'h:' .. id, 'c:' .. id }
 for i = 1, nb do extra[2 + i] = field[i] end
 local S, v = load(extra)
