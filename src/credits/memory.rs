@@ -326,7 +326,7 @@ impl MemoryLedger {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn reserve_now(&self, request: ReserveRequest) -> Result<Reservation, ReserveError> {
+    fn reserve_at_once(&self, request: ReserveRequest) -> Result<Reservation, ReserveError> {
         let now = self.inner.clock.now();
         let mut shard = self.shard(&request.account);
         let account = match shard.accounts.get_mut(&request.account) {
@@ -584,7 +584,15 @@ impl Ledger for MemoryLedger {
     type ExtendFuture = Ready<Result<bool, BackendError>>;
 
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture {
-        ready(self.reserve_now(request))
+        ready(self.reserve_at_once(request))
+    }
+
+    #[inline]
+    fn reserve_now(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<Result<Reservation, ReserveError>, ReserveRequest> {
+        Ok(self.reserve_at_once(request))
     }
 
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
