@@ -791,7 +791,7 @@ pin_project! {
             #[pin]
             future: S::Future,
             // Dropped with the future before a response: closed per `OnDisconnect`.
-            meter: Option<Meter<L>>,
+            meter: Option<Box<Meter<L>>>,
             // The rate limits charged, for the headers.
             decision: Option<Decision>,
         },
@@ -982,12 +982,9 @@ where
                     }
                     let (mut parts, body) = response.into_parts();
                     if let Some(hold) = meter.hold() {
-                        parts
-                            .headers
-                            .insert(CREDITS_HELD, HeaderValue::from(hold.amount()));
-                        parts
-                            .headers
-                            .insert(CREDITS_BALANCE, HeaderValue::from(hold.available_after()));
+                        let [held, balance] = credit_values(hold.amount(), hold.available_after());
+                        parts.headers.insert(CREDITS_HELD, held);
+                        parts.headers.insert(CREDITS_BALANCE, balance);
                     }
                     meter.response_head(parts.status, &parts.headers);
                     meter.set_sse(parts.headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
@@ -1027,7 +1024,7 @@ where
                 .with_replay(plan.replay);
             Kind::Calling {
                 future: service.call(request),
-                meter: Some(meter),
+                meter: Some(Box::new(meter)),
                 decision,
             }
         }
@@ -1064,6 +1061,34 @@ where
             }
         }
     }
+}
+
+/// The values of `x-credits-held` and `x-credits-balance`, two slices of one buffer (one
+/// allocation for both).
+fn credit_values(held: u64, balance: u64) -> [HeaderValue; 2] {
+    let mut buf = [0u8; 40];
+    let mut at = 0;
+    let mut ranges = [(0, 0); 2];
+    for (range, mut n) in ranges.iter_mut().zip([held, balance]) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = digits.len() - i;
+        buf[at..at + len].copy_from_slice(&digits[i..]);
+        *range = (at, at + len);
+        at += len;
+    }
+    let shared = Bytes::from_owner(buf);
+    ranges.map(|(start, end)| {
+        HeaderValue::from_maybe_shared(shared.slice(start..end)).expect("digits")
+    })
 }
 
 /// The rate-limit headers of a response, unless they are turned off.
