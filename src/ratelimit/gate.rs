@@ -7,8 +7,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use smallvec::SmallVec;
 use http::{HeaderMap, Request, Response};
+use smallvec::SmallVec;
 
 use super::{
     body::Meter,

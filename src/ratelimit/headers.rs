@@ -141,7 +141,10 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
         ranges[i][1] = (start, arena.len);
     }
     let state_start = arena.len;
-    for (status, kind) in statuses.iter().zip([LimitKind::Requests, LimitKind::Tokens]) {
+    for (status, kind) in statuses
+        .iter()
+        .zip([LimitKind::Requests, LimitKind::Tokens])
+    {
         let Some(status) = status else { continue };
         if arena.len > state_start {
             arena.push(b", ");

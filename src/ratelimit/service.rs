@@ -71,13 +71,10 @@ where
                         fut: self.inner.call(request),
                         decision: Some((decision, self.gate.clone())),
                     }),
-                    Ok(decision) => {
-                        ResponseFuture::refused(self.gate.refusal(&decision, grpc))
+                    Ok(decision) => ResponseFuture::refused(self.gate.refusal(&decision, grpc)),
+                    Err(error) => {
+                        ResponseFuture::refused(crate::refusal(&Rejection::from(error), grpc))
                     }
-                    Err(error) => ResponseFuture::refused(crate::refusal(
-                        &Rejection::from(error),
-                        grpc,
-                    )),
                 };
             }
             let pending = self.pending(limits, grpc);
