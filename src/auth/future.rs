@@ -16,7 +16,7 @@ use super::service::AuthConfig;
 use crate::{
     body::ResponseBody,
     inspect::{has_unreadable_body, inspect, wants_inspection, InspectedBody, LlmRequest},
-    BackendError, BoxError, Reason, Rejection,
+    BackendError, BoxError, Caller, Reason, Rejection,
 };
 
 use super::KeyLookup;
@@ -37,13 +37,15 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<S, B, L>
+    pub(super) enum Kind<S, B, L>
     where
         S: Service<Request<InspectedBody<B>>>,
     {
         Refused { rejection: Option<Rejection>, grpc: bool },
-        Lookup { #[pin] lookup: L, pending: Option<Pending<S, B>> },
-        Inspecting { inspection: Inspection<B>, inner: Option<S>, grpc: bool },
+        // Cold (a store that must be awaited, a model to check): boxed, so the future of the
+        // common path is no larger than the inner service's.
+        Lookup { #[pin] lookup: L, pending: Option<Box<Pending<S, B>>> },
+        Inspecting { inspection: Inspection<B>, inner: Option<Box<S>>, grpc: bool },
         Call { #[pin] future: S::Future },
     }
 }
@@ -69,6 +71,10 @@ where
         }
     }
 
+    pub(super) fn new(kind: Kind<S, B, L>) -> Self {
+        ResponseFuture { kind }
+    }
+
     pub(super) fn lookup(
         lookup: L,
         inner: S,
@@ -79,12 +85,12 @@ where
         ResponseFuture {
             kind: Kind::Lookup {
                 lookup,
-                pending: Some(Pending {
+                pending: Some(Box::new(Pending {
                     inner,
                     request,
                     config,
                     ip,
-                }),
+                })),
             },
         }
     }
@@ -120,54 +126,23 @@ where
                 }
                 KindProj::Lookup { lookup, pending } => {
                     let found = ready!(lookup.poll(cx));
-                    let Pending {
-                        mut inner,
-                        mut request,
-                        config,
-                        ip,
-                    } = pending
+                    let pending = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
+                    let Pending {
+                        mut inner,
+                        request,
+                        config,
+                        ip,
+                    } = pending;
                     let grpc = crate::normalize::is_grpc(&request);
-                    match config.decide(found, ip) {
-                        Err(rejection) => refused(rejection, grpc),
-                        Ok(caller) if config.checks_models(&caller) => {
-                            if wants_inspection(&request) {
-                                request.extensions_mut().insert(caller.clone());
-                                let limit = config.body_limit();
-                                let inspection = Box::pin(async move {
-                                    let request = inspect(request, limit).await?;
-                                    config.check_model(
-                                        &caller,
-                                        request.extensions().get::<LlmRequest>(),
-                                    )?;
-                                    Ok(request)
-                                });
-                                Kind::Inspecting {
-                                    inspection,
-                                    inner: Some(inner),
-                                    grpc,
-                                }
-                            } else if has_unreadable_body(&request) {
-                                // The model cannot be read, so it cannot be checked: refuse
-                                // rather than let a model outside the plan through.
-                                refused(Rejection::new(Reason::UnsupportedMediaType), grpc)
-                            } else if let Err(rejection) = config
-                                .check_model(&caller, request.extensions().get::<LlmRequest>())
-                            {
-                                refused(rejection, grpc)
-                            } else {
-                                request.extensions_mut().insert(caller);
-                                Kind::Call {
-                                    future: inner.call(request.map(InspectedBody::new)),
-                                }
-                            }
-                        }
-                        Ok(caller) => {
-                            request.extensions_mut().insert(caller);
-                            Kind::Call {
-                                future: inner.call(request.map(InspectedBody::new)),
-                            }
+                    match admit(&config, found, ip, request) {
+                        Admit::Refuse(rejection) => refused(rejection, grpc),
+                        Admit::Call(request) => Kind::Call {
+                            future: inner.call(request),
+                        },
+                        Admit::Inspect(request, caller) => {
+                            inspecting(request, caller, config, inner, grpc)
                         }
                     }
                 }
@@ -190,7 +165,77 @@ where
     }
 }
 
-fn refused<S, B, L>(rejection: Rejection, grpc: bool) -> Kind<S, B, L>
+/// What a request becomes once its key is looked up.
+pub(super) enum Admit<B> {
+    /// Refused.
+    Refuse(Rejection),
+    /// Let through: call the inner service with it.
+    Call(Request<InspectedBody<B>>),
+    /// Its body must be read to check the model first.
+    Inspect(Request<B>, Caller),
+}
+
+/// Decide a looked-up request: refuse it, let it through (with its [`Caller`] in the
+/// extensions), or read its body to check the model.
+pub(super) fn admit<B: Body>(
+    config: &AuthConfig,
+    found: Result<Option<KeyLookup>, BackendError>,
+    ip: Option<IpAddr>,
+    mut request: Request<B>,
+) -> Admit<B> {
+    match config.decide(found, ip) {
+        Err(rejection) => Admit::Refuse(rejection),
+        Ok(caller) if config.checks_models(&caller) => {
+            if wants_inspection(&request) {
+                request.extensions_mut().insert(caller.clone());
+                Admit::Inspect(request, caller)
+            } else if has_unreadable_body(&request) {
+                // The model cannot be read, so it cannot be checked: refuse rather than let a
+                // model outside the plan through.
+                Admit::Refuse(Rejection::new(Reason::UnsupportedMediaType))
+            } else if let Err(rejection) =
+                config.check_model(&caller, request.extensions().get::<LlmRequest>())
+            {
+                Admit::Refuse(rejection)
+            } else {
+                request.extensions_mut().insert(caller);
+                Admit::Call(request.map(InspectedBody::new))
+            }
+        }
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            Admit::Call(request.map(InspectedBody::new))
+        }
+    }
+}
+
+/// Read the body of `request` to check its model, then call `inner`.
+pub(super) fn inspecting<S, B, L>(
+    request: Request<B>,
+    caller: Caller,
+    config: Arc<AuthConfig>,
+    inner: S,
+    grpc: bool,
+) -> Kind<S, B, L>
+where
+    S: Service<Request<InspectedBody<B>>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let limit = config.body_limit();
+    let inspection = Box::pin(async move {
+        let request = inspect(request, limit).await?;
+        config.check_model(&caller, request.extensions().get::<LlmRequest>())?;
+        Ok(request)
+    });
+    Kind::Inspecting {
+        inspection,
+        inner: Some(Box::new(inner)),
+        grpc,
+    }
+}
+
+pub(super) fn refused<S, B, L>(rejection: Rejection, grpc: bool) -> Kind<S, B, L>
 where
     S: Service<Request<InspectedBody<B>>>,
 {

@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use super::{
     extract::{self, Sources, X_API_KEY},
-    future::ResponseFuture,
+    future::{self, Admit, Kind, ResponseFuture},
     AccountStatus, AuthShield, KeyLookup, KeyStatus, KeyStore,
 };
 use crate::{
@@ -291,6 +291,22 @@ where
                     *request.uri_mut() = uri;
                 }
             }
+        }
+        if let Some(found) = self.store.lookup_now(&digest) {
+            // Answered at once: the ready service is called now, no clone, no lookup state.
+            let grpc = crate::normalize::is_grpc(&request);
+            let kind = match future::admit(&self.config, found, ip, request) {
+                Admit::Refuse(rejection) => future::refused(rejection, grpc),
+                Admit::Call(request) => Kind::Call {
+                    future: self.inner.call(request),
+                },
+                Admit::Inspect(request, caller) => {
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    future::inspecting(request, caller, self.config.clone(), inner, grpc)
+                }
+            };
+            return ResponseFuture::new(kind);
         }
         let lookup = self.store.lookup(&digest);
         // The ready service answers this request; a clone takes its place.

@@ -372,14 +372,16 @@ pin_project! {
     pub struct MeteredBody<B, L: Ledger = MemoryLedger> {
         #[pin]
         inner: ResponseBody<B>,
-        meter: Option<Meter<L>>,
+        // Boxed: the meter is large (the usage scanner, the replay capture) and the body is
+        // moved through every layer on the way out.
+        meter: Option<Box<Meter<L>>>,
         // Rate-limit tokens to correct without a hold (a replay, an anonymous request).
         tokens: Option<TokenMeter>,
     }
 }
 
 impl<B, L: Ledger> MeteredBody<B, L> {
-    pub(super) fn new(inner: ResponseBody<B>, meter: Option<Meter<L>>) -> Self {
+    pub(super) fn new(inner: ResponseBody<B>, meter: Option<Box<Meter<L>>>) -> Self {
         MeteredBody {
             inner,
             meter,

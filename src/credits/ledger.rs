@@ -97,6 +97,22 @@ pub trait Ledger: Send + Sync + 'static {
     /// (not charged) is free again.
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture;
 
+    /// The answer of [`reserve`](Ledger::reserve) at once, for a ledger that has it without
+    /// waiting (the in-memory one): `Ok(answer)`, the hold placed (or refused) exactly as
+    /// [`reserve`](Ledger::reserve) would. `Err(request)` (the default) hands the request back
+    /// untouched: the reservation must be awaited.
+    ///
+    /// When it answers, the credits layer calls the inner service directly instead of keeping
+    /// it in its response future: no clone of the inner service, a smaller future.
+    #[inline]
+    #[allow(clippy::result_large_err)]
+    fn reserve_now(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<Result<Reservation, ReserveError>, ReserveRequest> {
+        Err(request)
+    }
+
     /// Close a hold, charging `actual` credits: the unused part of the hold is returned; more
     /// than the hold is charged up to what is available, never below zero.
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture;

@@ -419,9 +419,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        // The ready service goes into the future; a clone stays for the next call.
-        let clone = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, clone);
+        // The ready service is called here when nothing has to be awaited first; otherwise it
+        // goes into the future and a clone stays for the next call (`ReadyService::into_owned`).
         let shared = self.shared.clone();
         let grpc = crate::normalize::is_grpc(&request);
         let refused = |rejection: Rejection| ResponseFuture {
@@ -442,7 +441,7 @@ where
         if caller.is_none() && limits.is_none() {
             return ResponseFuture {
                 kind: Kind::Passthrough {
-                    future: service.call(request.map(InspectedBody::new)),
+                    future: self.inner.call(request.map(InspectedBody::new)),
                     replayed: false,
                     decision: None,
                 },
@@ -488,15 +487,62 @@ where
             return ResponseFuture {
                 kind: Kind::Inspecting {
                     future: Box::pin(inspect(request, limit)),
-                    service: Some(service),
+                    service: Some(ReadyService::Borrowed(&mut self.inner, take::<S>).into_owned()),
                     pending: Some(pending),
                 },
                 shared,
             };
         }
+        let service = ReadyService::Borrowed(&mut self.inner, take::<S>);
         let kind = admit(&shared, request.map(InspectedBody::new), service, pending);
         ResponseFuture { kind, shared }
     }
+}
+
+/// The ready inner service as [`admit`] and [`call`] get it: the service's own (borrowed, in
+/// `Credits::call`: called in place when nothing is awaited first) or one the future owns.
+enum ReadyService<'a, S> {
+    /// The service's own, and how to take it out (leaving a clone).
+    Borrowed(&'a mut S, fn(&mut S) -> S),
+    /// Taken already.
+    Owned(S),
+}
+
+/// The ready service, a clone left in its place until the next `poll_ready`.
+fn take<S: Clone>(service: &mut S) -> S {
+    let clone = service.clone();
+    std::mem::replace(service, clone)
+}
+
+impl<S> ReadyService<'_, S> {
+    /// The service, to keep in the future while something is awaited.
+    fn into_owned(self) -> S {
+        match self {
+            ReadyService::Borrowed(service, take) => take(service),
+            ReadyService::Owned(service) => service,
+        }
+    }
+
+    /// Call it.
+    fn call<R>(self, request: R) -> S::Future
+    where
+        S: Service<R>,
+    {
+        match self {
+            ReadyService::Borrowed(service, _) => service.call(request),
+            ReadyService::Owned(mut service) => service.call(request),
+        }
+    }
+}
+
+/// What a hold or a rate-limit check being awaited keeps for after it (boxed: cold with the
+/// in-memory ledger, which answers at once, and it keeps the future small).
+struct Waiting<S, B> {
+    request: Request<InspectedBody<B>>,
+    service: S,
+    plan: Option<Plan>,
+    tokens: Option<Charges>,
+    grpc: bool,
 }
 
 /// What is known about a request before its hold.
@@ -547,9 +593,9 @@ fn idempotency_key<B>(request: &Request<B>) -> Result<Option<Arc<str>>, Rejectio
 }
 
 fn admit<S, B, L>(
-    shared: &Shared<L>,
+    shared: &Arc<Shared<L>>,
     request: Request<InspectedBody<B>>,
-    service: S,
+    service: ReadyService<'_, S>,
     pending: Pending,
 ) -> Kind<S, B, L>
 where
@@ -574,10 +620,13 @@ where
         };
         return Kind::Checking {
             future: limits.admission.check(charges.as_slice()),
-            request: Some(request),
-            service: Some(service),
-            tokens,
-            grpc: pending.grpc,
+            waiting: Some(Box::new(Waiting {
+                request,
+                service: service.into_owned(),
+                plan: None,
+                tokens,
+                grpc: pending.grpc,
+            })),
         };
     };
     let model = llm.and_then(|l| l.model.as_deref());
@@ -646,19 +695,35 @@ where
         .request_id(request_id)
         .key_id(Some(caller.key_id_arc().clone()))
         .idempotency(idempotency);
+    let grpc = plan.grpc;
     match charges {
         Some((limits, charges)) => Kind::Admitting {
             future: limits.admission.admit(charges.into_vec(), reserve),
-            request: Some(request),
-            service: Some(service),
-            plan,
-            tokens,
+            waiting: Some(Box::new(Waiting {
+                request,
+                service: service.into_owned(),
+                plan: Some(plan),
+                tokens,
+                grpc,
+            })),
         },
-        None => Kind::Reserving {
-            future: shared.ledger.reserve(reserve),
-            request: Some(request),
-            service: Some(service),
-            plan,
+        None => match shared.ledger.reserve_now(reserve) {
+            // Placed (or refused) at once: the ready service is called now.
+            Ok(Ok(reservation)) => call(shared, service, request, reservation, plan, None, None),
+            Ok(Err(error)) => Kind::Refused {
+                rejection: Some(error.into()),
+                grpc,
+            },
+            Err(reserve) => Kind::Reserving {
+                future: shared.ledger.reserve(reserve),
+                waiting: Some(Box::new(Waiting {
+                    request,
+                    service: service.into_owned(),
+                    plan: Some(plan),
+                    tokens: None,
+                    grpc,
+                })),
+            },
         },
     }
 }
@@ -710,31 +775,23 @@ pin_project! {
         // An anonymous request: the rate limits alone.
         Checking {
             future: CheckFuture,
-            request: Option<Request<InspectedBody<B>>>,
-            service: Option<S>,
-            tokens: Option<Charges>,
-            grpc: bool,
+            waiting: Option<Box<Waiting<S, B>>>,
         },
         Reserving {
             #[pin]
             future: L::ReserveFuture,
-            request: Option<Request<InspectedBody<B>>>,
-            service: Option<S>,
-            plan: Plan,
+            waiting: Option<Box<Waiting<S, B>>>,
         },
         // The rate limits and the hold in one step.
         Admitting {
             future: AdmitFuture,
-            request: Option<Request<InspectedBody<B>>>,
-            service: Option<S>,
-            plan: Plan,
-            tokens: Option<Charges>,
+            waiting: Option<Box<Waiting<S, B>>>,
         },
         Calling {
             #[pin]
             future: S::Future,
             // Dropped with the future before a response: closed per `OnDisconnect`.
-            meter: Option<Meter<L>>,
+            meter: Option<Box<Meter<L>>>,
             // The rate limits charged, for the headers.
             decision: Option<Decision>,
         },
@@ -801,7 +858,7 @@ where
                         Ok(request) => admit(
                             this.shared,
                             request,
-                            service.take().expect(POLLED_AFTER_COMPLETION),
+                            ReadyService::Owned(service.take().expect(POLLED_AFTER_COMPLETION)),
                             pending,
                         ),
                         Err(rejection) => Kind::Refused {
@@ -810,21 +867,20 @@ where
                         },
                     }
                 }
-                KindProj::Checking {
-                    future,
-                    request,
-                    service,
-                    tokens,
-                    grpc,
-                } => {
+                KindProj::Checking { future, waiting } => {
                     let checked = ready!(future.as_mut().poll(cx));
-                    let mut service = service.take().expect(POLLED_AFTER_COMPLETION);
-                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    let Waiting {
+                        request,
+                        mut service,
+                        tokens,
+                        grpc,
+                        ..
+                    } = *waiting.take().expect(POLLED_AFTER_COMPLETION);
+                    let grpc = &grpc;
                     match checked {
                         Ok(decision) if decision.is_allowed() => {
                             let limits = this.shared.limits.as_ref();
                             let meter = tokens
-                                .take()
                                 .zip(limits)
                                 .and_then(|(tokens, limits)| limits.admission.meter(&tokens));
                             Kind::Passthrough {
@@ -842,22 +898,22 @@ where
                         },
                     }
                 }
-                KindProj::Reserving {
-                    future,
-                    request,
-                    service,
-                    plan,
-                } => {
+                KindProj::Reserving { future, waiting } => {
                     let reserved = ready!(future.poll(cx));
-                    let service = service.take().expect(POLLED_AFTER_COMPLETION);
-                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    let Waiting {
+                        request,
+                        service,
+                        plan,
+                        ..
+                    } = *waiting.take().expect(POLLED_AFTER_COMPLETION);
+                    let plan = plan.expect("a hold has a plan");
                     match reserved {
                         Ok(reservation) => call(
                             this.shared,
-                            service,
+                            ReadyService::Owned(service),
                             request,
                             reservation,
-                            plan.clone(),
+                            plan,
                             None,
                             None,
                         ),
@@ -867,28 +923,28 @@ where
                         },
                     }
                 }
-                KindProj::Admitting {
-                    future,
-                    request,
-                    service,
-                    plan,
-                    tokens,
-                } => {
+                KindProj::Admitting { future, waiting } => {
                     let admitted = ready!(future.as_mut().poll(cx));
-                    let service = service.take().expect(POLLED_AFTER_COMPLETION);
-                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    let Waiting {
+                        request,
+                        service,
+                        plan,
+                        tokens,
+                        ..
+                    } = *waiting.take().expect(POLLED_AFTER_COMPLETION);
+                    let plan = plan.expect("a hold has a plan");
                     match admitted {
                         Verdict::Admitted {
                             decision,
                             reservation,
                         } => call(
                             this.shared,
-                            service,
+                            ReadyService::Owned(service),
                             request,
                             reservation,
-                            plan.clone(),
+                            plan,
                             Some(decision),
-                            tokens.take(),
+                            tokens,
                         ),
                         Verdict::Limited(decision) => {
                             return Poll::Ready(Ok(limited(this.shared, &decision, plan.grpc)))
@@ -926,12 +982,9 @@ where
                     }
                     let (mut parts, body) = response.into_parts();
                     if let Some(hold) = meter.hold() {
-                        parts
-                            .headers
-                            .insert(CREDITS_HELD, HeaderValue::from(hold.amount()));
-                        parts
-                            .headers
-                            .insert(CREDITS_BALANCE, HeaderValue::from(hold.available_after()));
+                        let [held, balance] = credit_values(hold.amount(), hold.available_after());
+                        parts.headers.insert(CREDITS_HELD, held);
+                        parts.headers.insert(CREDITS_BALANCE, balance);
                     }
                     meter.response_head(parts.status, &parts.headers);
                     meter.set_sse(parts.headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
@@ -952,7 +1005,7 @@ where
 /// Call the inner service once the hold is placed (or the request is a replay).
 fn call<S, B, L>(
     shared: &Arc<Shared<L>>,
-    mut service: S,
+    service: ReadyService<'_, S>,
     request: Request<InspectedBody<B>>,
     reservation: Reservation,
     plan: Plan,
@@ -971,7 +1024,7 @@ where
                 .with_replay(plan.replay);
             Kind::Calling {
                 future: service.call(request),
-                meter: Some(meter),
+                meter: Some(Box::new(meter)),
                 decision,
             }
         }
@@ -1008,6 +1061,34 @@ where
             }
         }
     }
+}
+
+/// The values of `x-credits-held` and `x-credits-balance`, two slices of one buffer (one
+/// allocation for both).
+fn credit_values(held: u64, balance: u64) -> [HeaderValue; 2] {
+    let mut buf = [0u8; 40];
+    let mut at = 0;
+    let mut ranges = [(0, 0); 2];
+    for (range, mut n) in ranges.iter_mut().zip([held, balance]) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let len = digits.len() - i;
+        buf[at..at + len].copy_from_slice(&digits[i..]);
+        *range = (at, at + len);
+        at += len;
+    }
+    let shared = Bytes::from_owner(buf);
+    ranges.map(|(start, end)| {
+        HeaderValue::from_maybe_shared(shared.slice(start..end)).expect("digits")
+    })
 }
 
 /// The rate-limit headers of a response, unless they are turned off.

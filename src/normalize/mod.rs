@@ -14,7 +14,10 @@
 //!   error (connection refused or reset) → 502, anything else → 500; a panic → 500 with no panic
 //!   text in the body;
 //! - makes sure every response carries `x-request-id`: a valid incoming one is propagated,
-//!   otherwise one is generated (tower-http's request-id middleware does the work).
+//!   otherwise one is generated ([`MakeRequestId`]) and set on the request too, so the inner
+//!   service and the error bodies see it. A response that already has the header keeps its
+//!   own. (The layer writes the header itself; it does not insert tower-http's `RequestId`
+//!   extension into the request or the response: read the header.)
 //!
 //! Requests whose `content-type` is `application/grpc*` always get a gRPC status.
 //!
@@ -64,7 +67,6 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use pin_project_lite::pin_project;
-use tower_http::request_id::{PropagateRequestId, SetRequestId};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -263,24 +265,23 @@ impl<S> Layer<S> for NormalizeLayer {
             ready_error: None,
         };
         Normalize {
-            inner: SetRequestId::new(
-                PropagateRequestId::new(core, REQUEST_ID),
-                REQUEST_ID,
-                self.make_id.clone(),
-            ),
+            inner: core,
+            make_id: self.make_id.clone(),
         }
     }
 }
 
 /// The normalization middleware. See the [module docs](self).
 pub struct Normalize<S> {
-    inner: SetRequestId<PropagateRequestId<NormalizeCore<S>>, MakeRequestId>,
+    inner: NormalizeCore<S>,
+    make_id: MakeRequestId,
 }
 
 impl<S: Clone> Clone for Normalize<S> {
     fn clone(&self) -> Self {
         Normalize {
             inner: self.inner.clone(),
+            make_id: self.make_id.clone(),
         }
     }
 }
@@ -315,11 +316,18 @@ where
             (None, _) => true,
             _ => false,
         };
-        if !valid {
-            req.headers_mut().remove(&REQUEST_ID);
-        }
+        let id = match req.headers().get(&REQUEST_ID) {
+            Some(id) if valid => id.clone(),
+            _ => {
+                let id = self.make_id.generate();
+                // One value: a forged pair was rejected above.
+                req.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
         ResponseFuture {
             inner: self.inner.call(req),
+            id: Some(id),
         }
     }
 }
@@ -328,7 +336,9 @@ pin_project! {
     /// Response future of [`Normalize`].
     pub struct ResponseFuture<F, B> {
         #[pin]
-        inner: tower_http::request_id::PropagateRequestIdResponseFuture<CoreFuture<F, B>>,
+        inner: CoreFuture<F, B>,
+        // The request's id, for a response without one.
+        id: Option<HeaderValue>,
     }
 }
 
@@ -343,7 +353,14 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx)
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(id) = this.id.take() {
+            if let header::Entry::Vacant(entry) = response.headers_mut().entry(REQUEST_ID) {
+                entry.insert(id);
+            }
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -447,7 +464,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B> {
         Inner { #[pin] future: F },
-        Ready { response: Option<Response<ResponseBody<B>>> },
+        // Cold (an inner error or panic): boxed, so the future is no larger than the inner one.
+        Ready { response: Option<Box<Response<ResponseBody<B>>>> },
         Rewrite { future: Rewrite<B> },
     }
 }
@@ -456,7 +474,7 @@ impl<F, B> CoreFuture<F, B> {
     fn ready(response: Response<ResponseBody<B>>, config: Arc<Config>, info: RequestInfo) -> Self {
         CoreFuture {
             kind: Kind::Ready {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
             config,
             info,
@@ -478,7 +496,7 @@ where
         loop {
             let response = match this.kind.as_mut().project() {
                 KindProj::Ready { response } => {
-                    return Poll::Ready(Ok(response.take().expect("polled after completion")))
+                    return Poll::Ready(Ok(*response.take().expect("polled after completion")))
                 }
                 KindProj::Rewrite { future } => return future.as_mut().poll(cx).map(Ok),
                 KindProj::Inner { future } => {
@@ -490,7 +508,7 @@ where
                             let response =
                                 this.config.render(&rejection, &this.info.context(), None);
                             this.kind.set(Kind::Ready {
-                                response: Some(response),
+                                response: Some(Box::new(response)),
                             });
                             continue;
                         }
@@ -498,7 +516,7 @@ where
                             let response =
                                 this.config.render(&panicked(), &this.info.context(), None);
                             this.kind.set(Kind::Ready {
-                                response: Some(response),
+                                response: Some(Box::new(response)),
                             });
                             continue;
                         }

@@ -9,7 +9,18 @@ use tower_http::request_id::RequestId;
 /// Generates request ids: `req_` + a random per-process prefix + a counter.
 ///
 /// Unique across processes (the prefix has 64 random bits from the OS) and cheap (no system
-/// call per request). Plugs into tower-http's request-id middleware.
+/// call per request). [`NormalizeLayer`](super::NormalizeLayer) calls
+/// [`generate`](Self::generate); it also plugs into tower-http's request-id middleware.
+///
+/// ```
+/// use tollgate::normalize::MakeRequestId;
+///
+/// let ids = MakeRequestId::new();
+/// let (a, b) = (ids.generate(), ids.generate());
+/// assert!(a.to_str().unwrap().starts_with("req_"));
+/// assert_eq!(a.len(), 36);
+/// assert_ne!(a, b);
+/// ```
 #[derive(Clone, Debug)]
 pub struct MakeRequestId {
     prefix: u64,
@@ -35,18 +46,31 @@ impl MakeRequestId {
     }
 }
 
-impl tower_http::request_id::MakeRequestId for MakeRequestId {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+impl MakeRequestId {
+    /// The next id: `req_`, the 16 hex digits of the prefix, the 16 of the counter.
+    pub fn generate(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 4 + 16 + 16];
         buf[..4].copy_from_slice(b"req_");
-        hex::encode_to_slice(self.prefix.to_be_bytes(), &mut buf[4..20]).ok()?;
-        hex::encode_to_slice(n.to_be_bytes(), &mut buf[20..]).ok()?;
+        hex_u64(self.prefix, &mut buf[4..20]);
+        hex_u64(n, &mut buf[20..]);
         // One allocation holds the id, and copying the header onto the response is a reference
         // count (bytes made from a slice would be copied again on their first clone).
-        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-            .ok()
-            .map(RequestId::new)
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf)).expect("hex digits")
+    }
+}
+
+/// `n` as 16 lowercase hex digits into `out`.
+fn hex_u64(n: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in out.iter_mut().enumerate().take(16) {
+        *byte = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+impl tower_http::request_id::MakeRequestId for MakeRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(self.generate()))
     }
 }
 

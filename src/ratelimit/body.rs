@@ -50,7 +50,9 @@ type Settle = Box<dyn FnOnce(Option<Usage>) + Send + Sync>;
 
 /// Watches a response for its usage and settles the tokens limits once.
 pub(crate) struct Meter {
-    scanner: UsageScanner,
+    // Boxed: the scanner is large, and a meter is moved with its response body through every
+    // layer on the way out (most responses have none: `Option<Meter>` stays small).
+    scanner: Box<UsageScanner>,
     settle: Option<Settle>,
 }
 
@@ -65,7 +67,7 @@ impl Meter {
             }
         };
         Meter {
-            scanner: UsageScanner::new(),
+            scanner: Box::new(UsageScanner::new()),
             settle: Some(Box::new(settle)),
         }
     }

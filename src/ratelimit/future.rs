@@ -29,6 +29,13 @@ pub(super) struct Pending<S, L> {
     pub(super) grpc: bool,
 }
 
+/// What a check being awaited keeps for after it.
+pub(super) struct Waiting<S, L, B> {
+    pending: Pending<S, L>,
+    request: Request<InspectedBody<B>>,
+    charges: Charges,
+}
+
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
     pub struct ResponseFuture<S, L, B>
@@ -50,15 +57,21 @@ pin_project! {
     {
         // Reading the body to estimate tokens (boxed: `inspect` is an async fn; only requests
         // on a tokens-limited route with a JSON body not inspected yet take this path).
+        // The inner service, the request and the charges wait in a box: these states are cold
+        // with a backend that answers at once (`Limiter::check_now`), and boxing them keeps the
+        // future of the common path no larger than the inner service's.
         Inspecting {
             fut: Inspection<B>,
-            pending: Option<Pending<S, L>>,
+            pending: Option<Box<Pending<S, L>>>,
         },
         Checking {
             #[pin]
             fut: L::Future,
-            request: Option<Request<InspectedBody<B>>>,
-            pending: Option<(Pending<S, L>, Charges)>,
+            waiting: Option<Box<Waiting<S, L, B>>>,
+        },
+        // A refusal decided in `call` (the body is mapped when polled).
+        Refused {
+            response: Option<Response<Bytes>>,
         },
         Calling {
             #[pin]
@@ -86,22 +99,37 @@ where
         })
     }
 
-    pub(super) fn check(pending: Pending<S, L>, request: Request<InspectedBody<B>>) -> Self {
-        Self::new(checking(pending, request))
+    /// Await the check of `charges` (made for `request`).
+    pub(super) fn checking(
+        pending: Pending<S, L>,
+        request: Request<InspectedBody<B>>,
+        charges: Charges,
+    ) -> Self {
+        Self::new(Kind::Checking {
+            fut: pending.limiter.check(charges.as_slice()),
+            waiting: Some(Box::new(Waiting {
+                pending,
+                request,
+                charges,
+            })),
+        })
+    }
+
+    pub(super) fn refused(response: Response<Bytes>) -> Self {
+        Self::new(Kind::Refused {
+            response: Some(response),
+        })
     }
 }
 
+/// The check of a request once its body was read.
 fn checking<S, L, B>(pending: Pending<S, L>, request: Request<InspectedBody<B>>) -> Kind<S, L, B>
 where
     S: Service<Request<InspectedBody<B>>>,
     L: Limiter,
 {
     let charges = pending.gate.charges(&pending.limits, &request);
-    Kind::Checking {
-        fut: pending.limiter.check(charges.as_slice()),
-        request: Some(request),
-        pending: Some((pending, charges)),
-    }
+    ResponseFuture::checking(pending, request, charges).kind
 }
 
 /// A refusal before the limits were decided (a body too large, a failing backend).
@@ -123,7 +151,7 @@ where
             match this.kind.as_mut().project() {
                 KindProj::Inspecting { fut, pending } => {
                     let inspected = ready!(fut.as_mut().poll(cx));
-                    let pending = pending.take().expect("polled after completion");
+                    let pending = *pending.take().expect("polled after completion");
                     match inspected {
                         Ok(request) => this.kind.set(checking(pending, request)),
                         Err(rejection) => {
@@ -131,14 +159,17 @@ where
                         }
                     }
                 }
-                KindProj::Checking {
-                    fut,
-                    request,
-                    pending,
-                } => {
+                KindProj::Refused { response } => {
+                    let response = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(response.map(RateLimitBody::full)));
+                }
+                KindProj::Checking { fut, waiting } => {
                     let decided = ready!(fut.poll(cx));
-                    let request = request.take().expect("polled after completion");
-                    let (mut pending, charges) = pending.take().expect("polled after completion");
+                    let Waiting {
+                        mut pending,
+                        request,
+                        charges,
+                    } = *waiting.take().expect("polled after completion");
                     let decision = match decided {
                         Ok(decision) => decision,
                         Err(error) => {
@@ -184,6 +215,7 @@ where
         f.write_str(match self.kind {
             Kind::Inspecting { .. } => "ResponseFuture::Inspecting",
             Kind::Checking { .. } => "ResponseFuture::Checking",
+            Kind::Refused { .. } => "ResponseFuture::Refused",
             Kind::Calling { .. } => "ResponseFuture::Calling",
         })
     }

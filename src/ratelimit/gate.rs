@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
+use smallvec::SmallVec;
 
 use super::{
     body::Meter,
@@ -37,7 +38,8 @@ pub(crate) struct RequestLimits {
 /// The charges of one request, and the tokens estimate they were made with.
 #[derive(Clone, Debug)]
 pub(crate) struct Charges {
-    charges: Vec<Charge>,
+    /// A plan's limits plus the global ones: two or fewer in most deployments, kept inline.
+    charges: SmallVec<[Charge; 2]>,
     estimate: u64,
 }
 
@@ -145,7 +147,7 @@ impl Charges {
 
     /// Every charge, owned.
     pub(crate) fn into_vec(self) -> Vec<Charge> {
-        self.charges
+        self.charges.into_vec()
     }
 
     /// The tokens charges to correct from the reported usage, or `None` when no tokens limit
@@ -244,8 +246,8 @@ fn charges(
     policy: &Policy,
     global: Option<&Policy>,
     estimate: u64,
-) -> Vec<Charge> {
-    let mut charges = Vec::with_capacity(
+) -> SmallVec<[Charge; 2]> {
+    let mut charges = SmallVec::with_capacity(
         policy.plan.limits().len() + global.map_or(0, |g| g.plan.limits().len()),
     );
     let mut add = |subject: &Subject, policy: &Policy| {

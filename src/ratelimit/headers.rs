@@ -29,15 +29,15 @@ const NAMES: [[HeaderName; 3]; 2] = [
 ];
 
 /// A small stack buffer for header values: no `fmt` machinery, no heap until the value is made.
-struct Buf {
-    bytes: [u8; 160],
+struct Buf<const N: usize = 160> {
+    bytes: [u8; N],
     len: usize,
 }
 
-impl Buf {
+impl<const N: usize> Buf<N> {
     fn new() -> Self {
         Buf {
-            bytes: [0; 160],
+            bytes: [0; N],
             len: 0,
         }
     }
@@ -70,6 +70,11 @@ impl Buf {
         HeaderValue::from_bytes(self.as_bytes()).expect("ascii")
     }
 }
+
+/// The per-request values of one response (remaining, reset, the `RateLimit` field) are written
+/// into one buffer and handed out as slices of it: one allocation for all of them. 256 bytes
+/// hold the longest (two kinds, every number 20 digits).
+type Arena = Buf<256>;
 
 /// Values that depend only on a plan's quotas (the limits and the `RateLimit-Policy` field),
 /// made once per thread and quota and then shared: cloning a `HeaderValue` is a reference count.
@@ -112,51 +117,67 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
         return;
     }
     headers.reserve(3 * kinds + 2);
-    let mut state = Buf::new();
+    // Pass 1: the remaining and reset values of each kind, then the `RateLimit` field, all in
+    // one arena; their ranges are kept to slice it afterwards.
+    let mut arena = Arena::new();
+    let mut ranges = [[(0usize, 0usize); 2]; 2];
     let mut policy_key = [(0u64, 0u64); 2];
+    for (i, status) in statuses.iter().enumerate() {
+        let Some(LimitStatus {
+            limit,
+            window,
+            remaining,
+            reset,
+        }) = *status
+        else {
+            continue;
+        };
+        policy_key[i] = (limit, ceil_secs(window).max(1));
+        let start = arena.len;
+        arena.push_u64(remaining);
+        ranges[i][0] = (start, arena.len);
+        let start = arena.len;
+        write_go_duration(&mut arena, reset);
+        ranges[i][1] = (start, arena.len);
+    }
+    let state_start = arena.len;
+    for (status, kind) in statuses
+        .iter()
+        .zip([LimitKind::Requests, LimitKind::Tokens])
+    {
+        let Some(status) = status else { continue };
+        if arena.len > state_start {
+            arena.push(b", ");
+        }
+        arena.push(b"\"");
+        arena.push(kind.as_str().as_bytes());
+        arena.push(b"\";r=");
+        arena.push_u64(status.remaining);
+        arena.push(b";t=");
+        arena.push_u64(ceil_secs(status.reset));
+    }
+    let state_end = arena.len;
+    let shared = bytes::Bytes::from_owner(arena.bytes);
+    let slice = |(start, end): (usize, usize)| {
+        HeaderValue::from_maybe_shared(shared.slice(start..end)).expect("ascii")
+    };
     CONSTANTS.with(|constants| {
         let mut constants = constants.borrow_mut();
-        for (i, (status, kind)) in statuses
-            .iter()
-            .zip([LimitKind::Requests, LimitKind::Tokens])
-            .enumerate()
-        {
-            let Some(LimitStatus {
-                limit,
-                window,
-                remaining,
-                reset,
-            }) = *status
-            else {
-                continue;
-            };
-            let window = ceil_secs(window).max(1);
-            policy_key[i] = (limit, window);
+        for (i, status) in statuses.iter().enumerate() {
+            let Some(status) = status else { continue };
             let [limit_name, remaining_name, reset_name] = &NAMES[i];
+            let limit = status.limit;
             let limit_value = cached(&mut constants.limits, (limit, 0), || {
-                let mut b = Buf::new();
+                let mut b = Buf::<160>::new();
                 b.push_u64(limit);
                 b.value()
             });
             headers.insert(limit_name, limit_value);
-            let mut b = Buf::new();
-            b.push_u64(remaining);
-            headers.insert(remaining_name, b.value());
-            let mut b = Buf::new();
-            write_go_duration(&mut b, reset);
-            headers.insert(reset_name, b.value());
-            if state.len > 0 {
-                state.push(b", ");
-            }
-            state.push(b"\"");
-            state.push(kind.as_str().as_bytes());
-            state.push(b"\";r=");
-            state.push_u64(remaining);
-            state.push(b";t=");
-            state.push_u64(ceil_secs(reset));
+            headers.insert(remaining_name, slice(ranges[i][0]));
+            headers.insert(reset_name, slice(ranges[i][1]));
         }
         let policy = cached(&mut constants.policies, policy_key, || {
-            let mut b = Buf::new();
+            let mut b = Buf::<160>::new();
             for (i, kind) in [LimitKind::Requests, LimitKind::Tokens]
                 .into_iter()
                 .enumerate()
@@ -179,7 +200,7 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
         });
         headers.insert(RATELIMIT_POLICY, policy);
     });
-    headers.insert(RATELIMIT, state.value());
+    headers.insert(RATELIMIT, slice((state_start, state_end)));
 }
 
 /// A duration as OpenAI's `x-ratelimit-reset-*` show it (Go's `time.Duration` format), rounded
@@ -194,12 +215,12 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
 /// assert_eq!(go_duration(Duration::from_millis(61_250)), "1m1.25s");
 /// ```
 pub fn go_duration(d: Duration) -> String {
-    let mut b = Buf::new();
+    let mut b = Buf::<160>::new();
     write_go_duration(&mut b, d);
     String::from_utf8(b.as_bytes().to_vec()).expect("ascii")
 }
 
-fn write_go_duration(b: &mut Buf, d: Duration) {
+fn write_go_duration<const N: usize>(b: &mut Buf<N>, d: Duration) {
     let ms = ceil_millis(d);
     if ms == 0 {
         b.push(b"0s");

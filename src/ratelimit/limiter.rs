@@ -302,6 +302,19 @@ pub trait Limiter: Clone + Send + Sync + 'static {
     /// Charge every bucket or none. See the [semantics](Limiter#semantics).
     fn check(&self, charges: &[Charge]) -> Self::Future;
 
+    /// The answer of [`check`](Limiter::check) at once, for a backend that decides without
+    /// waiting (the in-memory one); `None` (the default) when the check must be awaited.
+    ///
+    /// When it answers, the rate-limit layer calls the inner service directly instead of
+    /// keeping it in its response future: no clone of the inner service, a smaller future. A
+    /// backend that answers here has made the check (charged the buckets), exactly as
+    /// [`check`](Limiter::check) would.
+    #[inline]
+    fn check_now(&self, charges: &[Charge]) -> Option<Result<Decision, BackendError>> {
+        let _ = charges;
+        None
+    }
+
     /// Correct buckets after the fact (token usage known from the response).
     fn settle(&self, corrections: &[Correction]) -> Self::SettleFuture;
 }

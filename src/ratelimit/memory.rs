@@ -192,33 +192,47 @@ impl<C: Clock> MemoryLimiter<C> {
         &self,
         subjects: impl Iterator<Item = &'a Subject>,
     ) -> SmallVec<[(usize, MutexGuard<'_, Buckets>); 2]> {
+        let indices: SmallVec<[usize; 4]> = subjects.map(|s| self.shard_of(s)).collect();
+        self.lock_indices(&indices)
+    }
+
+    /// Lock these shards (any order, repeats allowed) in ascending order.
+    fn lock_indices(&self, indices: &[usize]) -> SmallVec<[(usize, MutexGuard<'_, Buckets>); 2]> {
         // A plan's limits share one subject, plus the global one: two shards at most, inline.
-        let mut indices: SmallVec<[usize; 4]> = subjects.map(|s| self.shard_of(s)).collect();
-        indices.sort_unstable();
-        indices.dedup();
-        indices
+        let mut sorted: SmallVec<[usize; 4]> = SmallVec::from_slice(indices);
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted
             .into_iter()
             .map(|i| (i, lock(&self.inner.shards[i])))
             .collect()
     }
 
-    fn check_now(&self, charges: &[Charge]) -> Decision {
-        let mut guards = self.lock_shards(charges.iter().map(|c| c.key.subject()));
+    fn decide(&self, charges: &[Charge]) -> Decision {
+        // Each subject is hashed once: consecutive charges of one subject (a plan's limits)
+        // share its shard.
+        let mut shards: SmallVec<[usize; 4]> = SmallVec::with_capacity(charges.len());
+        for (i, charge) in charges.iter().enumerate() {
+            let shard = match i.checked_sub(1).map(|p| &charges[p]) {
+                Some(previous) if previous.key.subject() == charge.key.subject() => shards[i - 1],
+                _ => self.shard_of(charge.key.subject()),
+            };
+            shards.push(shard);
+        }
+        let mut guards = self.lock_indices(&shards);
         // Read the clock under the locks, so concurrent checks see non-decreasing times.
         let now = self.inner.now();
-        let shard = |guards: &[(usize, MutexGuard<'_, _>)], key: &BucketKey| {
-            let i = self.shard_of(key.subject());
-            guards.iter().position(|(j, _)| *j == i).expect("locked")
-        };
+        // The position of each charge's guard.
+        let slots: SmallVec<[usize; 4]> = shards
+            .iter()
+            .map(|i| guards.iter().position(|(j, _)| j == i).expect("locked"))
+            .collect();
         let mut next: SmallVec<[u64; 4]> = SmallVec::with_capacity(charges.len());
         let mut refusal: Option<(Duration, crate::LimitKind)> = None;
         let mut too_large = None;
-        for charge in charges {
+        for (charge, &slot) in charges.iter().zip(&slots) {
             let gcra = Gcra::new(charge.quota);
-            let tat = guards[shard(&guards, &charge.key)]
-                .1
-                .get(&charge.key)
-                .copied();
+            let tat = guards[slot].1.get(&charge.key).copied();
             match gcra.test(tat, now, charge.cost) {
                 Verdict::Conform { tat } => next.push(tat),
                 Verdict::Wait { wait } => {
@@ -244,17 +258,22 @@ impl<C: Clock> MemoryLimiter<C> {
             (None, None) => Outcome::Allowed,
         };
         let mut decision = Decision::new(outcome);
-        for (charge, tat) in charges.iter().zip(next) {
+        for ((charge, tat), &slot) in charges.iter().zip(next).zip(&slots) {
             let gcra = Gcra::new(charge.quota);
+            let map = &mut guards[slot].1;
             if decision.is_allowed() {
                 if charge.cost > 0 {
-                    let i = shard(&guards, &charge.key);
-                    guards[i].1.insert(charge.key.clone(), tat);
+                    // A tracked bucket is updated in place (no key clone); a new one inserted.
+                    match map.get_mut(&charge.key) {
+                        Some(state) => *state = tat,
+                        None => {
+                            map.insert(charge.key.clone(), tat);
+                        }
+                    }
                 }
                 decision.observe(charge.kind, gcra.status(Some(tat), now));
             } else {
-                let i = shard(&guards, &charge.key);
-                let current = guards[i].1.get(&charge.key).copied();
+                let current = map.get(&charge.key).copied();
                 decision.observe(charge.kind, gcra.status(current, now));
             }
         }
@@ -292,7 +311,12 @@ where
     type SettleFuture = Ready<Result<(), BackendError>>;
 
     fn check(&self, charges: &[Charge]) -> Self::Future {
-        ready(Ok(self.check_now(charges)))
+        ready(Ok(self.decide(charges)))
+    }
+
+    #[inline]
+    fn check_now(&self, charges: &[Charge]) -> Option<Result<Decision, BackendError>> {
+        Some(Ok(self.decide(charges)))
     }
 
     fn settle(&self, corrections: &[Correction]) -> Self::SettleFuture {

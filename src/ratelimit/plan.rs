@@ -172,7 +172,8 @@ pub struct Plans {
 
 struct Registry {
     default: Arc<Policy>,
-    plans: HashMap<Arc<str>, Arc<Policy>>,
+    /// foldhash: the plan of every request is looked up here.
+    plans: HashMap<Arc<str>, Arc<Policy>, foldhash::fast::RandomState>,
 }
 
 impl Plans {
@@ -181,7 +182,7 @@ impl Plans {
         Plans {
             inner: Arc::new(RwLock::new(Registry {
                 default: Policy::new("plan:default".into(), default),
-                plans: HashMap::new(),
+                plans: HashMap::default(),
             })),
         }
     }

@@ -10,12 +10,12 @@ use tower_service::Service;
 
 use super::{
     future::{Kind, Pending, ResponseFuture},
-    gate::Gate,
+    gate::{Gate, RequestLimits},
     Limiter, MemoryLimiter, RateLimitBody,
 };
 use crate::{
     inspect::{inspect, wants_inspection, InspectedBody},
-    BoxError,
+    BoxError, Rejection,
 };
 
 /// Middleware that rate-limits requests per caller and plan. See the [module docs](super).
@@ -58,25 +58,49 @@ where
         let Some(limits) = self.gate.limits(&request) else {
             return ResponseFuture::passthrough(self.inner.call(request.map(InspectedBody::new)));
         };
-        // The inner service was made ready; the clone takes its place until the next poll_ready.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let grpc = crate::normalize::is_grpc(&request);
         let needs_body = limits.needs_body();
-        let pending = Pending {
-            inner,
+        if !(needs_body && wants_inspection(&request)) {
+            let request = request.map(InspectedBody::new);
+            let charges = self.gate.charges(&limits, &request);
+            if let Some(decided) = self.limiter.check_now(charges.as_slice()) {
+                // Decided at once: the ready service is called now, no clone, no check state.
+                return match decided {
+                    Ok(decision) if decision.is_allowed() => ResponseFuture::new(Kind::Calling {
+                        meter: charges.meter(self.limiter.clone()),
+                        fut: self.inner.call(request),
+                        decision: Some((decision, self.gate.clone())),
+                    }),
+                    Ok(decision) => ResponseFuture::refused(self.gate.refusal(&decision, grpc)),
+                    Err(error) => {
+                        ResponseFuture::refused(crate::refusal(&Rejection::from(error), grpc))
+                    }
+                };
+            }
+            let pending = self.pending(limits, grpc);
+            return ResponseFuture::checking(pending, request, charges);
+        }
+        let pending = self.pending(limits, grpc);
+        let limit = self.gate.body_limit();
+        ResponseFuture::new(Kind::Inspecting {
+            fut: Box::pin(inspect(request, limit)),
+            pending: Some(Box::new(pending)),
+        })
+    }
+}
+
+impl<S: Clone, L: Clone> RateLimit<S, L> {
+    /// What the future needs to call the inner service later: the ready service (a clone takes
+    /// its place until the next `poll_ready`).
+    fn pending(&mut self, limits: RequestLimits, grpc: bool) -> Pending<S, L> {
+        let clone = self.inner.clone();
+        Pending {
+            inner: std::mem::replace(&mut self.inner, clone),
             limiter: self.limiter.clone(),
             gate: self.gate.clone(),
             limits,
-            grpc: crate::normalize::is_grpc(&request),
-        };
-        if needs_body && wants_inspection(&request) {
-            let limit = self.gate.body_limit();
-            return ResponseFuture::new(Kind::Inspecting {
-                fut: Box::pin(inspect(request, limit)),
-                pending: Some(pending),
-            });
+            grpc,
         }
-        ResponseFuture::check(pending, request.map(InspectedBody::new))
     }
 }
 
