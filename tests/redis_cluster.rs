@@ -346,6 +346,26 @@ async fn a_promoting_top_up_moves_the_plan_on_a_cluster() {
         .unwrap();
     assert!(!again.top_up.applied && again.plan_change.is_none());
     assert_eq!(a.ledger().balance("acct_1").await.unwrap().balance, 500);
+
+    // A top-up whose promotion was lost (applied, the plan left as it was: here a top-up made
+    // without the promoter) is repaired by retrying it: a duplicate, no credit twice, promoted.
+    keys.put_account(AccountRecord::new("acct_2", "free"))
+        .await
+        .unwrap();
+    let applied = a.ledger().top_up("acct_2", 300, "invoice-2").await.unwrap();
+    assert!(applied.applied);
+    let retried = promoter
+        .top_up_and_promote("acct_2", 300, "invoice-2")
+        .await
+        .unwrap();
+    assert!(!retried.top_up.applied, "a duplicate");
+    let change = retried.plan_change.expect("promoted on the retry");
+    assert_eq!((&*change.from, &*change.to), ("free", "trusted"));
+    assert_eq!(a.ledger().balance("acct_2").await.unwrap().balance, 300);
+    assert_eq!(
+        &*keys.account("acct_2").await.unwrap().unwrap().plan,
+        "trusted"
+    );
 }
 
 /// Revocation on one replica reaches the other within a second on a cluster, and still does

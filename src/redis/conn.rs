@@ -21,7 +21,7 @@ use crate::BackendError;
 ///
 /// Neither re-sends a command whose answer was lost: the cluster client is built with its
 /// retries off, and [`Link`] itself sends a command again only on an answer that proves it did
-/// not run (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`, a
+/// not run (`MOVED`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`, a
 /// refused connection), within the call's deadline. A timeout or a connection broken after the
 /// send is never re-sent: the script may have run, and money must not be charged twice.
 #[derive(Clone)]
@@ -38,8 +38,10 @@ pub(crate) fn not_executed(error: &RedisError) -> bool {
     matches!(
         error.kind(),
         redis::ErrorKind::Server(
+            // Not ASK: redis-rs (its redirects off) does not follow it, and sending the same
+            // command to the same node again would be redirected again until the deadline. An ASK
+            // is answered as an error (the slot is migrating; the next call may find it moved).
             ServerErrorKind::Moved
-                | ServerErrorKind::Ask
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::ClusterDown
                 | ServerErrorKind::MasterDown

@@ -186,14 +186,20 @@ impl RedisLedger {
                 .invoke::<Vec<Value>, _>(&mut conn)
                 .await?;
             if let Some((plans_key, rules)) = promote_apart {
-                if reply.first().map(value_str).as_deref() == Some("applied") {
+                // Also on a duplicate: a retried top-up whose first promotion failed (or whose
+                // answer was lost between the two calls) promotes now; promote.lua moves only a
+                // plan that is still `from`, so repeating it is harmless.
+                if matches!(
+                    reply.first().map(value_str).as_deref(),
+                    Some("applied" | "duplicate")
+                ) {
                     let mut invocation = PROMOTE.prepare_invoke();
                     invocation.key(plans_key);
                     for (from, to) in rules.iter() {
                         invocation.arg(from).arg(to);
                     }
                     // The top-up is applied whatever happens here: a promotion that fails is
-                    // logged, not an error (a retried top-up is a duplicate and promotes nothing).
+                    // logged, not an error (retrying the top-up promotes, as a duplicate).
                     match invocation.invoke_async::<Vec<Value>>(&mut conn).await {
                         Ok(moved) => reply.extend(moved),
                         Err(error) => {
@@ -213,17 +219,15 @@ impl RedisLedger {
             let reply = call.await?;
             let number = |i: usize| reply.get(i).map_or(0, value_u64);
             let balance = || Balance::new(number(1), number(2), number(3));
+            let change = || match (reply.get(4), reply.get(5)) {
+                (Some(from), Some(to)) => Some(PlanChange::new(value_str(from), value_str(to))),
+                _ => None,
+            };
             match reply.first().map(value_str).as_deref() {
-                Some("applied") => {
-                    let change = match (reply.get(4), reply.get(5)) {
-                        (Some(from), Some(to)) => {
-                            Some(PlanChange::new(value_str(from), value_str(to)))
-                        }
-                        _ => None,
-                    };
-                    Ok((TopUp::new(true, balance()), change))
-                }
-                Some("duplicate") => Ok((TopUp::new(false, balance()), None)),
+                Some("applied") => Ok((TopUp::new(true, balance()), change())),
+                // A change here is a cluster's promotion made on the retry of a top-up whose
+                // first promotion failed.
+                Some("duplicate") => Ok((TopUp::new(false, balance()), change())),
                 Some("reused") => Err(TopUpError::KeyReused { amount: number(1) }),
                 Some("overflow") => Err(TopUpError::Overflow),
                 _ => Err(BackendError::new("redis top-up: unexpected reply").into()),

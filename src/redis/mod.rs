@@ -354,7 +354,7 @@ impl RedisBackend {
     /// ([`RedisLimiter`]); a top-up that promotes a plan runs the promotion as a
     /// second script in the `{keys}` slot ([`RedisPromoter`]).
     ///
-    /// Commands are sent again only on answers that prove they did not run (`MOVED`, `ASK`,
+    /// Commands are sent again only on answers that prove they did not run (`MOVED`,
     /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`, a refused connection),
     /// within the response timeout; never after a timeout or a connection lost after the send,
     /// so nothing is charged twice. While a failed master's slots move to its replica, the
