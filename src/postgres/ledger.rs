@@ -455,8 +455,9 @@ pub(super) fn reserve_one(
     }))
 }
 
-/// Several reserves in one statement (`reserve_many`), not tried again: a call that waited on a
-/// lock too long answers `None` (rolled back, to be sent again alone).
+/// Several reserves in one statement (`reserve_many`), sent again only on a connection lost
+/// before the answer; a call that waited on a lock too long answers `None` (rolled back, to be
+/// sent again alone).
 pub(super) fn reserve_many(
     shared: &Arc<Shared>,
     calls: Vec<ReserveCall>,
@@ -496,38 +497,45 @@ pub(super) fn reserve_many(
         burst.extend(call.burst);
         cost.extend(call.cost);
     }
-    Box::pin(shared.call("reserve", move |pool| async move {
-        let rows = sqlx::query(sql)
-            .bind(columns.0)
-            .bind(columns.1)
-            .bind(columns.2)
-            .bind(columns.3)
-            .bind(columns.4)
-            .bind(columns.5)
-            .bind(columns.6)
-            .bind(columns.7)
-            .bind(columns.8)
-            .bind(columns.9)
-            .bind(keys)
-            .bind(t)
-            .bind(burst)
-            .bind(cost)
-            .bind(columns.10)
-            .fetch_all(&pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let status: &str = row.try_get(1)?;
-                Ok(match status {
-                    "retry" => None,
-                    "error" => Some(Err(BackendError::new(format!(
-                        "postgres reserve: {}",
-                        row.try_get::<Option<&str>, _>(7)?.unwrap_or("failed")
-                    )))),
-                    _ => Some(Ok(reserve_row(row, 1)?)),
+    // Sent again on a connection lost before the answer, as a single reserve is: a reserve is
+    // idempotent by its hold id, so one that was applied answers `held` again.
+    let binds = Arc::new((columns, keys, t, burst, cost));
+    Box::pin(shared.call_retrying("reserve", move |pool, _| {
+        let (columns, keys, t, burst, cost) = (*binds).clone();
+        let sql = sql.clone();
+        async move {
+            let rows = sqlx::query(sql)
+                .bind(columns.0)
+                .bind(columns.1)
+                .bind(columns.2)
+                .bind(columns.3)
+                .bind(columns.4)
+                .bind(columns.5)
+                .bind(columns.6)
+                .bind(columns.7)
+                .bind(columns.8)
+                .bind(columns.9)
+                .bind(keys)
+                .bind(t)
+                .bind(burst)
+                .bind(cost)
+                .bind(columns.10)
+                .fetch_all(&pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let status: &str = row.try_get(1)?;
+                    Ok(match status {
+                        "retry" => None,
+                        "error" => Some(Err(BackendError::new(format!(
+                            "postgres reserve: {}",
+                            row.try_get::<Option<&str>, _>(7)?.unwrap_or("failed")
+                        )))),
+                        _ => Some(Ok(reserve_row(row, 1)?)),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        }
     }))
 }
 
