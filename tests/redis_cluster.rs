@@ -5,6 +5,8 @@
 //! of a master under load.
 #![cfg(feature = "redis")]
 
+#[path = "support/books.rs"]
+mod books;
 #[path = "support/redis_cluster.rs"]
 mod redis_cluster;
 
@@ -18,13 +20,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use books::{checked_journal, patiently};
 use governor::Quota;
 use redis_cluster::RedisCluster;
 use tollgate::{
     auth::{AccountRecord, KeyAdmin, KeyRecord, KeyStatus, KeyStore},
     credits::{
         conformance,
-        ledger::{EntryKind, JournalQuery, ReserveError, ReserveRequest},
+        ledger::{EntryKind, ReserveError, ReserveRequest},
         Ledger, LedgerAdmin,
     },
     ratelimit::{BucketKey, Charge, Limiter, Subject},
@@ -41,80 +44,6 @@ async fn replica(cluster: &RedisCluster, options: RedisOptions) -> RedisBackend 
 /// Exactness, not time-outs, is tested here (a loaded 2-core machine running 6 servers).
 fn patient() -> RedisOptions {
     RedisOptions::new().response_timeout(Duration::from_secs(10))
-}
-
-/// A verification read, retried for up to 10 s (a slot may still be moving).
-async fn patiently<T, F, Fut>(read: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tollgate::BackendError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match read().await {
-            Ok(value) => return value,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => panic!("the cluster did not answer a verification read: {error}"),
-        }
-    }
-}
-
-/// Journal invariants of one account: balance = Σ top-ups − Σ charges, held = reserved −
-/// closed, no gap, no hold closed twice. Returns the journal.
-async fn assert_journal_matches(
-    ledger: &RedisLedger,
-    account: &str,
-) -> Vec<tollgate::credits::ledger::JournalEntry> {
-    let journal = patiently(|| ledger.journal(account, JournalQuery::new())).await;
-    let sum = |kind: EntryKind| -> u64 {
-        journal
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.amount)
-            .sum()
-    };
-    let balance = patiently(|| ledger.balance(account)).await;
-    let charged = sum(EntryKind::Settle) + sum(EntryKind::Expire);
-    assert_eq!(
-        balance.balance,
-        sum(EntryKind::TopUp) - charged,
-        "{account}: balance = top-ups - charges"
-    );
-    let reserved: u64 = journal
-        .iter()
-        .filter(|e| e.kind == EntryKind::Reserve)
-        .map(|e| e.hold)
-        .sum();
-    let closed: u64 = journal
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                EntryKind::Settle | EntryKind::Release | EntryKind::Expire
-            )
-        })
-        .map(|e| e.hold)
-        .sum();
-    assert_eq!(
-        balance.held,
-        reserved - closed,
-        "{account}: held = reserved - closed"
-    );
-    for (i, entry) in journal.iter().enumerate() {
-        assert_eq!(entry.seq, i as u64 + 1, "{account}: journal without gaps");
-    }
-    let mut closes: Vec<u64> = journal
-        .iter()
-        .filter(|e| e.kind != EntryKind::Reserve && e.kind != EntryKind::TopUp)
-        .filter_map(|e| e.hold_id)
-        .collect();
-    let total = closes.len();
-    closes.sort_unstable();
-    closes.dedup();
-    assert_eq!(closes.len(), total, "{account}: no hold closed twice");
-    journal
 }
 
 /// The conformance scenarios of every ledger, on the cluster (a fresh prefix per scenario).
@@ -207,7 +136,7 @@ async fn exact_across_two_replicas_with_24_accounts() {
         assert_eq!(succeeded[account], k, "{account}");
         let balance = admin.balance(account).await.unwrap();
         assert_eq!((balance.balance, balance.held), (0, 0), "{account}");
-        let journal = assert_journal_matches(&admin, account).await;
+        let journal = checked_journal(&admin, account).await;
         let reserves = journal
             .iter()
             .filter(|e| e.kind == EntryKind::Reserve)
@@ -584,7 +513,7 @@ async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
     patiently(|| admin.expire_holds(SystemTime::now())).await;
     let acked = acked.lock().unwrap().clone();
     for account in &accounts {
-        let journal = assert_journal_matches(&admin, account).await;
+        let journal = checked_journal(&admin, account).await;
         let balance = patiently(|| admin.balance(account)).await;
         assert_eq!(balance.held, 0, "{account}: no hold left open");
         let settled: HashMap<u64, u64> = journal

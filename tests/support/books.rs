@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tollgate::credits::{
     conformance,
-    ledger::{EntryKind, JournalQuery},
+    ledger::{EntryKind, JournalEntry, JournalQuery},
     LedgerAdmin,
 };
 
@@ -27,13 +27,19 @@ where
     }
 }
 
+/// [`conformance::assert_books`] once the backend answers again; returns the journal.
+#[allow(dead_code)] // not every test file that includes this module uses every function
+pub async fn checked_journal(ledger: &impl LedgerAdmin, account: &str) -> Vec<JournalEntry> {
+    patiently(|| ledger.journal(account, JournalQuery::new().limit(1))).await;
+    conformance::assert_books(ledger, account, account).await
+}
+
 /// [`conformance::assert_books`] once the backend answers again: balance = Σ top-ups − Σ
 /// charges, held = Σ holds placed − Σ closed, no gaps, never negative, no hold closed twice.
 /// Returns (charged, reserves placed).
 #[allow(dead_code)] // not every test file that includes this module uses both functions
 pub async fn assert_books(ledger: &impl LedgerAdmin, account: &str) -> (u64, u64) {
-    patiently(|| ledger.journal(account, JournalQuery::new().limit(1))).await;
-    let journal = conformance::assert_books(ledger, account, account).await;
+    let journal = checked_journal(ledger, account).await;
     let charged = journal
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::Settle | EntryKind::Expire))
