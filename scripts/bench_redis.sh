@@ -26,23 +26,9 @@ cd "$(dirname "$0")/.."
 SECONDS_RUN="${1:-10}"
 RATE="${2:-1000}"
 JOURNAL_LIMIT="${BENCH_JOURNAL_LIMIT:-200}"
-for tool in wrk redis-server redis-cli curl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing" >&2; exit 1; }
-done
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p tollgate-gateway --features redis \
-  --bin gateway --bin loadgen --quiet
-BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release")"
-DIR="$(mktemp -d /tmp/tollgate-bench-redis.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/lib_redis_bench.sh
 . scripts/lib_redis_bench.sh
+bench_prepare redis
 RPORT="$(free_port)"; GW="$(free_port)"; GWM="$(free_port)"
 ADMIN="admin-bench-0123456789"
 R=(redis-cli -p "$RPORT")

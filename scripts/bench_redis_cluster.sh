@@ -25,23 +25,9 @@ cd "$(dirname "$0")/.."
 SECONDS_RUN="${1:-10}"
 RATE="${2:-1000}"
 JOURNAL_LIMIT="${BENCH_JOURNAL_LIMIT:-200}"
-for tool in wrk redis-server redis-cli curl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing" >&2; exit 1; }
-done
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p tollgate-gateway --features redis \
-  --bin gateway --bin loadgen --quiet
-BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release")"
-DIR="$(mktemp -d /tmp/tollgate-bench-cluster.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/lib_redis_bench.sh
 . scripts/lib_redis_bench.sh
+bench_prepare cluster
 ADMIN="admin-bench-0123456789"
 
 # A node's port and its bus port (+10000) must both be free.

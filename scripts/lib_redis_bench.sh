@@ -1,6 +1,28 @@
 # Shared by scripts/bench_redis.sh (one Redis) and scripts/bench_redis_cluster.sh (a Redis
 # Cluster): the gateway config, start-up checks, the wrk script, loadgen and the
-# `INFO commandstats` summary. Sourced, not run; expects DIR, BIN, ADMIN, JOURNAL_LIMIT.
+# `INFO commandstats` summary. Sourced, not run; `bench_prepare` sets BIN and DIR, the
+# functions after it expect those and ADMIN, JOURNAL_LIMIT.
+
+# The tools needed, the release binaries (unless BENCH_NO_BUILD), BIN, a work DIR and a PIDS
+# list that are cleaned up on exit (every process in PIDS killed).
+bench_prepare() { # name (of the work dir)
+  local tool
+  for tool in wrk redis-server redis-cli curl python3; do
+    command -v "$tool" >/dev/null || { echo "$tool is missing" >&2; exit 1; }
+  done
+  [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p tollgate-gateway --features redis \
+    --bin gateway --bin loadgen --quiet
+  BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release")"
+  DIR="$(mktemp -d "/tmp/tollgate-bench-$1.XXXXXX")"
+  PIDS=()
+  trap cleanup EXIT
+}
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
 
 BODY='{"model":"mock-small","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
 ROUTE=/v1/chat/completions
