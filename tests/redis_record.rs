@@ -264,3 +264,85 @@ async fn a_record_outage_loses_nothing_and_records_nothing_twice() {
     let journal = ledger.journal("acct_1", JournalQuery::new()).await.unwrap();
     assert_books(&journal, balance + 1);
 }
+
+/// `INFO commandstats` calls of `command` (inside scripts too) since the last reset.
+async fn calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+async fn reset_stats(conn: &mut redis::aio::MultiplexedConnection) {
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// A drain reads only the journals with entries not recorded yet (an idle account costs one
+/// `HMGET` of its cursors, no script); of several replicas only the holder of the drain lease
+/// drains at each tick, and when it goes away another takes the drain over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_skip_idle_accounts_and_one_replica_drains_per_tick() {
+    let redis = RedisServer::start();
+    let pg = PgServer::shared();
+    let schema = PgServer::schema("record_lease");
+    let a = replica(&redis, pg, &schema, 5).await;
+    let accounts: Vec<String> = (0..100).map(|i| format!("acct_{i}")).collect();
+    for account in &accounts {
+        a.ledger().top_up(account, 100, "initial").await.unwrap();
+    }
+    a.drain_record().await.unwrap();
+    let mut conn = redis_conn(&redis).await;
+
+    // One account of 100 spends: its journal alone is read (the drain script reads a journal
+    // with one LINDEX; the background tick may drain it first, then the explicit drain reads
+    // none).
+    reset_stats(&mut conn).await;
+    spend(&a.ledger(), "acct_7", 2).await;
+    a.drain_record().await.unwrap();
+    let read = calls(&mut conn, "lindex").await;
+    assert!(
+        (1..=2).contains(&read),
+        "journals read: {read} (one active account of 100)"
+    );
+    assert_eq!(recorded(pg, &schema, "acct_7").0, 5);
+
+    // Two replicas, idle: each tick one of them checks the 100 cursors.
+    let b = replica(&redis, pg, &schema, 5).await;
+    reset_stats(&mut conn).await;
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let checked = calls(&mut conn, "hmget").await;
+    assert!(
+        (100..=400).contains(&checked),
+        "cursor reads in 3.2 s: {checked} (one drainer: at most 4 ticks × 100; two would be ≥ 600)"
+    );
+
+    // The lease holder goes away; the other replica drains once the lease lapses (3 s).
+    drop(a);
+    spend(&b.ledger(), "acct_9", 3).await;
+    let mut rows = 0;
+    for _ in 0..80 {
+        rows = recorded(pg, &schema, "acct_9").0;
+        if rows == 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, 7, "the other replica took the drain over");
+    let journal = b
+        .ledger()
+        .journal("acct_9", JournalQuery::new())
+        .await
+        .unwrap();
+    assert_eq!(journal.len(), 7);
+    let balance = hget(&mut conn, "acct_9", "balance").await;
+    assert_books(&journal, balance);
+}

@@ -114,6 +114,12 @@ impl RedisLedger {
         format!("{}:ledger:accounts", self.shared.options.prefix)
     }
 
+    /// The durable record's drain lease: the replica that holds it drains.
+    #[cfg(feature = "postgres")]
+    pub(super) fn drain_lease_key(&self) -> String {
+        format!("{}:ledger:drain-lease", self.shared.options.prefix)
+    }
+
     fn hold_ttl_ms(&self) -> u64 {
         millis(self.shared.options.hold_ttl)
     }

@@ -207,8 +207,9 @@ impl RedisOptions {
     }
 
     /// Keep the durable record of the journal in PostgreSQL (features `redis` and `postgres`):
-    /// a background task of the backend moves every account's journal entries, every second,
-    /// into the table `redis_journal` of `schema` (migration 5 of
+    /// every second, a background task of the replica holding the drain lease (one per fleet,
+    /// taken over by another replica 3 s after its holder stops) moves the new journal entries
+    /// of every account into the table `redis_journal` of `schema` (migration 5 of
     /// [`PostgresBackend::migrate`](crate::postgres::PostgresBackend::migrate), applied by the
     /// task), keyed by (account, seq) so that each entry is recorded exactly once however many
     /// replicas drain, then advances the account's drained cursor in Redis. The
@@ -434,8 +435,10 @@ impl RedisBackend {
     }
 
     /// Drain the journal into the durable record now (what the background task of
-    /// [`RedisOptions::record`] does every second): every entry not recorded yet is inserted
-    /// (exactly once, whichever replica drains), then the accounts' drained cursors advance.
+    /// [`RedisOptions::record`] does every second on the replica holding the drain lease;
+    /// this call does not need the lease): every entry not recorded yet is inserted (exactly
+    /// once, whichever replica drains), then the accounts' drained cursors advance. Only the
+    /// journals of accounts whose cursors show entries not recorded are read.
     /// Returns the entries moved; without a record, 0.
     #[cfg(feature = "postgres")]
     pub async fn drain_record(&self) -> Result<u64, BackendError> {

@@ -22,12 +22,22 @@ use crate::{
 /// Entries moved per account and round trip.
 const BATCH: usize = 1_000;
 
+/// Accounts whose cursors are read at once (one `HMGET` each, sent together on the multiplexed
+/// connection: on a cluster each goes to its own slot's node).
+const CHECK: usize = 256;
+
+/// How long the drain lease lasts unless renewed: a replica that took it and died hands the
+/// drain to another after this.
+const LEASE: Duration = Duration::from_secs(3);
+
 /// How often the background task drains.
 pub(super) const INTERVAL: Duration = Duration::from_secs(1);
 
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/drain_read.lua")));
 static ADVANCE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/drain_advance.lua")));
+static LEASE_TAKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/drain_lease.lua")));
 
 /// Where the journal is recorded: a PostgreSQL pool and the schema of its `redis_journal`
 /// table (migration 5).
@@ -199,7 +209,7 @@ pub(super) async fn drain(ledger: &RedisLedger, record: &Record) -> Result<u64, 
         })
         .await?;
     let mut moved = 0;
-    for account in accounts {
+    for account in behind(ledger, accounts).await? {
         let hash = ledger.account_key(&account);
         let log = ledger.journal_key(&account);
         loop {
@@ -242,12 +252,80 @@ pub(super) async fn drain(ledger: &RedisLedger, record: &Record) -> Result<u64, 
     Ok(moved)
 }
 
-/// Drain every [`INTERVAL`] while the backend lives (a failed drain is retried at the next
-/// tick; meanwhile nothing undrained is trimmed).
+/// The accounts whose journal has entries after their drained cursor (`seq > drained`): only
+/// those are drained, so an idle account costs one `HMGET` per drain, not a script call.
+async fn behind(ledger: &RedisLedger, accounts: Vec<String>) -> Result<Vec<String>, BackendError> {
+    let mut behind = Vec::new();
+    for chunk in accounts.chunks(CHECK) {
+        let reads = chunk.iter().map(|account| {
+            let hash = ledger.account_key(account);
+            ledger.conn().call("drain", move |mut conn| async move {
+                redis::cmd("HMGET")
+                    .arg(hash)
+                    .arg("seq")
+                    .arg("drained")
+                    .query_async::<(Option<u64>, Option<u64>)>(&mut conn)
+                    .await
+            })
+        });
+        let cursors = futures_util::future::try_join_all(reads).await?;
+        for (account, (seq, drained)) in chunk.iter().zip(cursors) {
+            if seq.unwrap_or(0) > drained.unwrap_or(0) {
+                behind.push(account.clone());
+            }
+        }
+    }
+    Ok(behind)
+}
+
+/// Take (or renew) the drain lease for `token`; whether this replica holds it now.
+async fn take_lease(ledger: &RedisLedger, token: &str) -> Result<bool, BackendError> {
+    let (key, token) = (ledger.drain_lease_key(), token.to_owned());
+    let taken: i64 = ledger
+        .conn()
+        .call("drain lease", move |mut conn| async move {
+            LEASE_TAKE
+                .key(key)
+                .arg(token)
+                .arg(LEASE.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(taken == 1)
+}
+
+/// Give the lease up (only if `token` still holds it), so that another replica drains at its
+/// next tick.
+async fn give_lease(ledger: &RedisLedger, token: &str) {
+    let (key, token) = (ledger.drain_lease_key(), token.to_owned());
+    let _ = ledger
+        .conn()
+        .call("drain lease", move |mut conn| async move {
+            LEASE_TAKE
+                .key(key)
+                .arg(token)
+                .arg(0)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await;
+}
+
+/// Drain every [`INTERVAL`] while the backend lives, when this replica holds the drain lease
+/// (`{prefix}:ledger:drain-lease`, one drainer per tick for the whole fleet; taken over
+/// [`LEASE`] after its holder stops renewing it). A failed drain gives the lease up and is
+/// retried at the next tick, by whichever replica takes it; meanwhile nothing undrained is
+/// trimmed.
 pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    let token = format!(
+        "{:016x}-{}",
+        getrandom::u64().unwrap_or_default(),
+        std::process::id()
+    );
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -256,7 +334,17 @@ pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            if let Err(error) = drain(&RedisLedger::new(shared), &record).await {
+            let ledger = RedisLedger::new(shared);
+            match take_lease(&ledger, &token).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "draining the Redis journal into the record: the lease is unreachable; retrying");
+                    continue;
+                }
+            }
+            if let Err(error) = drain(&ledger, &record).await {
+                give_lease(&ledger, &token).await;
                 tracing::warn!(%error, "draining the Redis journal into the record failed; retrying (the journal is kept until then)");
             }
         }
