@@ -1,12 +1,15 @@
 //! The Redis backends on a real local Redis Cluster (3 masters, 3 replicas, started on free
 //! ports by `support/redis_cluster.rs`, killed on drop): the ledger conformance scenarios,
 //! exactness across two backend instances ("two gateway replicas"), a rate-limit burst over
-//! several hash slots, key revocation (also after the subscribed node is killed), and `kill -9`
-//! of a master under load.
+//! several hash slots, key revocation (also after the subscribed node is killed), `kill -9`
+//! of a master under load, and (with `postgres`) the journal drained into the durable record.
 #![cfg(feature = "redis")]
 
 #[path = "support/books.rs"]
 mod books;
+#[cfg(feature = "postgres")]
+#[path = "support/pg_server.rs"]
+mod pg_server;
 #[path = "support/redis_cluster.rs"]
 mod redis_cluster;
 
@@ -528,5 +531,97 @@ async fn a_master_killed_mid_load_charges_nothing_twice_and_loses_nothing() {
                 "{account}: an acknowledged settlement of hold {id} is in the journal"
             );
         }
+    }
+}
+
+/// The durable record on a cluster: two replicas spend on accounts spread over every master
+/// (journal limit 5) while both drain; every entry is recorded exactly once, and the journal
+/// paged from the other replica (the record, then what Redis has not drained) is the whole
+/// history and adds up to the balance.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_drains_into_the_record_exactly_once_on_a_cluster() {
+    use pg_server::PgServer;
+
+    let cluster = RedisCluster::start();
+    let pg = PgServer::shared();
+    let schema = PgServer::schema("cluster_record");
+    let recorded = || {
+        patient().journal_limit(5).record(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy(&pg.url())
+                .unwrap(),
+            &schema,
+        )
+    };
+    let replicas = [
+        replica(&cluster, recorded()).await,
+        replica(&cluster, recorded()).await,
+    ];
+    let accounts: Vec<String> = (0..12).map(|i| format!("acct_{i}")).collect();
+    let mut masters: Vec<u16> = accounts
+        .iter()
+        .map(|a| cluster.master_of(&format!("tollgate:{{acct:{a}}}")))
+        .collect();
+    masters.sort_unstable();
+    masters.dedup();
+    assert_eq!(masters.len(), 3, "the accounts live on every master");
+    for account in &accounts {
+        replicas[0]
+            .ledger()
+            .top_up(account, 1_000, "invoice-1")
+            .await
+            .unwrap();
+    }
+    let mut work = Vec::new();
+    for backend in &replicas {
+        for account in &accounts {
+            let (ledger, account) = (backend.ledger(), account.clone());
+            work.push(tokio::spawn(async move {
+                for i in 0..15 {
+                    let hold = ledger
+                        .reserve(ReserveRequest::new(&*account, 5))
+                        .await
+                        .unwrap()
+                        .into_hold()
+                        .unwrap();
+                    if i % 3 == 0 {
+                        ledger.release(&hold).await.unwrap();
+                    } else {
+                        ledger.settle(&hold, 3).await.unwrap();
+                    }
+                }
+            }));
+        }
+        let backend = backend.clone();
+        work.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                backend.drain_record().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    for task in work {
+        task.await.unwrap();
+    }
+    for backend in &replicas {
+        backend.drain_record().await.unwrap();
+    }
+    for account in &accounts {
+        let journal = checked_journal(&replicas[1].ledger(), account).await;
+        assert_eq!(
+            journal.len(),
+            1 + 2 * 30,
+            "{account}: a top-up, 30 reserves and their closes"
+        );
+        let balance = replicas[1].ledger().balance(account).await.unwrap();
+        assert_eq!(balance.balance, 1_000 - 3 * 20, "{account}");
+        let rows = pg.psql(&format!(
+            "SELECT count(*) || ' ' || count(DISTINCT seq) FROM {schema}.redis_journal \
+             WHERE account = '{account}'"
+        ));
+        assert_eq!(rows, "61 61", "{account}: every entry recorded, each once");
     }
 }
