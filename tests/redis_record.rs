@@ -265,27 +265,6 @@ async fn a_record_outage_loses_nothing_and_records_nothing_twice() {
     assert_books(&journal, balance + 1);
 }
 
-/// `INFO commandstats` calls of `command` (inside scripts too) since the last reset.
-async fn calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
-}
-
-async fn reset_stats(conn: &mut redis::aio::MultiplexedConnection) {
-    let () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(conn)
-        .await
-        .unwrap();
-}
-
 /// A drain reads only the journals with entries not recorded yet (an idle account costs one
 /// `HMGET` of its cursors, no script); of several replicas only the holder of the drain lease
 /// drains at each tick, and when it goes away another takes the drain over.
@@ -305,10 +284,10 @@ async fn drains_skip_idle_accounts_and_one_replica_drains_per_tick() {
     // One account of 100 spends: its journal alone is read (the drain script reads a journal
     // with one LINDEX; the background tick may drain it first, then the explicit drain reads
     // none).
-    reset_stats(&mut conn).await;
+    redis.reset_stats().await;
     spend(&a.ledger(), "acct_7", 2).await;
     a.drain_record().await.unwrap();
-    let read = calls(&mut conn, "lindex").await;
+    let read = redis.calls(&["lindex"]).await;
     assert!(
         (1..=2).contains(&read),
         "journals read: {read} (one active account of 100)"
@@ -317,9 +296,9 @@ async fn drains_skip_idle_accounts_and_one_replica_drains_per_tick() {
 
     // Two replicas, idle: each tick one of them checks the 100 cursors.
     let b = replica(&redis, pg, &schema, 5).await;
-    reset_stats(&mut conn).await;
+    redis.reset_stats().await;
     tokio::time::sleep(Duration::from_millis(3_200)).await;
-    let checked = calls(&mut conn, "hmget").await;
+    let checked = redis.calls(&["hmget"]).await;
     assert!(
         (100..=400).contains(&checked),
         "cursor reads in 3.2 s: {checked} (one drainer: at most 4 ticks × 100; two would be ≥ 600)"

@@ -39,6 +39,13 @@ impl RedisServer {
     /// Script and function calls (`EVALSHA`, `FCALL`) the server has run so far: one round
     /// trip each.
     pub async fn script_calls(&self) -> u64 {
+        self.calls(&["evalsha", "evalsha_ro", "fcall", "fcall_ro"])
+            .await
+    }
+
+    /// Calls of `commands` (lower case, as `INFO commandstats` names them; those run inside
+    /// scripts too) since the server started or its stats were reset.
+    pub async fn calls(&self, commands: &[&str]) -> u64 {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let info: String = redis::cmd("INFO")
@@ -48,7 +55,7 @@ impl RedisServer {
             .unwrap();
         info.lines()
             .filter_map(|line| {
-                let rest = ["evalsha", "evalsha_ro", "fcall", "fcall_ro"]
+                let rest = commands
                     .iter()
                     .find_map(|name| line.strip_prefix(&format!("cmdstat_{name}:")))?;
                 rest.split(',')
@@ -58,6 +65,17 @@ impl RedisServer {
                     .ok()
             })
             .sum()
+    }
+
+    /// `CONFIG RESETSTAT`: the command counts start again from 0.
+    pub async fn reset_stats(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 
     /// Waits until `account` has no credits held (settlements run after a response's body
