@@ -10,6 +10,9 @@ mod books;
 #[cfg(feature = "postgres")]
 #[path = "support/pg_server.rs"]
 mod pg_server;
+#[cfg(feature = "postgres")]
+#[path = "support/record.rs"]
+mod record;
 #[path = "support/redis_cluster.rs"]
 mod redis_cluster;
 
@@ -42,6 +45,17 @@ async fn replica(cluster: &RedisCluster, options: RedisOptions) -> RedisBackend 
     RedisBackend::connect_cluster(&cluster.urls(), options)
         .await
         .expect("connect to the cluster")
+}
+
+/// The accounts' hashes live on each of the 3 masters.
+fn assert_on_every_master(cluster: &RedisCluster, accounts: &[String]) {
+    let mut masters: Vec<u16> = accounts
+        .iter()
+        .map(|a| cluster.master_of(&format!("tollgate:{{acct:{a}}}")))
+        .collect();
+    masters.sort_unstable();
+    masters.dedup();
+    assert_eq!(masters.len(), 3, "the accounts live on every master");
 }
 
 /// Exactness, not time-outs, is tested here (a loaded 2-core machine running 6 servers).
@@ -104,13 +118,7 @@ async fn exact_across_two_replicas_with_24_accounts() {
     for account in &accounts {
         admin.top_up(account, k * price, "invoice-1").await.unwrap();
     }
-    let mut masters: Vec<u16> = accounts
-        .iter()
-        .map(|a| cluster.master_of(&format!("tollgate:{{acct:{a}}}")))
-        .collect();
-    masters.sort_unstable();
-    masters.dedup();
-    assert_eq!(masters.len(), 3, "the accounts live on every master");
+    assert_on_every_master(&cluster, &accounts);
 
     let tasks: Vec<_> = (0..accounts.len() * 60)
         .map(|i| {
@@ -561,13 +569,7 @@ async fn the_journal_drains_into_the_record_exactly_once_on_a_cluster() {
         replica(&cluster, recorded()).await,
     ];
     let accounts: Vec<String> = (0..12).map(|i| format!("acct_{i}")).collect();
-    let mut masters: Vec<u16> = accounts
-        .iter()
-        .map(|a| cluster.master_of(&format!("tollgate:{{acct:{a}}}")))
-        .collect();
-    masters.sort_unstable();
-    masters.dedup();
-    assert_eq!(masters.len(), 3, "the accounts live on every master");
+    assert_on_every_master(&cluster, &accounts);
     for account in &accounts {
         replicas[0]
             .ledger()
@@ -580,28 +582,14 @@ async fn the_journal_drains_into_the_record_exactly_once_on_a_cluster() {
         for account in &accounts {
             let (ledger, account) = (backend.ledger(), account.clone());
             work.push(tokio::spawn(async move {
-                for i in 0..15 {
-                    let hold = ledger
-                        .reserve(ReserveRequest::new(&*account, 5))
-                        .await
-                        .unwrap()
-                        .into_hold()
-                        .unwrap();
-                    if i % 3 == 0 {
-                        ledger.release(&hold).await.unwrap();
-                    } else {
-                        ledger.settle(&hold, 3).await.unwrap();
-                    }
-                }
+                record::spend(&ledger, &account, 15).await
             }));
         }
-        let backend = backend.clone();
-        work.push(tokio::spawn(async move {
-            for _ in 0..5 {
-                backend.drain_record().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }));
+        work.push(record::drain_repeatedly(
+            backend,
+            5,
+            Duration::from_millis(50),
+        ));
     }
     for task in work {
         task.await.unwrap();

@@ -7,6 +7,8 @@
 mod books;
 #[path = "support/pg_server.rs"]
 mod pg_server;
+#[path = "support/record.rs"]
+mod record;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -14,11 +16,12 @@ use std::time::Duration;
 
 use books::checked_journal;
 use pg_server::PgServer;
+use record::{drain_repeatedly, spend};
 use redis_server::RedisServer;
 use tollgate::{
     credits::{
-        ledger::{EntryKind, JournalEntry, JournalQuery, ReserveRequest},
-        Ledger, LedgerAdmin,
+        ledger::{EntryKind, JournalEntry, JournalQuery},
+        LedgerAdmin,
     },
     redis::{RedisBackend, RedisOptions},
 };
@@ -81,22 +84,6 @@ fn recorded(pg: &PgServer, schema: &str, account: &str) -> (u64, u64, u64, i64) 
     (n[0] as u64, n[1] as u64, n[2] as u64, n[3])
 }
 
-async fn spend(ledger: &impl Ledger, account: &str, rounds: usize) {
-    for i in 0..rounds {
-        let hold = ledger
-            .reserve(ReserveRequest::new(account, 5).request_id(Some(format!("req-{i}").into())))
-            .await
-            .unwrap()
-            .into_hold()
-            .unwrap();
-        if i % 3 == 0 {
-            ledger.release(&hold).await.unwrap();
-        } else {
-            ledger.settle(&hold, 3).await.unwrap();
-        }
-    }
-}
-
 /// Two replicas spend on the same accounts and drain at the same time (their background tasks
 /// and explicit drains racing): every entry is recorded exactly once, the journal in Redis stays
 /// at its limit, and paging the journal (record, then Redis) gives the whole history.
@@ -123,13 +110,7 @@ async fn two_drainers_record_every_entry_exactly_once() {
             ));
         }
         for _ in 0..3 {
-            let backend = backend.clone();
-            work.push(tokio::spawn(async move {
-                for _ in 0..5 {
-                    backend.drain_record().await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                }
-            }));
+            work.push(drain_repeatedly(backend, 5, Duration::from_millis(30)));
         }
     }
     for task in work {
