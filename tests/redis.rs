@@ -4,6 +4,8 @@
 
 #[path = "support/books.rs"]
 mod books;
+#[path = "support/chain.rs"]
+mod chain;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -13,6 +15,7 @@ use std::{
 };
 
 use books::{assert_books, patiently};
+use chain::send_one;
 use governor::Quota;
 use redis_server::RedisServer;
 use tollgate::{
@@ -600,13 +603,7 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     assert!(!backend.is_degraded());
 }
 
-const USAGE: &str =
-    r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":40,"total_tokens":50}}"#;
-
-type Upstream = http::Request<tollgate::inspect::InspectedBody<axum::body::Body>>;
-
-/// A replica's credits and rate limits in one layer (`CreditsLayer::rate_limit`) in front of an
-/// upstream that reports 50 tokens of usage.
+/// A replica's credits and rate limits in one step (its fused admission).
 fn one_step(
     backend: &RedisBackend,
     plan: tollgate::ratelimit::Plan,
@@ -621,57 +618,13 @@ fn one_step(
 > + Clone
        + Send
        + Sync {
-    use tollgate::{
-        credits::{CreditsLayer, Pricing},
-        ratelimit::{Plans, RateLimitLayer},
-    };
-    use tower::Layer;
-    let upstream = tower::service_fn(|_: Upstream| async {
-        Ok::<_, std::convert::Infallible>(
-            http::Response::builder()
-                .header("content-type", "application/json")
-                .body(axum::body::Body::from(USAGE))
-                .unwrap(),
-        )
-    });
-    CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit_with(
-            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
-            backend.admission(),
-        )
-        .layer(upstream)
-}
-
-fn chat_request() -> http::Request<axum::body::Body> {
-    let mut request = http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(
-            r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
-        ))
-        .unwrap();
-    request
-        .extensions_mut()
-        .insert(tollgate::Caller::builder("key_1", "acct_1").build());
-    request
-}
-
-/// Sends one request, reads its body to the end, and returns the status and the headers.
-async fn send_one<S, B>(service: &S) -> (u16, http::HeaderMap)
-where
-    S: tower::Service<
-            http::Request<axum::body::Body>,
-            Response = http::Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let response = service.clone().oneshot(chat_request()).await.unwrap();
-    let (parts, body) = response.into_parts();
-    body.collect().await.unwrap();
-    (parts.status.as_u16(), parts.headers)
+    chain::one_step(
+        backend.ledger(),
+        backend.limiter(),
+        backend.admission(),
+        plan,
+        key_by,
+    )
 }
 
 /// Waits until no hold of `acct_1` is open (settlements run after the body's end).
@@ -702,7 +655,7 @@ async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correct
     let plan = Plan::new().requests_per_minute(1_000).tokens(daily);
     let service = one_step(&backend, plan, KeyBy::Account);
 
-    let (status, headers) = send_one(&service).await;
+    let (status, headers, _) = send_one(&service).await;
     assert_eq!(status, 200);
     let estimate = 100_000
         - headers["x-ratelimit-remaining-tokens"]
@@ -719,7 +672,7 @@ async fn limit_and_reserve_are_one_round_trip_and_settle_with_the_tokens_correct
     const N: u64 = 20;
     let mut headers = http::HeaderMap::new();
     for _ in 0..N {
-        let (status, last) = send_one(&service).await;
+        let (status, last, _) = send_one(&service).await;
         assert_eq!(status, 200);
         headers = last;
         settled_raw().await;
@@ -790,7 +743,7 @@ async fn limits_and_credits_across_replicas_are_charged_both_or_neither() {
     for i in 0..5 {
         assert_eq!(send_one(&services[i % 2]).await.0, 200, "request {i}");
     }
-    let (status, headers) = send_one(&services[1]).await;
+    let (status, headers, _) = send_one(&services[1]).await;
     assert_eq!(status, 429);
     assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
     assert_eq!(settled(&ledger).await.balance, 95);
@@ -822,7 +775,7 @@ async fn buckets_outside_the_account_slot_take_two_round_trips_with_the_same_ans
     // Out of credits: 402, and the limit's cell is given back (refunded).
     assert_eq!(send_one(&service).await.0, 402);
     ledger.top_up("acct_1", 1, "invoice-2").await.unwrap();
-    let (status, headers) = send_one(&service).await;
+    let (status, headers, _) = send_one(&service).await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-ratelimit-remaining-requests"], "1");
     assert_eq!(settled(&ledger).await.balance, 0);
