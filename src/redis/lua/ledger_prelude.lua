@@ -245,7 +245,7 @@ end
 
 -- The fields of `n` rate-limit buckets whose parameters start at args[a] (every 4th), as values.
 local function bucket_fields(args, a, n)
-  if n == 0 then return end
+  if n < 1 then return end
   return args[a], bucket_fields(args, a + 4, n - 1)
 end
 
