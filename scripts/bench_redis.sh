@@ -56,6 +56,7 @@ billed() { # Σ seq / 2 over the 8 accounts
 info() { "${R[@]}" info "$1" | tr -d '\r'; }
 field() { sed -n "s/^$1:\(.*\)/\1/p"; }
 cpu_us() { info cpu | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.0f", s * 1e6}'; }
+reads() { info stats | field total_reads_processed; }
 memory() { info memory | field used_memory; }
 
 first_request "$GW"
@@ -71,15 +72,19 @@ write_wrk_script "$DIR/chat.lua"
 wrk -t2 -c8 -d2s -s "$DIR/chat.lua" "http://127.0.0.1:$GW" > /dev/null
 sleep 0.5
 "${R[@]}" config resetstat > /dev/null
-b0="$(billed)"; c0="$(cpu_us)"
+b0="$(billed)"; c0="$(cpu_us)"; r0="$(reads)"
 wrk -t2 -c8 -d"${SECONDS_RUN}s" --latency -s "$DIR/chat.lua" "http://127.0.0.1:$GW" > "$DIR/wrk.txt"
 # Requests cut by wrk's end settle or release in the background: let them land.
 sleep 1
-b1="$(billed)"; c1="$(cpu_us)"
+b1="$(billed)"; c1="$(cpu_us)"; r1="$(reads)"
 info commandstats > "$DIR/commandstats"
 n=$((b1 - b0))
 wrk_summary "$DIR/wrk.txt" "$n" "$SECONDS_RUN"
 summarize_commandstats "$n" "$((c1 - c0))" "$DIR/commandstats"
+# Whether the gateway's one multiplexed connection batches concurrent calls: socket reads Redis
+# made (INFO total_reads_processed; the bench's own few redis-cli calls included) per FCALL.
+fcalls="$(sed -n 's/^cmdstat_fcall:calls=\([0-9]*\).*/\1/p' "$DIR/commandstats")"
+awk -v r="$((r1 - r0))" -v f="${fcalls:-0}" 'BEGIN { if (f > 0) printf "socket reads by Redis: %d for %d FCALLs (%.2f per FCALL)\n", r, f, r / f }'
 # Only the bench's own HGETs are sent alone; commandstats above counts them in hget: the
 # script-only commands are what the scripts run.
 

@@ -10,15 +10,14 @@
 -- idempotency key adds HGET and HSET (or DEL).
 local id, how, actual, fence = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local nb = (#ARGV - 5) / 4
-local field, t, burst, delta = gcra_params(ARGV, 6, nb)
-local extra = { 'h:' .. id }
-for i = 1, nb do extra[1 + i] = field[i] end
-local S, v = load(extra)
+-- v[7]: the hold, v[7 + i]: bucket i.
+local S, v = load(false, 'h:' .. id, bucket_fields(ARGV, 6, nb))
 local charged = nil
-if v[1] then charged = close_hold(S, id, v[1], how, actual, NOW) end
+if v[7] then charged = close_hold(S, id, v[7], how, actual, NOW) end
 if nb > 0 and (ARGV[5] == 'always' or charged ~= nil) then
+  local field, t, burst, delta = gcra_params(ARGV, 6, nb)
   local vals = {}
-  for i = 1, nb do vals[i] = v[1 + i] end
+  for i = 1, nb do vals[i] = v[7 + i] end
   for _, w in ipairs(gcra_settle(field, vals, t, burst, delta, NOW_S, NOW_NS)) do
     if w[2] then put(field[w[1]], w[2]) else del(field[w[1]]) end
   end

@@ -20,20 +20,17 @@ for i = 1, #KEYS do
   end
   ids[i] = KEYS[i] .. '\0' .. field[i]
 end
-local function write(writes)
-  for _, w in ipairs(writes) do
-    local i, value, ms = w[1], w[2], w[3]
-    if field[i] == '' then
-      if value then redis.call('SET', KEYS[i], value, 'PX', string.format('%d', ms)) else redis.call('DEL', KEYS[i]) end
-    else
-      if value then redis.call('HSET', KEYS[i], field[i], value) else redis.call('HDEL', KEYS[i], field[i]) end
-    end
+local function write(i, value, ms)
+  if field[i] == '' then
+    if value then redis.call('SET', KEYS[i], value, 'PX', string.format('%d', ms)) else redis.call('DEL', KEYS[i]) end
+  else
+    if value then redis.call('HSET', KEYS[i], field[i], value) else redis.call('HDEL', KEYS[i], field[i]) end
   end
 end
 if ARGV[3] == 'settle' then
-  write(gcra_settle(ids, vals, t, burst, amount, now_s, now_ns))
+  for _, w in ipairs(gcra_settle(ids, vals, t, burst, amount, now_s, now_ns)) do write(w[1], w[2], w[3]) end
   return {}
 end
-local reply, writes = gcra_check(vals, t, burst, amount, now_s, now_ns)
-write(writes)
+local reply = gcra_check(ARGV, 4, #KEYS, vals, 0, now_s, now_ns)
+if reply[1] == 0 then gcra_charge(ARGV, 4, #KEYS, reply, now_s, now_ns, write) end
 return reply

@@ -68,46 +68,46 @@ local function gcra_settle(ids, vals, t, burst, delta, now_s, now_ns)
   return writes
 end
 
--- Tests every bucket (`vals[i]` its value) without writing. Returns the reply {verdict, index,
--- wait, rel...} and the writes that charge the buckets ({i, value, ms}; make them only when the
--- verdict is 0). Verdict 0 allowed (rel after the charge), 1 refused (index of the longest
--- wait, wait ns), 2 too large (index); rel is tat - now in ns, 0 for a full bucket.
-local function gcra_check(vals, t, burst, cost, now_s, now_ns)
-  local n = #t
-  local rels, nexts = {}, {}
+-- Tests every bucket without writing: bucket i's parameters are `args[a + 4(i-1) ...]` (field, t,
+-- burst, cost) and its value `vals[o + i]` (a string or false), so the scripts pass their ARGV and
+-- HMGET reply as they are. Returns the reply {verdict, index, wait, rel...}: verdict 0 allowed
+-- (rel after the charge), 1 refused (index of the longest wait, wait ns), 2 too large (index);
+-- rel is tat - now in ns, 0 for a full bucket. When allowed, gcra_charge gives the writes.
+local function gcra_check(args, a, n, vals, o, now_s, now_ns)
+  local reply, nexts = { 0, 0, 0 }, {}
   local refused, wait, too_large = 0, 0, 0
   for i = 1, n do
-    local rel = gcra_rel(vals[i], now_s, now_ns)
-    rels[i], nexts[i] = rel, rel
-    if cost[i] > burst[i] then
+    local b = a + 4 * i - 4
+    local t, burst, cost = tonumber(args[b + 1]), tonumber(args[b + 2]), tonumber(args[b + 3])
+    local rel = gcra_rel(vals[o + i], now_s, now_ns)
+    reply[3 + i], nexts[i] = rel, rel
+    if cost > burst then
       if too_large == 0 then too_large = i end
-    elseif cost[i] > 0 then
-      local earliest = rel + t[i] * (cost[i] - 1) - t[i] * (burst[i] - 1)
+    elseif cost > 0 then
+      local earliest = rel + t * (cost - 1) - t * (burst - 1)
       if earliest > 0 then
         if refused == 0 or earliest > wait then refused, wait = i, earliest end
       else
-        nexts[i] = rel + t[i] * cost[i]
+        nexts[i] = rel + t * cost
       end
     end
   end
-  local reply
   if too_large > 0 then
-    reply = { 2, too_large, 0 }
+    reply[1], reply[2] = 2, too_large
   elseif refused > 0 then
-    reply = { 1, refused, wait }
+    reply[1], reply[2], reply[3] = 1, refused, wait
   else
-    reply = { 0, 0, 0 }
-    rels = nexts
+    for i = 1, n do reply[3 + i] = nexts[i] end
   end
-  for i = 1, n do reply[#reply + 1] = rels[i] end
-  local writes = {}
-  if reply[1] == 0 then
-    for i = 1, n do
-      if cost[i] > 0 then
-        local value, ms = gcra_value(nexts[i], now_s, now_ns)
-        writes[#writes + 1] = { i, value, ms }
-      end
+  return reply
+end
+
+-- The charge of an allowed gcra_check (its `reply`): bucket i's new value and its lifetime in
+-- ms, for each bucket whose cost is not 0, as `charge(i, value, ms)`.
+local function gcra_charge(args, a, n, reply, now_s, now_ns, charge)
+  for i = 1, n do
+    if tonumber(args[a + 4 * i - 1]) > 0 then
+      charge(i, gcra_value(reply[3 + i], now_s, now_ns))
     end
   end
-  return reply, writes
 end

@@ -11,19 +11,16 @@
 local id, amount, ttl, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local ikey, fp, r, k = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local nb = (#ARGV - 8) / 4
-local field, t, burst, cost = gcra_params(ARGV, 9, nb)
-local extra = { 'h:' .. id, 'c:' .. id }
-for i = 1, nb do extra[2 + i] = field[i] end
-local S, v = load(extra)
-if v[2] and tonumber(v[2]) > NOW then return { 'fenced' } end
-if v[1] then return { 'held', S.balance - S.held } end
-local vals = {}
-for i = 1, nb do vals[i] = v[2 + i] end
-local limits, writes = gcra_check(vals, t, burst, cost, NOW_S, NOW_NS)
+local hold = 'h:' .. id
+-- v[7]: the hold, v[8]: its fence, v[8 + i]: bucket i.
+local S, v = load(false, hold, 'c:' .. id, bucket_fields(ARGV, 9, nb))
+if v[8] and tonumber(v[8]) > NOW then return { 'fenced' } end
+if v[7] then return { 'held', S.balance - S.held } end
+local limits = gcra_check(ARGV, 9, nb, v, 8, NOW_S, NOW_NS)
 if limits[1] ~= 0 then return { 'limited', 0, unpack(limits) } end
 local function charge_limits()
   -- A charged bucket is never full: always a value.
-  for _, w in ipairs(writes) do put(field[w[1]], w[2]) end
+  gcra_charge(ARGV, 9, nb, limits, NOW_S, NOW_NS, function(i, value) put(ARGV[4 * i + 5], value) end)
 end
 if ikey ~= '' then
   local rec = redis.call('HMGET', P .. ':idem:' .. ikey, 'fp', 'charged')
@@ -43,8 +40,8 @@ charge_limits()
 S.held = S.held + amount
 S.holds = S.holds + 1
 local expiry = NOW + ttl
-local tail = enc(ikey) .. enc(r) .. enc(k)
-put('h:' .. id, string.format('%d %d %s', amount, expiry, tail))
+local tail = tail_of(ikey, r, k)
+put(hold, string.format('%d %d %s', amount, expiry, tail))
 add_due(S, expiry)
 if ikey ~= '' then
   local ik = P .. ':idem:' .. ikey

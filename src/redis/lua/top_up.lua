@@ -4,7 +4,7 @@
 -- Returns {'applied', balance, held, holds [, from, to]} | {'duplicate', balance, held, holds}
 --       | {'reused', amount} | {'overflow'}
 local amount, ikey, max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local S = load({})
+local S = load(false)
 local previous = redis.call('HGET', P .. ':topups', ikey)
 if previous then
   if tonumber(previous) == amount then return { 'duplicate', S.balance, S.held, S.holds } end
