@@ -78,6 +78,8 @@ mod future;
 mod service;
 mod shield;
 mod store;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+pub(crate) mod stored;
 
 pub use caller::{Caller, CallerBuilder};
 pub use future::ResponseFuture;

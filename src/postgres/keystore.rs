@@ -2,7 +2,6 @@
 //! invalidation.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     future::Future,
     sync::{Arc, Weak},
@@ -16,6 +15,10 @@ use sqlx::{
 
 use super::{BoxFuture, Shared};
 use crate::{
+    auth::stored::{
+        account_status, json_list, json_map, key_status, named, parse_account_status,
+        parse_key_status, parse_list, parse_map,
+    },
     auth::{
         cache::{KeyCache, ALL},
         AccountRecord, AccountStatus, KeyAdmin, KeyAdminError, KeyLookup, KeyRecord, KeyStatus,
@@ -297,8 +300,8 @@ impl PostgresKeyStore {
                 .bind(key_status(record.status))
                 .bind(record.expires_at.map(millis))
                 .bind(record.plan.as_deref().map(str::to_owned))
-                .bind(record.models.as_deref().map(json))
-                .bind(json(&record.scopes))
+                .bind(record.models.as_deref().map(json_list))
+                .bind(json_list(&record.scopes))
                 .bind(record.ip_allowlist.as_ref().map(ToString::to_string))
                 .bind(json_map(&record.metadata))
                 .bind(channel)
@@ -342,6 +345,7 @@ impl KeyAdmin for PostgresKeyStore {
         account: AccountRecord,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let (status, reason) = account_status(&account.status);
+        let reason = reason.unwrap_or_default().to_owned();
         let values = vec![account.plan.to_string(), status.to_owned(), reason];
         self.set_account_fields(&account.id, self.sql.put_account.clone(), values)
     }
@@ -379,6 +383,7 @@ impl KeyAdmin for PostgresKeyStore {
         status: AccountStatus,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let (status, reason) = account_status(&status);
+        let reason = reason.unwrap_or_default().to_owned();
         self.set_account_fields(
             id,
             self.sql.set_account_status.clone(),
@@ -398,7 +403,7 @@ impl KeyAdmin for PostgresKeyStore {
                 Some(models) => {
                     sqlx::query(put)
                         .bind(plan)
-                        .bind(json(&models))
+                        .bind(json_list(&models))
                         .bind(channel)
                         .fetch_all(&pool)
                         .await
@@ -523,65 +528,6 @@ fn admin_error(what: &str, error: &sqlx::Error) -> KeyAdminError {
     super::backend_error(what, error).into()
 }
 
-/// Put the ids into the errors the database could only name by kind.
-fn named(error: KeyAdminError, key: &Arc<str>, account: &Arc<str>) -> KeyAdminError {
-    match error {
-        KeyAdminError::DuplicateKey(_) => KeyAdminError::DuplicateKey(key.clone()),
-        KeyAdminError::UnknownKey(_) => KeyAdminError::UnknownKey(key.clone()),
-        KeyAdminError::Revoked(_) => KeyAdminError::Revoked(key.clone()),
-        KeyAdminError::UnknownAccount(_) => KeyAdminError::UnknownAccount(account.clone()),
-        other => other,
-    }
-}
-
-fn json(list: &[String]) -> String {
-    serde_json::Value::from(list.to_vec()).to_string()
-}
-
-fn json_map(map: &BTreeMap<String, String>) -> String {
-    let object: serde_json::Map<String, serde_json::Value> = map
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
-        .collect();
-    serde_json::Value::Object(object).to_string()
-}
-
-fn parse_list(text: &str) -> Option<Vec<String>> {
-    match serde_json::from_str(text).ok()? {
-        serde_json::Value::Array(items) => items
-            .into_iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        _ => None,
-    }
-}
-
-fn parse_map(text: &str) -> Option<BTreeMap<String, String>> {
-    match serde_json::from_str(text).ok()? {
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .map(|(k, v)| Some((k, v.as_str()?.to_owned())))
-            .collect(),
-        _ => None,
-    }
-}
-
-fn key_status(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Disabled => "disabled",
-        KeyStatus::Revoked => "revoked",
-    }
-}
-
-fn account_status(status: &AccountStatus) -> (&'static str, String) {
-    match status {
-        AccountStatus::Active => ("active", String::new()),
-        AccountStatus::Frozen => ("frozen", String::new()),
-        AccountStatus::Blocked(reason) => ("blocked", reason.to_string()),
-    }
-}
-
 fn millis(at: SystemTime) -> i64 {
     i64::try_from(
         at.duration_since(UNIX_EPOCH)
@@ -600,11 +546,7 @@ fn decode_key(row: &PgRow) -> Result<KeyRecord, sqlx::Error> {
     let id: &str = row.try_get(0)?;
     let account: &str = row.try_get(1)?;
     let mut record = KeyRecord::new(id, account);
-    record.status = match row.try_get::<&str, _>(2)? {
-        "active" => KeyStatus::Active,
-        "disabled" => KeyStatus::Disabled,
-        _ => KeyStatus::Revoked,
-    };
+    record.status = parse_key_status(row.try_get(2)?);
     if let Some(ms) = row.try_get::<Option<i64>, _>(3)? {
         record.expires_at =
             Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
@@ -612,12 +554,13 @@ fn decode_key(row: &PgRow) -> Result<KeyRecord, sqlx::Error> {
     record.plan = row.try_get::<Option<&str>, _>(4)?.map(Arc::from);
     if let Some(models) = row.try_get::<Option<&str>, _>(5)? {
         record.models = Some(
-            parse_list(models)
+            parse_list(models.as_bytes())
                 .ok_or_else(|| corrupt("key models"))?
                 .into(),
         );
     }
-    record.scopes = parse_list(row.try_get(6)?).ok_or_else(|| corrupt("key scopes"))?;
+    record.scopes =
+        parse_list(row.try_get::<&str, _>(6)?.as_bytes()).ok_or_else(|| corrupt("key scopes"))?;
     if let Some(ips) = row.try_get::<Option<&str>, _>(7)? {
         record.ip_allowlist = Some(ips.parse::<IpSet>().map_err(|_| corrupt("key allowlist"))?);
     }
@@ -628,11 +571,8 @@ fn decode_key(row: &PgRow) -> Result<KeyRecord, sqlx::Error> {
 /// An account record from three columns from `offset`: plan, status, reason.
 fn decode_account(id: Arc<str>, row: &PgRow, offset: usize) -> Result<AccountRecord, sqlx::Error> {
     let plan: &str = row.try_get(offset)?;
-    let status = match row.try_get::<&str, _>(offset + 1)? {
-        "active" => AccountStatus::Active,
-        "frozen" => AccountStatus::Frozen,
-        _ => AccountStatus::Blocked(row.try_get::<&str, _>(offset + 2)?.into()),
-    };
+    let reason: &str = row.try_get(offset + 2)?;
+    let status = parse_account_status(row.try_get(offset + 1)?, || reason.into());
     Ok(AccountRecord::new(id, plan).status(status))
 }
 
@@ -640,7 +580,7 @@ fn decode_lookup(row: &PgRow) -> Result<KeyLookup, sqlx::Error> {
     let key = decode_key(row)?;
     let account = decode_account(key.account_id.clone(), row, 9)?;
     let models = match row.try_get::<Option<&str>, _>(12)? {
-        Some(text) => Some(parse_list(text).ok_or_else(|| corrupt("plan models"))?),
+        Some(text) => Some(parse_list(text.as_bytes()).ok_or_else(|| corrupt("plan models"))?),
         None => None,
     };
     Ok(KeyLookup::from_records(&key, &account, models.as_deref()))

@@ -2,7 +2,7 @@
 //! invalidation.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt,
     future::Future,
     sync::{Arc, LazyLock, Weak},
@@ -14,6 +14,10 @@ use redis::{AsyncCommands, Script, Value};
 
 use super::{BoxFuture, Shared};
 use crate::{
+    auth::stored::{
+        account_status, json_list, json_map, key_status, named, parse_account_status,
+        parse_key_status, parse_list, parse_map,
+    },
     auth::{
         cache::{KeyCache, ALL},
         AccountRecord, AccountStatus, KeyAdmin, KeyAdminError, KeyLookup, KeyRecord, KeyStatus,
@@ -286,6 +290,7 @@ impl KeyAdmin for RedisKeyStore {
         account: AccountRecord,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let (status, reason) = account_status(&account.status);
+        let reason = reason.unwrap_or_default().to_owned();
         let fields = vec![
             ("plan", account.plan.to_string()),
             ("status", status.to_owned()),
@@ -326,6 +331,7 @@ impl KeyAdmin for RedisKeyStore {
         status: AccountStatus,
     ) -> impl Future<Output = Result<(), KeyAdminError>> + Send {
         let (status, reason) = account_status(&status);
+        let reason = reason.unwrap_or_default().to_owned();
         let fields = vec![("status", status.to_owned()), ("reason", reason)];
         self.put_account_fields(id, fields, true)
     }
@@ -338,7 +344,7 @@ impl KeyAdmin for RedisKeyStore {
         let key = format!("{}plan:{plan}", self.prefix());
         let call = self.shared.conn.call("plan", move |mut conn| async move {
             match models {
-                Some(models) => conn.set::<_, _, ()>(key, json(&models)).await,
+                Some(models) => conn.set::<_, _, ()>(key, json_list(&models)).await,
                 None => conn.del::<_, ()>(key).await,
             }
         });
@@ -430,65 +436,6 @@ impl fmt::Debug for RedisKeyStore {
     }
 }
 
-/// Put the ids into the errors the script could only name by kind.
-fn named(error: KeyAdminError, key: &Arc<str>, account: &Arc<str>) -> KeyAdminError {
-    match error {
-        KeyAdminError::DuplicateKey(_) => KeyAdminError::DuplicateKey(key.clone()),
-        KeyAdminError::UnknownKey(_) => KeyAdminError::UnknownKey(key.clone()),
-        KeyAdminError::Revoked(_) => KeyAdminError::Revoked(key.clone()),
-        KeyAdminError::UnknownAccount(_) => KeyAdminError::UnknownAccount(account.clone()),
-        other => other,
-    }
-}
-
-fn json(list: &[String]) -> String {
-    serde_json::Value::from(list.to_vec()).to_string()
-}
-
-fn json_map(map: &BTreeMap<String, String>) -> String {
-    let object: serde_json::Map<String, serde_json::Value> = map
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
-        .collect();
-    serde_json::Value::Object(object).to_string()
-}
-
-fn parse_list(text: &[u8]) -> Option<Vec<String>> {
-    match serde_json::from_slice(text).ok()? {
-        serde_json::Value::Array(items) => items
-            .into_iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        _ => None,
-    }
-}
-
-fn parse_map(text: &str) -> Option<BTreeMap<String, String>> {
-    match serde_json::from_str(text).ok()? {
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .map(|(k, v)| Some((k, v.as_str()?.to_owned())))
-            .collect(),
-        _ => None,
-    }
-}
-
-fn key_status(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Disabled => "disabled",
-        KeyStatus::Revoked => "revoked",
-    }
-}
-
-fn account_status(status: &AccountStatus) -> (&'static str, String) {
-    match status {
-        AccountStatus::Active => ("active", String::new()),
-        AccountStatus::Frozen => ("frozen", String::new()),
-        AccountStatus::Blocked(reason) => ("blocked", reason.to_string()),
-    }
-}
-
 fn millis(at: SystemTime) -> u64 {
     u64::try_from(
         at.duration_since(UNIX_EPOCH)
@@ -504,7 +451,7 @@ fn encode_key(record: &KeyRecord) -> Vec<String> {
         ("id", record.id.to_string()),
         ("account", record.account_id.to_string()),
         ("status", key_status(record.status).to_owned()),
-        ("scopes", json(&record.scopes)),
+        ("scopes", json_list(&record.scopes)),
         ("meta", json_map(&record.metadata)),
     ];
     if let Some(at) = record.expires_at {
@@ -514,7 +461,7 @@ fn encode_key(record: &KeyRecord) -> Vec<String> {
         fields.push(("plan", plan.to_string()));
     }
     if let Some(models) = &record.models {
-        fields.push(("models", json(&models[..])));
+        fields.push(("models", json_list(&models[..])));
     }
     if let Some(ips) = &record.ip_allowlist {
         // `10.0.0.0/8, 2001:db8::/32`: what `IpSet`'s `FromStr` parses back.
@@ -535,11 +482,7 @@ fn decode_key(fields: &HashMap<String, String>) -> Result<KeyRecord, BackendErro
     let id = get("id").ok_or_else(|| corrupt("key id"))?;
     let account = get("account").ok_or_else(|| corrupt("key account"))?;
     let mut record = KeyRecord::new(id, account);
-    record.status = match get("status") {
-        Some("active") => KeyStatus::Active,
-        Some("disabled") => KeyStatus::Disabled,
-        _ => KeyStatus::Revoked,
-    };
+    record.status = parse_key_status(get("status"));
     if let Some(ms) = get("expires").and_then(|s| s.parse().ok()) {
         record.expires_at = Some(UNIX_EPOCH + Duration::from_millis(ms));
     }
@@ -562,11 +505,10 @@ fn decode_key(fields: &HashMap<String, String>) -> Result<KeyRecord, BackendErro
 
 fn decode_account(id: Arc<str>, fields: &HashMap<String, String>) -> AccountRecord {
     let plan = fields.get("plan").map_or("default", String::as_str);
-    let status = match fields.get("status").map(String::as_str) {
-        Some("active") | None => AccountStatus::Active,
-        Some("frozen") => AccountStatus::Frozen,
-        _ => AccountStatus::Blocked(fields.get("reason").map_or("", String::as_str).into()),
-    };
+    let status = parse_account_status(
+        fields.get("status").map_or("active", String::as_str),
+        || fields.get("reason").map_or("", String::as_str).into(),
+    );
     AccountRecord::new(id, plan).status(status)
 }
 

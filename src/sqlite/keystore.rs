@@ -1,7 +1,7 @@
 //! The SQLite key store: every change committed to the file, then applied to an in-memory
 //! index that answers lookups.
 
-use std::{collections::BTreeMap, fmt, future::Future, sync::Arc};
+use std::{fmt, future::Future, sync::Arc};
 
 use sqlx::{Row, SqliteConnection};
 
@@ -11,6 +11,10 @@ use super::{
     OpenErrorKind, Shared,
 };
 use crate::{
+    auth::stored::{
+        account_status, json_list, json_map, key_status, parse_account_status, parse_key_status,
+        parse_list, parse_map,
+    },
     auth::{
         AccountRecord, AccountStatus, KeyAdmin, KeyAdminError, KeyRecord, KeyStatus, KeyStore,
         MemoryKeyStore,
@@ -64,26 +68,6 @@ impl fmt::Debug for SqliteKeyStore {
             .field("keys", &self.memory.len())
             .finish_non_exhaustive()
     }
-}
-
-fn key_status(status: KeyStatus) -> &'static str {
-    match status {
-        KeyStatus::Active => "active",
-        KeyStatus::Disabled => "disabled",
-        KeyStatus::Revoked => "revoked",
-    }
-}
-
-fn account_status(status: &AccountStatus) -> (&'static str, Option<&str>) {
-    match status {
-        AccountStatus::Active => ("active", None),
-        AccountStatus::Frozen => ("frozen", None),
-        AccountStatus::Blocked(reason) => ("blocked", Some(reason)),
-    }
-}
-
-fn json_list(list: &[String]) -> String {
-    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
 }
 
 impl SqliteKeyStore {
@@ -425,7 +409,7 @@ impl KeyFields {
             scopes: json_list(&record.scopes),
             // `10.0.0.0/8, 2001:db8::/32`: what `IpSet`'s `FromStr` parses back.
             ip_allowlist: record.ip_allowlist.as_ref().map(IpSet::to_string),
-            metadata: serde_json::to_string(&record.metadata).unwrap_or_else(|_| "{}".into()),
+            metadata: json_map(&record.metadata),
         }
     }
 }
@@ -436,7 +420,7 @@ async fn read_all(
 ) -> Result<(), OpenErrorKind> {
     let sql = |e: sqlx::Error| OpenErrorKind::Other(format!("reading the key store: {e}"));
     let corrupt = |what: &str, id: &str| OpenErrorKind::Corrupt(format!("{what} of `{id}`"));
-    let list = |text: &str| serde_json::from_str::<Vec<String>>(text);
+    let list = |text: &str| parse_list(text.as_bytes()).ok_or(());
     for row in sqlx::query("SELECT plan, models FROM key_plans")
         .fetch_all(&mut *conn)
         .await
@@ -457,16 +441,10 @@ async fn read_all(
     {
         let id: String = row.try_get(0).map_err(sql)?;
         let plan: String = row.try_get(1).map_err(sql)?;
-        let status = match row.try_get::<&str, _>(2).map_err(sql)? {
-            "active" => AccountStatus::Active,
-            "frozen" => AccountStatus::Frozen,
-            _ => AccountStatus::Blocked(
-                row.try_get::<Option<String>, _>(3)
-                    .map_err(sql)?
-                    .unwrap_or_default()
-                    .into(),
-            ),
-        };
+        let reason = row.try_get::<Option<String>, _>(3).map_err(sql)?;
+        let status = parse_account_status(row.try_get(2).map_err(sql)?, || {
+            reason.unwrap_or_default().into()
+        });
         now(memory.put_account(AccountRecord::new(id, plan).status(status)))
             .map_err(|e| OpenErrorKind::Other(e.to_string()))?;
     }
@@ -482,11 +460,7 @@ async fn read_all(
         let digest: Vec<u8> = row.try_get(1).map_err(sql)?;
         let digest: [u8; 32] = digest.try_into().map_err(|_| corrupt("the digest", &id))?;
         let mut record = KeyRecord::new(id.as_str(), row.try_get::<String, _>(2).map_err(sql)?);
-        record.status = match row.try_get::<&str, _>(3).map_err(sql)? {
-            "active" => KeyStatus::Active,
-            "disabled" => KeyStatus::Disabled,
-            _ => KeyStatus::Revoked,
-        };
+        record.status = parse_key_status(row.try_get(3).map_err(sql)?);
         record.expires_at = row
             .try_get::<Option<i64>, _>(4)
             .map_err(sql)?
@@ -507,8 +481,7 @@ async fn read_all(
             );
         }
         record.metadata =
-            serde_json::from_str::<BTreeMap<String, String>>(row.try_get(9).map_err(sql)?)
-                .map_err(|_| corrupt("the metadata", &id))?;
+            parse_map(row.try_get(9).map_err(sql)?).ok_or_else(|| corrupt("the metadata", &id))?;
         now(memory.insert_key(KeyDigest::from_bytes(digest), record))
             .map_err(|e| OpenErrorKind::Corrupt(e.to_string()))?;
     }
