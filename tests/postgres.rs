@@ -90,8 +90,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 4,
-        "one replica applies migrations 1, 3, 5 and 6, the others see them"
+        applied, 5,
+        "one replica applies migrations 1, 3, 5, 6 and 7, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -111,7 +111,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal\n6:fast"
+        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks"
     );
 
     // Another schema on the same database keeps books of its own.
@@ -1231,4 +1231,132 @@ async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() 
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
     assert_eq!(assert_books(&ledger, "acct_1").await, (150, 150));
+}
+
+/// Another client's transaction holding `account`'s row in `balances` (as another replica's
+/// statement does) until [`release`](RowLock::release) (or until it is dropped).
+struct RowLock(sqlx::PgConnection);
+
+impl RowLock {
+    /// Locks the row, on a connection of its own.
+    async fn take(server: &PgServer, schema: &str, account: &str) -> RowLock {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SELECT 1 FROM \"{schema}\".balances WHERE account = '{account}' \
+             FOR UPDATE /* verify */"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        RowLock(conn)
+    }
+
+    /// Commits: the row is free again.
+    async fn release(mut self) {
+        sqlx::raw_sql("COMMIT /* verify */")
+            .execute(&mut self.0)
+            .await
+            .unwrap();
+    }
+}
+
+/// How many statements of `schema` whose text contains `function(` wait on a lock now.
+async fn waiting_on_a_lock(server: &'static PgServer, schema: &str, function: &str) -> i64 {
+    let text = format!(
+        "SELECT count(*) /* verify */ FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE '%\"{schema}\".{function}(%'"
+    );
+    tokio::task::spawn_blocking(move || server.psql(&text))
+        .await
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One batch (`reserve_many`, then `close_many`) of 30 calls on one account whose row another
+/// replica holds: the first call waits its 100 ms `lock_timeout` in vain, and the batch's other
+/// calls of that account do not wait again (their waits would add up past the 500 ms
+/// `statement_timeout` and fail the whole batch): they are sent again alone at once, and the row
+/// is let go as soon as they wait on it. Every call gets its exact answer, none an error, and
+/// the books are exact.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_waits_once_for_an_account_whose_row_is_held_elsewhere() {
+    use futures_util::future::join_all;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("batch_locks");
+    let backend = replica(
+        server,
+        options(&schema).statement_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 30, "invoice-1").await.unwrap();
+
+    // Let the row go once the calls sent again alone wait on it (the batch alone never shows
+    // two waiters), at the latest after 2 s (the batch would have failed by then).
+    let release_when_resent = |lock: RowLock, function: &'static str| {
+        let schema = schema.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while waiting_on_a_lock(server, &schema, function).await < 2
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lock.release().await;
+        }
+    };
+
+    // One runtime thread: the 30 calls are all queued before the batch is sent, so they go in one.
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let (reserved, ()) = tokio::join!(
+        join_all((0..30).map(|_| ledger.reserve(ReserveRequest::new("acct_1", 1)))),
+        release_when_resent(lock, "reserve"),
+    );
+    let holds: Vec<Hold> = reserved
+        .into_iter()
+        .map(|r| r.expect("no call fails").into_hold().unwrap())
+        .collect();
+    let mut available: Vec<u64> = holds.iter().map(Hold::available_after).collect();
+    available.sort_unstable();
+    assert_eq!(
+        available,
+        (0..30).collect::<Vec<u64>>(),
+        "each its own answer"
+    );
+
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let (settled, ()) = tokio::join!(
+        join_all(holds.iter().map(|hold| ledger.settle(hold, 1))),
+        release_when_resent(lock, "close"),
+    );
+    let mut balances: Vec<u64> = settled
+        .into_iter()
+        .map(|s| {
+            let s = s.expect("no call fails");
+            assert_eq!((s.charged, s.was_open), (1, true));
+            s.balance
+        })
+        .collect();
+    balances.sort_unstable();
+    assert_eq!(
+        balances,
+        (0..30).collect::<Vec<u64>>(),
+        "each its own balance"
+    );
+
+    for function in ["reserve_many", "close_many"] {
+        let batches: u64 = server
+            .psql(&format!(
+                "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
+                 WHERE query LIKE '%\"{schema}\".{function}(%'"
+            ))
+            .parse()
+            .unwrap();
+        assert!(batches > 0, "no {function} batch");
+    }
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
+    assert_eq!(assert_books(&ledger, "acct_1").await, (30, 30));
 }

@@ -79,6 +79,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0005_redis_journal.sql"),
     ),
     (6, "fast", include_str!("migrations/0006_fast.sql")),
+    (
+        7,
+        "batch_locks",
+        include_str!("migrations/0007_batch_locks.sql"),
+    ),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
