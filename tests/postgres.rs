@@ -1360,3 +1360,77 @@ async fn a_batch_waits_once_for_an_account_whose_row_is_held_elsewhere() {
     assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
     assert_eq!(assert_books(&ledger, "acct_1").await, (30, 30));
 }
+
+/// "No request hangs past its deadline", with coalescing: the account's row is held elsewhere
+/// for 3 s, on a pool without a server-side statement timeout (the client's deadline, 500 ms, is
+/// all there is). 20 requests at once through the credits layer: the first is sent alone, the
+/// others wait for it, then go in a batch; each answers 503 `backend_unavailable` within one
+/// deadline (plus a little) of its start, not twice it. Nothing is charged: every hold a lost
+/// answer may have placed is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_call_answers_within_one_deadline() {
+    use tollgate::ratelimit::{KeyBy, Plan};
+    let server = PgServer::shared();
+    let schema = PgServer::schema("one_deadline");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .test_before_acquire(false)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let backend = PostgresBackend::from_pool(
+        pool,
+        PostgresOptions::new()
+            .schema(&schema)
+            .acquire_timeout(Duration::from_millis(200))
+            .statement_timeout(Duration::from_millis(300)),
+    );
+    backend.migrate().await.unwrap();
+    let deadline = Duration::from_millis(500);
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    let service = one_step(
+        &backend,
+        Plan::new().requests_per_minute(1_000),
+        KeyBy::Account,
+    );
+
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let (status, _, body) = send_one(&service).await;
+                (status, body, started.elapsed())
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (status, body, took) = task.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("backend_unavailable"), "{body}");
+        assert!(
+            took < deadline + Duration::from_millis(250),
+            "answered after {took:?}, the deadline is {deadline:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.release().await;
+
+    // Whatever a statement did once the row was free is undone: nothing held, nothing charged.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balance = patiently(|| ledger.balance("acct_1")).await;
+        if balance.held == 0 && balance.holds == 0 {
+            assert_eq!(balance.balance, 100);
+            break;
+        }
+        assert!(Instant::now() < deadline, "holds left: {balance:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        assert_books(&ledger, "acct_1").await.0,
+        0,
+        "nothing charged"
+    );
+}
