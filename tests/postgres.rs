@@ -1434,3 +1434,103 @@ async fn a_coalesced_call_answers_within_one_deadline() {
         "nothing charged"
     );
 }
+
+/// The connection of a batch of settles (`close_many`) is lost mid-statement (its backend
+/// terminated by a trigger on the third settle): the batch is sent again, each call's token
+/// correction only if its hold is still open, and every settle answers its exact settlement.
+/// The journal has one settle per hold, the balance is exact, and the tokens bucket was
+/// corrected once per request.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_of_settles_is_sent_again_on_a_lost_connection_and_applied_once() {
+    use futures_util::future::join_all;
+    use tollgate::ratelimit::Correction;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("close_retry");
+    let backend = replica(server, options(&schema)).await;
+    let (ledger, admission, limiter) = (backend.ledger(), backend.admission(), backend.limiter());
+    ledger.top_up("acct_1", 1_000, "invoice-1").await.unwrap();
+    // 100k tokens refilled at one a day: the numbers stay exact.
+    let daily = Quota::with_period(Duration::from_secs(86_400))
+        .unwrap()
+        .allow_burst(NonZeroU32::new(100_000).unwrap());
+    let tokens = |cost: u64| Charge {
+        key: BucketKey::new(Subject::Account("acct_1".into()), "plan:test", 1),
+        kind: LimitKind::Tokens,
+        quota: daily,
+        cost,
+    };
+    const N: u64 = 30;
+    let mut holds = Vec::new();
+    for verdict in join_all(
+        (0..N).map(|_| admission.admit(vec![tokens(10)], ReserveRequest::new("acct_1", 10))),
+    )
+    .await
+    {
+        match verdict {
+            Verdict::Admitted {
+                reservation: Reservation::Held(hold),
+                ..
+            } => holds.push(hold),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.psql(&format!(
+        "CREATE SEQUENCE \"{schema}\".cut_once; \
+         CREATE FUNCTION \"{schema}\".cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.kind = 'settle' AND nextval('\"{schema}\".cut_once') = 3 THEN \
+         PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5); END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER cut AFTER INSERT ON \"{schema}\".journal \
+         FOR EACH ROW EXECUTE FUNCTION \"{schema}\".cut() /* verify */"
+    ));
+
+    // One runtime thread: the settles are all queued before the batch is sent, so they go in one.
+    let correction = Correction {
+        key: tokens(0).key,
+        quota: daily,
+        delta: 40,
+    };
+    let settled = join_all(
+        holds
+            .iter()
+            .map(|hold| admission.settle(hold, 7, std::slice::from_ref(&correction))),
+    )
+    .await;
+    let mut balances: Vec<u64> = settled
+        .into_iter()
+        .map(|s| {
+            let s = s.expect("the batch is sent again");
+            assert_eq!((s.charged, s.was_open), (7, true));
+            s.balance
+        })
+        .collect();
+    balances.sort_unstable();
+    let expected: Vec<u64> = (0..N).map(|i| 1_000 - 7 * (i + 1)).rev().collect();
+    assert_eq!(balances, expected, "each its own balance");
+    assert!(
+        server.psql(&format!(
+            "SELECT last_value /* verify */ FROM \"{schema}\".cut_once"
+        )) != "1",
+        "the trigger ran"
+    );
+
+    let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
+    let mut settles: Vec<u64> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .filter_map(|e| e.hold_id)
+        .collect();
+    settles.sort_unstable();
+    let mut ids: Vec<u64> = holds.iter().map(Hold::id).collect();
+    ids.sort_unstable();
+    assert_eq!(settles, ids, "one settle per hold");
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held), (1_000 - 7 * N, 0));
+    assert_eq!(assert_books(&ledger, "acct_1").await, (7 * N, N));
+    // 10 tokens at each admission, 40 more at each settle, once: 50 per request.
+    let decision = limiter.check(&[tokens(1)]).await.unwrap();
+    assert_eq!(
+        decision.status(LimitKind::Tokens).unwrap().remaining,
+        100_000 - 50 * N - 1
+    );
+}
