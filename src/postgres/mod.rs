@@ -221,7 +221,8 @@ impl PostgresOptions {
     /// 64) in the next one (`reserve_many`, `close_many`), one commit for all of them, each call
     /// in a subtransaction of its own so that one failing call fails alone and the others keep
     /// their exact answers. A call that finds nothing in flight is sent at once, alone: each
-    /// caller still makes one round trip per call. `false`: one statement per call.
+    /// caller still makes one round trip per call, and waits at most one deadline (acquire
+    /// timeout + statement timeout, plus 100 ms) for its answer. `false`: one statement per call.
     pub fn coalesce(mut self, on: bool) -> Self {
         self.coalesce = on;
         self
