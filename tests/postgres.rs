@@ -90,8 +90,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 4,
-        "one replica applies migrations 1, 3, 5 and 6, the others see them"
+        applied, 5,
+        "one replica applies migrations 1, 3, 5, 6 and 7, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -111,7 +111,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal\n6:fast"
+        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks"
     );
 
     // Another schema on the same database keeps books of its own.
@@ -1231,4 +1231,306 @@ async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() 
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
     assert_eq!(assert_books(&ledger, "acct_1").await, (150, 150));
+}
+
+/// Another client's transaction holding `account`'s row in `balances` (as another replica's
+/// statement does) until [`release`](RowLock::release) (or until it is dropped).
+struct RowLock(sqlx::PgConnection);
+
+impl RowLock {
+    /// Locks the row, on a connection of its own.
+    async fn take(server: &PgServer, schema: &str, account: &str) -> RowLock {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SELECT 1 FROM \"{schema}\".balances WHERE account = '{account}' \
+             FOR UPDATE /* verify */"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        RowLock(conn)
+    }
+
+    /// Commits: the row is free again.
+    async fn release(mut self) {
+        sqlx::raw_sql("COMMIT /* verify */")
+            .execute(&mut self.0)
+            .await
+            .unwrap();
+    }
+}
+
+/// How many statements of `schema` whose text contains `function(` wait on a lock now.
+async fn waiting_on_a_lock(server: &'static PgServer, schema: &str, function: &str) -> i64 {
+    let text = format!(
+        "SELECT count(*) /* verify */ FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE '%\"{schema}\".{function}(%'"
+    );
+    tokio::task::spawn_blocking(move || server.psql(&text))
+        .await
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One batch (`reserve_many`, then `close_many`) of 30 calls on one account whose row another
+/// replica holds: the first call waits its 100 ms `lock_timeout` in vain, and the batch's other
+/// calls of that account do not wait again (their waits would add up past the 500 ms
+/// `statement_timeout` and fail the whole batch): they are sent again alone at once, and the row
+/// is let go as soon as they wait on it. Every call gets its exact answer, none an error, and
+/// the books are exact.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_waits_once_for_an_account_whose_row_is_held_elsewhere() {
+    use futures_util::future::join_all;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("batch_locks");
+    let backend = replica(
+        server,
+        options(&schema).statement_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 30, "invoice-1").await.unwrap();
+
+    // Let the row go once the calls sent again alone wait on it (the batch alone never shows
+    // two waiters), at the latest after 2 s (the batch would have failed by then).
+    let release_when_resent = |lock: RowLock, function: &'static str| {
+        let schema = schema.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while waiting_on_a_lock(server, &schema, function).await < 2
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lock.release().await;
+        }
+    };
+
+    // One runtime thread: the 30 calls are all queued before the batch is sent, so they go in one.
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let (reserved, ()) = tokio::join!(
+        join_all((0..30).map(|_| ledger.reserve(ReserveRequest::new("acct_1", 1)))),
+        release_when_resent(lock, "reserve"),
+    );
+    let holds: Vec<Hold> = reserved
+        .into_iter()
+        .map(|r| r.expect("no call fails").into_hold().unwrap())
+        .collect();
+    let mut available: Vec<u64> = holds.iter().map(Hold::available_after).collect();
+    available.sort_unstable();
+    assert_eq!(
+        available,
+        (0..30).collect::<Vec<u64>>(),
+        "each its own answer"
+    );
+
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let (settled, ()) = tokio::join!(
+        join_all(holds.iter().map(|hold| ledger.settle(hold, 1))),
+        release_when_resent(lock, "close"),
+    );
+    let mut balances: Vec<u64> = settled
+        .into_iter()
+        .map(|s| {
+            let s = s.expect("no call fails");
+            assert_eq!((s.charged, s.was_open), (1, true));
+            s.balance
+        })
+        .collect();
+    balances.sort_unstable();
+    assert_eq!(
+        balances,
+        (0..30).collect::<Vec<u64>>(),
+        "each its own balance"
+    );
+
+    for function in ["reserve_many", "close_many"] {
+        let batches: u64 = server
+            .psql(&format!(
+                "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
+                 WHERE query LIKE '%\"{schema}\".{function}(%'"
+            ))
+            .parse()
+            .unwrap();
+        assert!(batches > 0, "no {function} batch");
+    }
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
+    assert_eq!(assert_books(&ledger, "acct_1").await, (30, 30));
+}
+
+/// "No request hangs past its deadline", with coalescing: the account's row is held elsewhere
+/// for 3 s, on a pool without a server-side statement timeout (the client's deadline, 500 ms, is
+/// all there is). 20 requests at once through the credits layer: the first is sent alone, the
+/// others wait for it, then go in a batch; each answers 503 `backend_unavailable` within one
+/// deadline (plus a little) of its start, not twice it. Nothing is charged: every hold a lost
+/// answer may have placed is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_call_answers_within_one_deadline() {
+    use tollgate::ratelimit::{KeyBy, Plan};
+    let server = PgServer::shared();
+    let schema = PgServer::schema("one_deadline");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .test_before_acquire(false)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let backend = PostgresBackend::from_pool(
+        pool,
+        PostgresOptions::new()
+            .schema(&schema)
+            .acquire_timeout(Duration::from_millis(200))
+            .statement_timeout(Duration::from_millis(300)),
+    );
+    backend.migrate().await.unwrap();
+    let deadline = Duration::from_millis(500);
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
+    let service = one_step(
+        &backend,
+        Plan::new().requests_per_minute(1_000),
+        KeyBy::Account,
+    );
+
+    let lock = RowLock::take(server, &schema, "acct_1").await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let (status, _, body) = send_one(&service).await;
+                (status, body, started.elapsed())
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (status, body, took) = task.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("backend_unavailable"), "{body}");
+        assert!(
+            took < deadline + Duration::from_millis(250),
+            "answered after {took:?}, the deadline is {deadline:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.release().await;
+
+    // Whatever a statement did once the row was free is undone: nothing held, nothing charged.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balance = patiently(|| ledger.balance("acct_1")).await;
+        if balance.held == 0 && balance.holds == 0 {
+            assert_eq!(balance.balance, 100);
+            break;
+        }
+        assert!(Instant::now() < deadline, "holds left: {balance:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        assert_books(&ledger, "acct_1").await.0,
+        0,
+        "nothing charged"
+    );
+}
+
+/// The connection of a batch of settles (`close_many`) is lost mid-statement (its backend
+/// terminated by a trigger on the third settle): the batch is sent again, each call's token
+/// correction only if its hold is still open, and every settle answers its exact settlement.
+/// The journal has one settle per hold, the balance is exact, and the tokens bucket was
+/// corrected once per request.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_of_settles_is_sent_again_on_a_lost_connection_and_applied_once() {
+    use futures_util::future::join_all;
+    use tollgate::ratelimit::Correction;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("close_retry");
+    let backend = replica(server, options(&schema)).await;
+    let (ledger, admission, limiter) = (backend.ledger(), backend.admission(), backend.limiter());
+    ledger.top_up("acct_1", 1_000, "invoice-1").await.unwrap();
+    // 100k tokens refilled at one a day: the numbers stay exact.
+    let daily = Quota::with_period(Duration::from_secs(86_400))
+        .unwrap()
+        .allow_burst(NonZeroU32::new(100_000).unwrap());
+    let tokens = |cost: u64| Charge {
+        key: BucketKey::new(Subject::Account("acct_1".into()), "plan:test", 1),
+        kind: LimitKind::Tokens,
+        quota: daily,
+        cost,
+    };
+    const N: u64 = 30;
+    let mut holds = Vec::new();
+    for verdict in join_all(
+        (0..N).map(|_| admission.admit(vec![tokens(10)], ReserveRequest::new("acct_1", 10))),
+    )
+    .await
+    {
+        match verdict {
+            Verdict::Admitted {
+                reservation: Reservation::Held(hold),
+                ..
+            } => holds.push(hold),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.psql(&format!(
+        "CREATE SEQUENCE \"{schema}\".cut_once; \
+         CREATE FUNCTION \"{schema}\".cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.kind = 'settle' AND nextval('\"{schema}\".cut_once') = 3 THEN \
+         PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5); END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER cut AFTER INSERT ON \"{schema}\".journal \
+         FOR EACH ROW EXECUTE FUNCTION \"{schema}\".cut() /* verify */"
+    ));
+
+    // One runtime thread: the settles are all queued before the batch is sent, so they go in one.
+    let correction = Correction {
+        key: tokens(0).key,
+        quota: daily,
+        delta: 40,
+    };
+    let settled = join_all(
+        holds
+            .iter()
+            .map(|hold| admission.settle(hold, 7, std::slice::from_ref(&correction))),
+    )
+    .await;
+    let mut balances: Vec<u64> = settled
+        .into_iter()
+        .map(|s| {
+            let s = s.expect("the batch is sent again");
+            assert_eq!((s.charged, s.was_open), (7, true));
+            s.balance
+        })
+        .collect();
+    balances.sort_unstable();
+    let expected: Vec<u64> = (0..N).map(|i| 1_000 - 7 * (i + 1)).rev().collect();
+    assert_eq!(balances, expected, "each its own balance");
+    assert!(
+        server.psql(&format!(
+            "SELECT last_value /* verify */ FROM \"{schema}\".cut_once"
+        )) != "1",
+        "the trigger ran"
+    );
+
+    let journal = patiently(|| ledger.journal("acct_1", JournalQuery::new())).await;
+    let mut settles: Vec<u64> = journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .filter_map(|e| e.hold_id)
+        .collect();
+    settles.sort_unstable();
+    let mut ids: Vec<u64> = holds.iter().map(Hold::id).collect();
+    ids.sort_unstable();
+    assert_eq!(settles, ids, "one settle per hold");
+    let balance = ledger.balance("acct_1").await.unwrap();
+    assert_eq!((balance.balance, balance.held), (1_000 - 7 * N, 0));
+    assert_eq!(assert_books(&ledger, "acct_1").await, (7 * N, N));
+    // 10 tokens at each admission, 40 more at each settle, once: 50 per request.
+    let decision = limiter.check(&[tokens(1)]).await.unwrap();
+    assert_eq!(
+        decision.status(LimitKind::Tokens).unwrap().remaining,
+        100_000 - 50 * N - 1
+    );
 }

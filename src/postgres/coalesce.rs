@@ -10,7 +10,13 @@
 //!   accounts' rows in the same order). Each call runs in a subtransaction of its own: one that
 //!   fails fails alone, and the others keep their exact answers.
 //! - A call of a batch that waited on a lock more than 100 ms (`lock_timeout`, set for the batch
-//!   only) was rolled back; it is sent again alone.
+//!   only) was rolled back; it is sent again alone, and so are the batch's later calls of the same
+//!   account, at once, without waiting again (migration 7): a batch waits at most 100 ms per
+//!   account locked elsewhere. The calls sent again alone run beside the drive, which goes on
+//!   with the next batch.
+//! - A caller waits at most one deadline ([`Shared::deadline`], and [`SLACK`]) from its submit,
+//!   however long the statement in flight and its own batch take; a call whose caller gave up
+//!   before its batch was sent is left out of it.
 //! - A batch that failed as a whole (a lost connection, a timeout) answers that error to each of
 //!   its calls; it is never [`unsent`](crate::BackendError::unsent) unless the batch certainly
 //!   never reached the server (no connection from the pool), so each caller undoes what its call
@@ -29,6 +35,9 @@ use crate::BackendError;
 
 /// The most calls in one statement.
 pub(super) const MAX_BATCH: usize = 64;
+
+/// What a caller may wait beyond one deadline (the time to hand its call to the drive).
+pub(super) const SLACK: Duration = Duration::from_millis(100);
 
 /// One call alone: its own statement.
 pub(super) type One<C, A> = fn(&Arc<Shared>, C) -> BoxFuture<Result<A, BackendError>>;
@@ -81,9 +90,10 @@ where
 pub(super) type Pick<C, A> = fn(&Shared) -> &Coalescer<C, A>;
 
 /// Run `call` through the coalescer `pick` of `shared`: alone at once when nothing of its kind is
-/// in flight, else with the others that wait. Answers within twice the call's deadline (a call
-/// may wait for the statement in flight, then go in the next one); past it, the call may still
-/// be sent, so the error is not [`unsent`](BackendError::unsent).
+/// in flight, else with the others that wait. Answers within one deadline of the call
+/// ([`Shared::deadline`], plus [`SLACK`]) counted from now, whether it waited for the statement
+/// in flight or not; past it, the call may still be sent (or be running), so the error is not
+/// [`unsent`](BackendError::unsent).
 pub(super) async fn submit<C, A>(
     shared: Arc<Shared>,
     pick: Pick<C, A>,
@@ -102,7 +112,7 @@ where
         queue.waiting.push_back((call, tx));
         !std::mem::replace(&mut queue.in_flight, true)
     };
-    let deadline = shared.deadline() * 2 + Duration::from_millis(100);
+    let deadline = shared.deadline() + SLACK;
     if start {
         runtime.spawn(drive(shared, pick));
     }
@@ -149,9 +159,15 @@ where
                 std::mem::forget(done);
                 return;
             }
+            // A caller that gave up (its deadline passed while it waited) is not sent: it has
+            // answered an error already, and undoes whatever its call may have done.
+            queue.waiting.retain(|(_, tx)| !tx.is_closed());
             let n = queue.waiting.len().min(MAX_BATCH);
             queue.waiting.drain(..n).collect()
         };
+        if batch.is_empty() {
+            continue;
+        }
         if batch.len() == 1 {
             let (call, tx) = batch.pop().expect("one call");
             let _ = tx.send((coalescer.one)(&shared, call).await);
@@ -170,14 +186,14 @@ where
                         None => again.push((call, tx)),
                     }
                 }
-                // Rolled back for a lock held too long: each alone, as without coalescing.
-                let resent = again.into_iter().map(|(call, tx)| {
+                // Rolled back for a lock held too long: each alone, as without coalescing, beside
+                // the drive (the next batch does not wait for them).
+                for (call, tx) in again {
                     let one = (coalescer.one)(&shared, call);
-                    async move {
+                    tokio::spawn(async move {
                         let _ = tx.send(one.await);
-                    }
-                });
-                futures_util::future::join_all(resent).await;
+                    });
+                }
             }
             Ok(_) => {
                 let error =

@@ -596,8 +596,11 @@ pub(super) fn close_one(
     }))
 }
 
-/// Several closes in one statement (`close_many`), not tried again: a call that waited on a
-/// lock too long answers `None` (rolled back, to be sent again alone).
+/// Several closes in one statement (`close_many`), sent again on a connection lost before the
+/// answer, as a single close is: closing is idempotent by hold id, and on a second attempt every
+/// call's corrections are applied only if it is the call that closes its hold (`if_open`), so
+/// none is applied twice. A call that waited on a lock too long answers `None` (rolled back, to
+/// be sent again alone).
 pub(super) fn close_many(
     shared: &Arc<Shared>,
     calls: Vec<CloseCall>,
@@ -631,35 +634,44 @@ pub(super) fn close_many(
         burst.extend(call.burst);
         delta.extend(call.delta);
     }
-    Box::pin(shared.call("settle", move |pool| async move {
-        let rows = sqlx::query(sql)
-            .bind(columns.0)
-            .bind(columns.1)
-            .bind(columns.2)
-            .bind(columns.3)
-            .bind(columns.4)
-            .bind(columns.5)
-            .bind(columns.6)
-            .bind(keys)
-            .bind(t)
-            .bind(burst)
-            .bind(delta)
-            .bind(columns.7)
-            .fetch_all(&pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let status: &str = row.try_get(1)?;
-                Ok(match status {
-                    "retry" => None,
-                    "error" => Some(Err(BackendError::new(format!(
-                        "postgres settle: {}",
-                        row.try_get::<Option<&str>, _>(5)?.unwrap_or("failed")
-                    )))),
-                    _ => Some(Ok(settlement(row, 2)?)),
+    let binds = Arc::new((columns, keys, t, burst, delta));
+    Box::pin(shared.call_retrying("settle", move |pool, attempt| {
+        let (mut columns, keys, t, burst, delta) = (*binds).clone();
+        if attempt > 0 {
+            // The first attempt may have closed some holds: their corrections are made.
+            columns.5 = vec!["if_open"; columns.5.len()];
+        }
+        let sql = sql.clone();
+        async move {
+            let rows = sqlx::query(sql)
+                .bind(columns.0)
+                .bind(columns.1)
+                .bind(columns.2)
+                .bind(columns.3)
+                .bind(columns.4)
+                .bind(columns.5)
+                .bind(columns.6)
+                .bind(keys)
+                .bind(t)
+                .bind(burst)
+                .bind(delta)
+                .bind(columns.7)
+                .fetch_all(&pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let status: &str = row.try_get(1)?;
+                    Ok(match status {
+                        "retry" => None,
+                        "error" => Some(Err(BackendError::new(format!(
+                            "postgres settle: {}",
+                            row.try_get::<Option<&str>, _>(5)?.unwrap_or("failed")
+                        )))),
+                        _ => Some(Ok(settlement(row, 2)?)),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        }
     }))
 }
 

@@ -79,6 +79,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0005_redis_journal.sql"),
     ),
     (6, "fast", include_str!("migrations/0006_fast.sql")),
+    (
+        7,
+        "batch_locks",
+        include_str!("migrations/0007_batch_locks.sql"),
+    ),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
@@ -216,7 +221,8 @@ impl PostgresOptions {
     /// 64) in the next one (`reserve_many`, `close_many`), one commit for all of them, each call
     /// in a subtransaction of its own so that one failing call fails alone and the others keep
     /// their exact answers. A call that finds nothing in flight is sent at once, alone: each
-    /// caller still makes one round trip per call. `false`: one statement per call.
+    /// caller still makes one round trip per call, and waits at most one deadline (acquire
+    /// timeout + statement timeout, plus 100 ms) for its answer. `false`: one statement per call.
     pub fn coalesce(mut self, on: bool) -> Self {
         self.coalesce = on;
         self
