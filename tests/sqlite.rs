@@ -346,3 +346,42 @@ async fn revocation_is_final_and_survives_a_restart() {
         KeyStatus::Revoked
     );
 }
+
+/// SQLite answers a reserve at once (`Ledger::reserve_now`, the credits layer's immediate path),
+/// exactly as `reserve` would, and that hold is on disk like any other.
+#[tokio::test]
+async fn a_reserve_is_answered_at_once_and_reaches_the_file() {
+    use tollgate::credits::ledger::{Reservation, ReserveError};
+    let dir = TempDir::new("sqlite-now");
+    let path = dir.join("tollgate.db");
+    let backend = SqliteBackend::open(&path).await.unwrap();
+    let ledger = backend.ledger();
+    ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
+    let Ok(Ok(Reservation::Held(hold))) = ledger.reserve_now(ReserveRequest::new("acct_1", 4))
+    else {
+        panic!("placed at once");
+    };
+    assert_eq!(hold.available_after(), 6);
+    assert!(matches!(
+        ledger.reserve_now(ReserveRequest::new("acct_1", 7)),
+        Ok(Err(ReserveError::Insufficient { .. }))
+    ));
+    ledger.settle(&hold, 3).await.unwrap();
+    backend.close().await.unwrap();
+    let reopened = SqliteBackend::open(&path).await.unwrap().ledger();
+    assert_eq!(
+        reopened.balance("acct_1").await.unwrap(),
+        Balance::new(7, 0, 0)
+    );
+    let kinds: Vec<EntryKind> = reopened
+        .journal("acct_1", JournalQuery::new())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EntryKind::TopUp, EntryKind::Reserve, EntryKind::Settle]
+    );
+}

@@ -1393,6 +1393,18 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
             result
         }))
     }
+    /// Forwarded, so that a ledger answering at once (memory, SQLite) keeps its immediate path
+    /// when it is counted.
+    fn reserve_now(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<Result<Reservation, ReserveError>, ReserveRequest> {
+        let answer = self.inner.reserve_now(request)?;
+        if let Ok(Reservation::Held(_)) = &answer {
+            self.holds_open.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(answer)
+    }
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.inner.settle(hold, actual).map(self.closed(hold))
     }
@@ -1463,3 +1475,36 @@ impl<A: Admission> Admission for MeteredLedger<A> {
 
 #[allow(dead_code)]
 fn _assert_types(_: Balance, _: TopUp, _: TopUpError, _: JournalEntry, _: Body) {}
+
+#[cfg(test)]
+mod metered_tests {
+    use super::*;
+    use tollgate::credits::MemoryLedger;
+
+    /// Counting a ledger for `/metrics` keeps its immediate path: the hold is placed at once
+    /// (no future to await) and counted open, then closed and counted off.
+    #[tokio::test]
+    async fn a_counted_memory_ledger_still_reserves_at_once() {
+        let inner = MemoryLedger::new();
+        inner.top_up("acct", 10, "t").await.unwrap();
+        let ledger = MeteredLedger {
+            inner,
+            holds_open: Arc::default(),
+        };
+        let Ok(Ok(Reservation::Held(hold))) = ledger.reserve_now(ReserveRequest::new("acct", 4))
+        else {
+            panic!("the memory ledger answers at once, also when counted");
+        };
+        assert_eq!(ledger.holds_open.load(Ordering::Relaxed), 1);
+        assert_eq!(hold.available_after(), 6);
+        let settled = ledger.settle(&hold, 3).await.unwrap();
+        assert_eq!((settled.charged, settled.balance), (3, 7));
+        assert_eq!(ledger.holds_open.load(Ordering::Relaxed), 0);
+        // Refused at once too, and nothing counted.
+        assert!(matches!(
+            ledger.reserve_now(ReserveRequest::new("acct", 100)),
+            Ok(Err(ReserveError::Insufficient { .. }))
+        ));
+        assert_eq!(ledger.holds_open.load(Ordering::Relaxed), 0);
+    }
+}

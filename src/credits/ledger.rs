@@ -98,12 +98,13 @@ pub trait Ledger: Send + Sync + 'static {
     fn reserve(&self, request: ReserveRequest) -> Self::ReserveFuture;
 
     /// The answer of [`reserve`](Ledger::reserve) at once, for a ledger that has it without
-    /// waiting (the in-memory one): `Ok(answer)`, the hold placed (or refused) exactly as
+    /// waiting (memory, SQLite): `Ok(answer)`, the hold placed (or refused) exactly as
     /// [`reserve`](Ledger::reserve) would. `Err(request)` (the default) hands the request back
     /// untouched: the reservation must be awaited.
     ///
     /// When it answers, the credits layer calls the inner service directly instead of keeping
-    /// it in its response future: no clone of the inner service, a smaller future.
+    /// it in its response future: no clone of the inner service, a smaller future. A ledger
+    /// that wraps another (for metrics, say) forwards it, or the wrapped ledger loses this path.
     #[inline]
     #[allow(clippy::result_large_err)]
     fn reserve_now(

@@ -305,6 +305,18 @@ impl Ledger for SqliteLedger {
         self.memory.reserve(request)
     }
 
+    /// At once, as [`reserve`](Ledger::reserve): the hold is placed in memory (and queued for
+    /// the file), so the credits layer calls the service without awaiting anything.
+    fn reserve_now(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<Result<Reservation, ReserveError>, ReserveRequest> {
+        if let Err(e) = self.queue.status.check() {
+            return Ok(Err(e.into()));
+        }
+        self.memory.reserve_now(request)
+    }
+
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         if let Err(e) = self.queue.status.check() {
             return ready(Err(e));
