@@ -1393,6 +1393,18 @@ impl<L: Ledger + Clone> Ledger for MeteredLedger<L> {
             result
         }))
     }
+    /// Forwarded, so that wrapping a ledger for metrics keeps its immediate path (the memory
+    /// ledger's): without it the default answers "await", and every request pays a future.
+    fn reserve_now(
+        &self,
+        request: ReserveRequest,
+    ) -> Result<Result<Reservation, ReserveError>, ReserveRequest> {
+        let answer = self.inner.reserve_now(request)?;
+        if let Ok(Reservation::Held(_)) = &answer {
+            self.holds_open.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(answer)
+    }
     fn settle(&self, hold: &Hold, actual: u64) -> Self::SettleFuture {
         self.inner.settle(hold, actual).map(self.closed(hold))
     }
@@ -1463,3 +1475,43 @@ impl<A: Admission> Admission for MeteredLedger<A> {
 
 #[allow(dead_code)]
 fn _assert_types(_: Balance, _: TopUp, _: TopUpError, _: JournalEntry, _: Body) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ledger wrapper for metrics must not turn the memory ledger's immediate path off: the
+    /// wrapped ledger still answers `reserve_now` (the hold placed at once, counted open), and
+    /// settling it closes it (counted closed).
+    #[tokio::test]
+    async fn metered_memory_ledger_keeps_the_immediate_path() {
+        let memory = MemoryLedger::new();
+        assert!(
+            memory
+                .top_up("acct_1", 100, "invoice-1")
+                .await
+                .unwrap()
+                .applied
+        );
+        let holds_open = Arc::new(AtomicI64::new(0));
+        let ledger = MeteredLedger {
+            inner: memory.clone(),
+            holds_open: holds_open.clone(),
+        };
+        let answer = ledger.reserve_now(ReserveRequest::new("acct_1", 30));
+        let Ok(Ok(Reservation::Held(hold))) = answer else {
+            panic!("the wrapped memory ledger must answer at once, got {answer:?}");
+        };
+        assert_eq!(hold.amount(), 30);
+        assert_eq!(holds_open.load(Ordering::Relaxed), 1);
+        assert_eq!(memory.balance("acct_1").await.unwrap().available, 70);
+        let settlement = ledger.settle(&hold, 12).await.unwrap();
+        assert_eq!(settlement.charged, 12);
+        assert_eq!(holds_open.load(Ordering::Relaxed), 0);
+        assert_eq!(memory.balance("acct_1").await.unwrap().balance, 88);
+        // A refusal is answered at once too, and opens nothing.
+        let refused = ledger.reserve_now(ReserveRequest::new("acct_1", 1_000));
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        assert_eq!(holds_open.load(Ordering::Relaxed), 0);
+    }
+}
