@@ -157,7 +157,8 @@ pub(crate) fn insert(headers: &mut HeaderMap, decision: &Decision) {
         arena.push_u64(ceil_secs(status.reset));
     }
     let state_end = arena.len;
-    let shared = bytes::Bytes::from_owner(arena.bytes);
+    // Only the bytes written are copied out (one small allocation), not the whole arena.
+    let shared = bytes::Bytes::copy_from_slice(arena.as_bytes());
     let slice = |(start, end): (usize, usize)| {
         HeaderValue::from_maybe_shared(shared.slice(start..end)).expect("ascii")
     };
