@@ -4,6 +4,8 @@
 
 #[path = "support/books.rs"]
 mod books;
+#[path = "support/chain.rs"]
+mod chain;
 #[path = "support/pg_server.rs"]
 mod pg_server;
 
@@ -13,6 +15,7 @@ use std::{
 };
 
 use books::{assert_books, patiently};
+use chain::{one_step, send_one};
 use governor::Quota;
 use pg_server::PgServer;
 use tollgate::{
@@ -571,84 +574,6 @@ async fn a_hold_left_by_a_dead_replica_is_charged_after_its_expiry() {
         .unwrap();
     assert_eq!(journal.last().unwrap().kind, EntryKind::Expire);
     assert_eq!(journal.last().unwrap().amount, 20);
-}
-
-const USAGE: &str =
-    r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":40,"total_tokens":50}}"#;
-
-type Upstream = http::Request<tollgate::inspect::InspectedBody<axum::body::Body>>;
-
-/// A replica's credits and rate limits in one layer (`CreditsLayer::rate_limit`) in front of an
-/// upstream that reports 50 tokens of usage.
-fn one_step(
-    backend: &PostgresBackend,
-    plan: tollgate::ratelimit::Plan,
-    key_by: tollgate::ratelimit::KeyBy,
-) -> impl tower::Service<
-    http::Request<axum::body::Body>,
-    Response = http::Response<
-        tollgate::credits::MeteredBody<axum::body::Body, tollgate::postgres::PostgresLedger>,
-    >,
-    Error = std::convert::Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + Sync {
-    use tollgate::{
-        credits::{CreditsLayer, Pricing},
-        ratelimit::{Plans, RateLimitLayer},
-    };
-    use tower::Layer;
-    let upstream = tower::service_fn(|_: Upstream| async {
-        Ok::<_, std::convert::Infallible>(
-            http::Response::builder()
-                .header("content-type", "application/json")
-                .body(axum::body::Body::from(USAGE))
-                .unwrap(),
-        )
-    });
-    CreditsLayer::new(backend.ledger(), Pricing::flat(1))
-        .rate_limit_with(
-            RateLimitLayer::new(backend.limiter(), Plans::new(plan)).key_by(key_by),
-            backend.admission(),
-        )
-        .layer(upstream)
-}
-
-fn chat_request() -> http::Request<axum::body::Body> {
-    let mut request = http::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(
-            r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
-        ))
-        .unwrap();
-    request
-        .extensions_mut()
-        .insert(tollgate::Caller::builder("key_1", "acct_1").build());
-    request
-}
-
-/// Sends one request, reads its body to the end, and returns the status, headers and body.
-async fn send_one<S, B>(service: &S) -> (u16, http::HeaderMap, String)
-where
-    S: tower::Service<
-            http::Request<axum::body::Body>,
-            Response = http::Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let response = service.clone().oneshot(chat_request()).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status.as_u16(),
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
 }
 
 /// Waits, reading with `psql` (not counted), until `account` has no credits held.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use books::{assert_books, patiently};
-use chain::send_one;
+use chain::{one_step, send_one};
 use governor::Quota;
 use redis_server::RedisServer;
 use tollgate::{
@@ -601,30 +601,6 @@ async fn redis_down_fails_closed_for_credits_and_as_configured_for_limits_then_r
     }
     assert_eq!(ledger.balance("acct_3").await.unwrap().balance, 7);
     assert!(!backend.is_degraded());
-}
-
-/// A replica's credits and rate limits in one step (its fused admission).
-fn one_step(
-    backend: &RedisBackend,
-    plan: tollgate::ratelimit::Plan,
-    key_by: tollgate::ratelimit::KeyBy,
-) -> impl tower::Service<
-    http::Request<axum::body::Body>,
-    Response = http::Response<
-        tollgate::credits::MeteredBody<axum::body::Body, tollgate::redis::RedisLedger>,
-    >,
-    Error = std::convert::Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + Sync {
-    chain::one_step(
-        backend.ledger(),
-        backend.limiter(),
-        backend.admission(),
-        plan,
-        key_by,
-    )
 }
 
 /// Waits until no hold of `acct_1` is open (settlements run after the body's end).

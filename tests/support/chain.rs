@@ -14,26 +14,62 @@ pub const USAGE: &str =
 
 type Upstream = http::Request<tollgate::inspect::InspectedBody<axum::body::Body>>;
 
-/// `ledger`'s credits and `limiter`'s rate limits in one layer (`CreditsLayer::rate_limit_with`
-/// and the backend's fused `admission`) in front of an upstream that reports [`USAGE`].
-pub fn one_step<L, A>(
-    ledger: L,
-    limiter: A::Limiter,
-    admission: A,
+/// A shared backend's three parts for [`one_step`]: its ledger, its limiter and its fused
+/// admission (both in one round trip).
+pub trait Backend {
+    /// The backend's ledger.
+    type Ledger: Ledger + Clone;
+    /// The backend's fused admission.
+    type Admission: Admission;
+    /// The ledger, the limiter and the admission.
+    fn parts(
+        &self,
+    ) -> (
+        Self::Ledger,
+        <Self::Admission as Admission>::Limiter,
+        Self::Admission,
+    );
+}
+
+#[cfg(feature = "redis")]
+impl Backend for tollgate::redis::RedisBackend {
+    type Ledger = tollgate::redis::RedisLedger;
+    type Admission = tollgate::redis::RedisAdmission;
+    fn parts(&self) -> (Self::Ledger, tollgate::redis::RedisLimiter, Self::Admission) {
+        (self.ledger(), self.limiter(), self.admission())
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Backend for tollgate::postgres::PostgresBackend {
+    type Ledger = tollgate::postgres::PostgresLedger;
+    type Admission = tollgate::postgres::PostgresAdmission;
+    fn parts(
+        &self,
+    ) -> (
+        Self::Ledger,
+        tollgate::postgres::PostgresLimiter,
+        Self::Admission,
+    ) {
+        (self.ledger(), self.limiter(), self.admission())
+    }
+}
+
+/// `backend`'s credits and rate limits in one layer (`CreditsLayer::rate_limit_with` and its
+/// fused admission) in front of an upstream that reports [`USAGE`].
+pub fn one_step<B: Backend>(
+    backend: &B,
     plan: Plan,
     key_by: KeyBy,
 ) -> impl tower::Service<
     http::Request<axum::body::Body>,
-    Response = http::Response<MeteredBody<axum::body::Body, L>>,
+    Response = http::Response<MeteredBody<axum::body::Body, B::Ledger>>,
     Error = std::convert::Infallible,
     Future = impl Send,
 > + Clone
        + Send
-       + Sync
-where
-    L: Ledger + Clone,
-    A: Admission,
-{
+       + Sync {
+    let (ledger, limiter, admission) = backend.parts();
     use tower::Layer;
     let upstream = tower::service_fn(|_: Upstream| async {
         Ok::<_, std::convert::Infallible>(
