@@ -523,20 +523,31 @@ pub(super) fn reserve_many(
                 .fetch_all(&pool)
                 .await?;
             rows.iter()
-                .map(|row| {
-                    let status: &str = row.try_get(1)?;
-                    Ok(match status {
-                        "retry" => None,
-                        "error" => Some(Err(BackendError::new(format!(
-                            "postgres reserve: {}",
-                            row.try_get::<Option<&str>, _>(7)?.unwrap_or("failed")
-                        )))),
-                        _ => Some(Ok(reserve_row(row, 1)?)),
-                    })
-                })
+                .map(|row| batch_answer(row, "reserve", 7, |row| reserve_row(row, 1)))
                 .collect()
         }
     }))
+}
+
+/// One call's answer in a batch's row (its status in column 1): `None` to send it again alone
+/// (`retry`: rolled back after a lock wait), its error (`error`, the message in column
+/// `error_column`), or its answer read by `answer`.
+fn batch_answer<T>(
+    row: &PgRow,
+    what: &str,
+    error_column: usize,
+    answer: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
+) -> Result<Option<Result<T, BackendError>>, sqlx::Error> {
+    let status: &str = row.try_get(1)?;
+    Ok(match status {
+        "retry" => None,
+        "error" => Some(Err(BackendError::new(format!(
+            "postgres {what}: {}",
+            row.try_get::<Option<&str>, _>(error_column)?
+                .unwrap_or("failed")
+        )))),
+        _ => Some(Ok(answer(row)?)),
+    })
 }
 
 /// The arguments of one close statement.
@@ -659,17 +670,7 @@ pub(super) fn close_many(
                 .fetch_all(&pool)
                 .await?;
             rows.iter()
-                .map(|row| {
-                    let status: &str = row.try_get(1)?;
-                    Ok(match status {
-                        "retry" => None,
-                        "error" => Some(Err(BackendError::new(format!(
-                            "postgres settle: {}",
-                            row.try_get::<Option<&str>, _>(5)?.unwrap_or("failed")
-                        )))),
-                        _ => Some(Ok(settlement(row, 2)?)),
-                    })
-                })
+                .map(|row| batch_answer(row, "settle", 5, |row| settlement(row, 2)))
                 .collect()
         }
     }))
