@@ -93,8 +93,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 5,
-        "one replica applies migrations 1, 3, 5, 6 and 7, the others see them"
+        applied, 6,
+        "one replica applies migrations 1, 3, 5, 6, 7 and 8, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -114,7 +114,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks"
+        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks\n8:batch_one_subtransaction"
     );
 
     // Another schema on the same database keeps books of its own.
@@ -1385,7 +1385,7 @@ async fn a_batch_of_settles_is_sent_again_on_a_lost_connection_and_applied_once(
         cost,
     };
     const N: u64 = 30;
-    let mut holds = Vec::new();
+    let (mut holds, mut remaining) = (Vec::new(), Vec::new());
     for verdict in join_all(
         (0..N).map(|_| admission.admit(vec![tokens(10)], ReserveRequest::new("acct_1", 10))),
     )
@@ -1394,11 +1394,18 @@ async fn a_batch_of_settles_is_sent_again_on_a_lost_connection_and_applied_once(
         match verdict {
             Verdict::Admitted {
                 reservation: Reservation::Held(hold),
-                ..
-            } => holds.push(hold),
+                decision,
+            } => {
+                holds.push(hold);
+                remaining.push(decision.status(LimitKind::Tokens).unwrap().remaining);
+            }
             other => panic!("{other:?}"),
         }
     }
+    // The batch's answers carry each call's own bucket state.
+    remaining.sort_unstable();
+    let expected: Vec<u64> = (1..=N).rev().map(|i| 100_000 - 10 * i).collect();
+    assert_eq!(remaining, expected);
     server.psql(&format!(
         "CREATE SEQUENCE \"{schema}\".cut_once; \
          CREATE FUNCTION \"{schema}\".cut() RETURNS trigger LANGUAGE plpgsql AS $$ \

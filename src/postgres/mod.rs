@@ -84,6 +84,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "batch_locks",
         include_str!("migrations/0007_batch_locks.sql"),
     ),
+    (
+        8,
+        "batch_one_subtransaction",
+        include_str!("migrations/0008_batch_one_subtransaction.sql"),
+    ),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
