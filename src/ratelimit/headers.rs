@@ -253,3 +253,18 @@ fn write_go_duration<const N: usize>(b: &mut Buf<N>, d: Duration) {
     }
     b.push(b"s");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Buf;
+
+    #[test]
+    fn numbers_are_written_in_plain_decimal() {
+        for n in [0, 7, 10, 99, 100, 4_294_967_295, u64::MAX] {
+            let mut b = Buf::<32>::new();
+            b.push(b"r=");
+            b.push_u64(n);
+            assert_eq!(b.as_bytes(), format!("r={n}").as_bytes());
+        }
+    }
+}
