@@ -36,10 +36,18 @@ trap 'rm -rf "$OUT"' EXIT
 # Total instructions of one run of CASE with N requests.
 instructions() {
   local case="$1" n="$2"
+  rm -f "$OUT"/cg.out*
   TOLLGATE_PROFILE="$case:$n" valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" \
     "$BIN" --bench >/dev/null 2>"$OUT/cg.err" || { cat "$OUT/cg.err" >&2; exit 1; }
   # The largest count: criterion forks a child (its gnuplot probe) that callgrind reports too.
-  sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$OUT/cg.err" | sort -n | tail -n 1
+  local total calibration
+  total="$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$OUT/cg.err" | sort -n | tail -n 1)"
+  # Minus quanta's clock calibration (once per process, in setup): it loops a varying number
+  # of times, millions of instructions that would not cancel out between the two runs.
+  calibration="$(callgrind_annotate --inclusive=yes "$(ls -S "$OUT"/cg.out* | head -n 1)" 2>/dev/null |
+    sed -n 's/^ *\([0-9,]*\) .*<quanta::Clock as core::default::Default>::default \[.*/\1/p' |
+    tr -d , | head -n 1)"
+  echo $((total - ${calibration:-0}))
 }
 
 # The median over REPEAT pairs of runs: the count of one run is not repeatable to the

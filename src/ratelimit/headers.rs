@@ -48,18 +48,10 @@ impl<const N: usize> Buf<N> {
         self.len = end;
     }
 
-    fn push_u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+    fn push_u64(&mut self, n: u64) {
+        // itoa writes two digits per step from a table: about half the instructions of a
+        // digit-by-digit loop for the 10-digit counts a large quota shows.
+        self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -261,4 +253,19 @@ fn write_go_duration<const N: usize>(b: &mut Buf<N>, d: Duration) {
         b.push(&digits[..keep]);
     }
     b.push(b"s");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Buf;
+
+    #[test]
+    fn numbers_are_written_in_plain_decimal() {
+        for n in [0, 7, 10, 99, 100, 4_294_967_295, u64::MAX] {
+            let mut b = Buf::<32>::new();
+            b.push(b"r=");
+            b.push_u64(n);
+            assert_eq!(b.as_bytes(), format!("r={n}").as_bytes());
+        }
+    }
 }
