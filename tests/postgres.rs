@@ -689,16 +689,13 @@ async fn limits_and_credits_across_replicas_are_charged_both_or_neither() {
     assert_eq!(assert_books(&ledger, "acct_1").await, (15, 15));
 }
 
-/// The reserve's answer is lost (the account's row is locked past the client's deadline, on a
-/// pool of the user's without a server-side statement timeout): whatever the statement did once
-/// the lock went, nothing stays held or charged, and no rate-limit cell stays taken.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
-    let server = PgServer::shared();
-    let schema = PgServer::schema("lost_answer");
+/// A backend on a pool of the user's (no server-side statement timeout: the client's deadline,
+/// 200 ms acquire + `statement_ms`, is all there is), migrated into a fresh schema.
+async fn client_deadline_backend(prefix: &str, statement_ms: u64) -> (String, PostgresBackend) {
+    let schema = PgServer::schema(prefix);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .test_before_acquire(false)
-        .connect(&server.url())
+        .connect(&PgServer::shared().url())
         .await
         .unwrap();
     let backend = PostgresBackend::from_pool(
@@ -706,9 +703,19 @@ async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
         PostgresOptions::new()
             .schema(&schema)
             .acquire_timeout(Duration::from_millis(200))
-            .statement_timeout(Duration::from_millis(200)),
+            .statement_timeout(Duration::from_millis(statement_ms)),
     );
     backend.migrate().await.unwrap();
+    (schema, backend)
+}
+
+/// The reserve's answer is lost (the account's row is locked past the client's deadline, on a
+/// pool of the user's without a server-side statement timeout): whatever the statement did once
+/// the lock went, nothing stays held or charged, and no rate-limit cell stays taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reserve_answer_gives_back_the_hold_and_the_limits() {
+    let server = PgServer::shared();
+    let (schema, backend) = client_deadline_backend("lost_answer", 200).await;
     let (ledger, limiter) = (backend.ledger(), backend.limiter());
     ledger.top_up("acct_1", 10, "invoice-1").await.unwrap();
     let charges = vec![charge("acct_1", 1)];
@@ -1296,20 +1303,7 @@ async fn a_batch_waits_once_for_an_account_whose_row_is_held_elsewhere() {
 async fn a_coalesced_call_answers_within_one_deadline() {
     use tollgate::ratelimit::{KeyBy, Plan};
     let server = PgServer::shared();
-    let schema = PgServer::schema("one_deadline");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .test_before_acquire(false)
-        .connect(&server.url())
-        .await
-        .unwrap();
-    let backend = PostgresBackend::from_pool(
-        pool,
-        PostgresOptions::new()
-            .schema(&schema)
-            .acquire_timeout(Duration::from_millis(200))
-            .statement_timeout(Duration::from_millis(300)),
-    );
-    backend.migrate().await.unwrap();
+    let (schema, backend) = client_deadline_backend("one_deadline", 300).await;
     let deadline = Duration::from_millis(500);
     let ledger = backend.ledger();
     ledger.top_up("acct_1", 100, "invoice-1").await.unwrap();
