@@ -475,9 +475,8 @@ pub(super) fn reserve_many(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
-        Vec::with_capacity(n),
     );
-    let (mut keys, mut t, mut burst, mut cost) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut buckets = BatchBuckets::with_capacity(n);
     for call in calls {
         columns.0.push(call.account);
         columns.1.push(call.id);
@@ -488,23 +487,17 @@ pub(super) fn reserve_many(
         columns.6.push(call.fingerprint);
         columns.7.push(call.request_id);
         columns.8.push(call.key_id);
-        columns
-            .9
-            .push(i32::try_from(call.keys.len()).unwrap_or(i32::MAX));
-        columns.10.push(call.now_ns);
-        keys.extend(call.keys);
-        t.extend(call.t);
-        burst.extend(call.burst);
-        cost.extend(call.cost);
+        columns.9.push(call.now_ns);
+        buckets.push(call.keys, call.t, call.burst, call.cost);
     }
     // Sent again on a connection lost before the answer, as a single reserve is: a reserve is
     // idempotent by its hold id, so one that was applied answers `held` again.
-    let binds = Arc::new((columns, keys, t, burst, cost));
+    let binds = Arc::new((columns, buckets));
     Box::pin(shared.call_retrying("reserve", move |pool, _| {
-        let (columns, keys, t, burst, cost) = (*binds).clone();
+        let (columns, buckets) = (*binds).clone();
         let sql = sql.clone();
         async move {
-            let rows = sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(columns.0)
                 .bind(columns.1)
                 .bind(columns.2)
@@ -513,20 +506,60 @@ pub(super) fn reserve_many(
                 .bind(columns.5)
                 .bind(columns.6)
                 .bind(columns.7)
-                .bind(columns.8)
-                .bind(columns.9)
-                .bind(keys)
-                .bind(t)
-                .bind(burst)
-                .bind(cost)
-                .bind(columns.10)
-                .fetch_all(&pool)
-                .await?;
+                .bind(columns.8);
+            let rows = buckets.bind(query).bind(columns.9).fetch_all(&pool).await?;
             rows.iter()
                 .map(|row| batch_answer(row, "reserve", 7, |row| reserve_row(row, 1)))
                 .collect()
         }
     }))
+}
+
+/// The rate-limit buckets of a batch's calls, as `reserve_many` and `close_many` take them:
+/// per call how many (`p_nkeys`), then every bucket's key, `t`, burst and amount (the cost of a
+/// reserve, the correction of a close), in the calls' order.
+#[derive(Clone)]
+struct BatchBuckets {
+    nkeys: Vec<i32>,
+    keys: Vec<String>,
+    t: Vec<i64>,
+    burst: Vec<i64>,
+    amount: Vec<i64>,
+}
+
+impl BatchBuckets {
+    fn with_capacity(calls: usize) -> Self {
+        BatchBuckets {
+            nkeys: Vec::with_capacity(calls),
+            keys: Vec::new(),
+            t: Vec::new(),
+            burst: Vec::new(),
+            amount: Vec::new(),
+        }
+    }
+
+    /// The next call's buckets.
+    fn push(&mut self, keys: Vec<String>, t: Vec<i64>, burst: Vec<i64>, amount: Vec<i64>) {
+        self.nkeys
+            .push(i32::try_from(keys.len()).unwrap_or(i32::MAX));
+        self.keys.extend(keys);
+        self.t.extend(t);
+        self.burst.extend(burst);
+        self.amount.extend(amount);
+    }
+
+    /// Binds the five columns, in that order, after the calls' own.
+    fn bind(
+        self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.nkeys)
+            .bind(self.keys)
+            .bind(self.t)
+            .bind(self.burst)
+            .bind(self.amount)
+    }
 }
 
 /// One call's answer in a batch's row (its status in column 1): `None` to send it again alone
@@ -626,9 +659,8 @@ pub(super) fn close_many(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
-        Vec::with_capacity(n),
     );
-    let (mut keys, mut t, mut burst, mut delta) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut buckets = BatchBuckets::with_capacity(n);
     for call in calls {
         columns.0.push(call.account);
         columns.1.push(call.id);
@@ -636,39 +668,26 @@ pub(super) fn close_many(
         columns.3.push(call.actual);
         columns.4.push(call.fence_ms);
         columns.5.push(call.when);
-        columns
-            .6
-            .push(i32::try_from(call.keys.len()).unwrap_or(i32::MAX));
-        columns.7.push(call.now_ns);
-        keys.extend(call.keys);
-        t.extend(call.t);
-        burst.extend(call.burst);
-        delta.extend(call.delta);
+        columns.6.push(call.now_ns);
+        buckets.push(call.keys, call.t, call.burst, call.delta);
     }
-    let binds = Arc::new((columns, keys, t, burst, delta));
+    let binds = Arc::new((columns, buckets));
     Box::pin(shared.call_retrying("settle", move |pool, attempt| {
-        let (mut columns, keys, t, burst, delta) = (*binds).clone();
+        let (mut columns, buckets) = (*binds).clone();
         if attempt > 0 {
             // The first attempt may have closed some holds: their corrections are made.
             columns.5 = vec!["if_open"; columns.5.len()];
         }
         let sql = sql.clone();
         async move {
-            let rows = sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(columns.0)
                 .bind(columns.1)
                 .bind(columns.2)
                 .bind(columns.3)
                 .bind(columns.4)
-                .bind(columns.5)
-                .bind(columns.6)
-                .bind(keys)
-                .bind(t)
-                .bind(burst)
-                .bind(delta)
-                .bind(columns.7)
-                .fetch_all(&pool)
-                .await?;
+                .bind(columns.5);
+            let rows = buckets.bind(query).bind(columns.6).fetch_all(&pool).await?;
             rows.iter()
                 .map(|row| batch_answer(row, "settle", 5, |row| settlement(row, 2)))
                 .collect()
