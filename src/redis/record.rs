@@ -278,38 +278,23 @@ async fn behind(ledger: &RedisLedger, accounts: Vec<String>) -> Result<Vec<Strin
     Ok(behind)
 }
 
-/// Take (or renew) the drain lease for `token`; whether this replica holds it now.
-async fn take_lease(ledger: &RedisLedger, token: &str) -> Result<bool, BackendError> {
+/// Take (or renew) the drain lease for `token` for `ms` milliseconds; with 0, give it up (only
+/// if `token` still holds it, so that another replica drains at its next tick). Whether this
+/// replica holds it after the call.
+async fn lease(ledger: &RedisLedger, token: &str, ms: u64) -> Result<bool, BackendError> {
     let (key, token) = (ledger.drain_lease_key(), token.to_owned());
-    let taken: i64 = ledger
+    let held: i64 = ledger
         .conn()
         .call("drain lease", move |mut conn| async move {
             LEASE_TAKE
                 .key(key)
                 .arg(token)
-                .arg(LEASE.as_millis() as u64)
+                .arg(ms)
                 .invoke_async(&mut conn)
                 .await
         })
         .await?;
-    Ok(taken == 1)
-}
-
-/// Give the lease up (only if `token` still holds it), so that another replica drains at its
-/// next tick.
-async fn give_lease(ledger: &RedisLedger, token: &str) {
-    let (key, token) = (ledger.drain_lease_key(), token.to_owned());
-    let _ = ledger
-        .conn()
-        .call("drain lease", move |mut conn| async move {
-            LEASE_TAKE
-                .key(key)
-                .arg(token)
-                .arg(0)
-                .invoke_async::<i64>(&mut conn)
-                .await
-        })
-        .await;
+    Ok(held == 1)
 }
 
 /// Drain every [`INTERVAL`] while the backend lives, when this replica holds the drain lease
@@ -335,7 +320,7 @@ pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
                 return;
             };
             let ledger = RedisLedger::new(shared);
-            match take_lease(&ledger, &token).await {
+            match lease(&ledger, &token, LEASE.as_millis() as u64).await {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(error) => {
@@ -344,7 +329,7 @@ pub(super) fn spawn(shared: Weak<Shared>, record: Record) {
                 }
             }
             if let Err(error) = drain(&ledger, &record).await {
-                give_lease(&ledger, &token).await;
+                let _ = lease(&ledger, &token, 0).await;
                 tracing::warn!(%error, "draining the Redis journal into the record failed; retrying (the journal is kept until then)");
             }
         }
