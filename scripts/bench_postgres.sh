@@ -12,6 +12,7 @@
 #
 #   scripts/bench_postgres.sh [SECONDS=10]
 #   BENCH_NO_BUILD=1 scripts/bench_postgres.sh   # use the binary already built
+#   BENCH_PG_WAITS=1 scripts/bench_postgres.sh   # also sample what the statements wait on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH="${1:-10}"
@@ -145,7 +146,22 @@ PG_PID=$(head -1 "$WORK/data/postmaster.pid")
 ticks() { awk '{ t += $14 + $15 } END { print t }' "$@" 2>/dev/null; }
 pg_ticks() { ticks /proc/"$PG_PID"/stat $(for c in $(pgrep -P "$PG_PID"); do echo /proc/"$c"/stat; done); }
 gw_before=$(ticks /proc/"$GW_PID"/stat); pg_before=$(pg_ticks)
+SAMPLER=""
+if [ -n "${BENCH_PG_WAITS:-}" ]; then
+  # What the gateway's connections are doing, sampled every 5 ms: running, or waiting on what.
+  ( end=$(( $(date +%s) + SECONDS_EACH ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+      "${PSQL[@]}" -c "SELECT coalesce(wait_event_type || ':' || wait_event, 'running') FROM pg_stat_activity WHERE application_name <> 'psql' AND backend_type = 'client backend' AND state = 'active' AND query LIKE '%tollgate%'"
+      sleep 0.005
+    done ) > "$WORK/waits.txt" &
+  SAMPLER=$!
+fi
 wrk -t8 -c8 -d"${SECONDS_EACH}s" --latency -s "$WORK/chat.lua" "http://127.0.0.1:$GW_PORT" | tee "$WORK/wrk.txt"
+if [ -n "$SAMPLER" ]; then
+  wait "$SAMPLER" || true
+  echo "== the gateway's statements, sampled: state (count)"
+  sort "$WORK/waits.txt" | uniq -c | sort -rn
+fi
 gw_cpu=$(( $(ticks /proc/"$GW_PID"/stat) - gw_before )); pg_cpu=$(( $(pg_ticks) - pg_before ))
 # Requests cut by wrk's end release their holds in the background: give them a moment.
 sleep 3

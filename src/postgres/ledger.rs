@@ -239,7 +239,9 @@ impl PostgresLedger {
                 move || ledger.compensate(account, id, refunds)
             });
             let answer = if shared.options.coalesce {
-                coalesce::submit(shared, reserves, call).await
+                coalesce::submit(shared, books, Book::Reserve(call))
+                    .await
+                    .and_then(Booked::reserve)
             } else {
                 reserve_one(&shared, call).await
             };
@@ -362,7 +364,9 @@ impl PostgresLedger {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             if shared.options.coalesce {
-                coalesce::submit(shared, closes, call).await
+                coalesce::submit(shared, books, Book::Close(call))
+                    .await
+                    .and_then(Booked::close)
             } else {
                 close_one(&shared, call).await
             }
@@ -418,16 +422,6 @@ fn reserve_row(row: &PgRow, at: usize) -> Result<ReserveRow, sqlx::Error> {
     })
 }
 
-/// The account of a reserve (batches are sorted by it).
-fn reserve_account(call: &ReserveCall) -> &str {
-    &call.account
-}
-
-/// The coalescer of the reserves.
-fn reserves(shared: &Shared) -> &Coalescer<ReserveCall, ReserveRow> {
-    &shared.reserves
-}
-
 /// One reserve alone, tried again with the same hold id on a broken connection (a reserve that
 /// did commit answers `held` again).
 pub(super) fn reserve_one(
@@ -455,70 +449,10 @@ pub(super) fn reserve_one(
     }))
 }
 
-/// Several reserves in one statement (`reserve_many`), sent again only on a connection lost
-/// before the answer; a call that waited on a lock too long answers `None` (rolled back, to be
-/// sent again alone).
-pub(super) fn reserve_many(
-    shared: &Arc<Shared>,
-    calls: Vec<ReserveCall>,
-) -> BoxFuture<Answers<ReserveRow>> {
-    let sql = shared.hot.reserve_many.clone();
-    let n = calls.len();
-    let mut columns = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut buckets = BatchBuckets::with_capacity(n);
-    for call in calls {
-        columns.0.push(call.account);
-        columns.1.push(call.id);
-        columns.2.push(call.amount);
-        columns.3.push(call.ttl);
-        columns.4.push(call.window);
-        columns.5.push(call.ikey);
-        columns.6.push(call.fingerprint);
-        columns.7.push(call.request_id);
-        columns.8.push(call.key_id);
-        columns.9.push(call.now_ns);
-        buckets.push(call.keys, call.t, call.burst, call.cost);
-    }
-    // Sent again on a connection lost before the answer, as a single reserve is: a reserve is
-    // idempotent by its hold id, so one that was applied answers `held` again.
-    let binds = Arc::new((columns, buckets));
-    Box::pin(shared.call_retrying("reserve", move |pool, _| {
-        let (columns, buckets) = (*binds).clone();
-        let sql = sql.clone();
-        async move {
-            let query = sqlx::query(sql)
-                .bind(columns.0)
-                .bind(columns.1)
-                .bind(columns.2)
-                .bind(columns.3)
-                .bind(columns.4)
-                .bind(columns.5)
-                .bind(columns.6)
-                .bind(columns.7)
-                .bind(columns.8);
-            let rows = buckets.bind(query).bind(columns.9).fetch_all(&pool).await?;
-            rows.iter()
-                .map(|row| batch_answer(row, "reserve", 7, |row| reserve_row(row, 1)))
-                .collect()
-        }
-    }))
-}
-
 /// The rate-limit buckets of a batch's calls, as `reserve_many` and `close_many` take them:
 /// per call how many (`p_nkeys`), then every bucket's key, `t`, burst and amount (the cost of a
 /// reserve, the correction of a close), in the calls' order.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct BatchBuckets {
     nkeys: Vec<i32>,
     keys: Vec<String>,
@@ -528,16 +462,6 @@ struct BatchBuckets {
 }
 
 impl BatchBuckets {
-    fn with_capacity(calls: usize) -> Self {
-        BatchBuckets {
-            nkeys: Vec::with_capacity(calls),
-            keys: Vec::new(),
-            t: Vec::new(),
-            burst: Vec::new(),
-            amount: Vec::new(),
-        }
-    }
-
     /// The next call's buckets.
     fn push(&mut self, keys: Vec<String>, t: Vec<i64>, burst: Vec<i64>, amount: Vec<i64>) {
         self.nkeys
@@ -599,16 +523,6 @@ pub(super) struct CloseCall {
     now_ns: Option<i64>,
 }
 
-/// The account of a close (batches are sorted by it).
-fn close_account(call: &CloseCall) -> &str {
-    &call.account
-}
-
-/// The coalescer of the closes.
-fn closes(shared: &Shared) -> &Coalescer<CloseCall, Settlement> {
-    &shared.closes
-}
-
 /// A close's answer from `row`, its columns from `at` on: charged, balance, was_open.
 fn settlement(row: &PgRow, at: usize) -> Result<Settlement, sqlx::Error> {
     let (charged, balance, open): (i64, i64, bool) =
@@ -640,70 +554,189 @@ pub(super) fn close_one(
     }))
 }
 
-/// Several closes in one statement (`close_many`), sent again on a connection lost before the
-/// answer, as a single close is: closing is idempotent by hold id, and on a second attempt every
-/// call's corrections are applied only if it is the call that closes its hold (`if_open`), so
-/// none is applied twice. A call that waited on a lock too long answers `None` (rolled back, to
-/// be sent again alone).
-pub(super) fn close_many(
-    shared: &Arc<Shared>,
-    calls: Vec<CloseCall>,
-) -> BoxFuture<Answers<Settlement>> {
-    let sql = shared.hot.close_many.clone();
-    let n = calls.len();
-    let mut columns = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut buckets = BatchBuckets::with_capacity(n);
-    for call in calls {
-        columns.0.push(call.account);
-        columns.1.push(call.id);
-        columns.2.push(call.how);
-        columns.3.push(call.actual);
-        columns.4.push(call.fence_ms);
-        columns.5.push(call.when);
-        columns.6.push(call.now_ns);
-        buckets.push(call.keys, call.t, call.burst, call.delta);
+/// One call on the books, reserve or close, as the coalescer takes them.
+#[derive(Clone)]
+pub(super) enum Book {
+    /// A reserve.
+    Reserve(ReserveCall),
+    /// A close (settle, release, expire).
+    Close(CloseCall),
+}
+
+/// The answer of a [`Book`] call, of the same kind.
+pub(super) enum Booked {
+    /// A reserve's.
+    Reserve(ReserveRow),
+    /// A close's.
+    Close(Settlement),
+}
+
+impl Booked {
+    fn reserve(self) -> Result<ReserveRow, BackendError> {
+        match self {
+            Booked::Reserve(row) => Ok(row),
+            Booked::Close(_) => Err(BackendError::new("postgres: a close's answer to a reserve")),
+        }
     }
-    let binds = Arc::new((columns, buckets));
-    Box::pin(shared.call_retrying("settle", move |pool, attempt| {
-        let (mut columns, buckets) = (*binds).clone();
+
+    fn close(self) -> Result<Settlement, BackendError> {
+        match self {
+            Booked::Close(settlement) => Ok(settlement),
+            Booked::Reserve(_) => Err(BackendError::new("postgres: a reserve's answer to a close")),
+        }
+    }
+}
+
+/// The account of a call (batches are sorted by it).
+fn book_account(call: &Book) -> &str {
+    match call {
+        Book::Reserve(call) => &call.account,
+        Book::Close(call) => &call.account,
+    }
+}
+
+/// The coalescer of the calls on the books.
+fn books(shared: &Shared) -> &Coalescer<Book, Booked> {
+    &shared.books
+}
+
+/// One call alone, its own statement (`reserve` or `close`).
+fn book_one(shared: &Arc<Shared>, call: Book) -> BoxFuture<Result<Booked, BackendError>> {
+    match call {
+        Book::Reserve(call) => {
+            let one = reserve_one(shared, call);
+            Box::pin(async move { one.await.map(Booked::Reserve) })
+        }
+        Book::Close(call) => {
+            let one = close_one(shared, call);
+            Box::pin(async move { one.await.map(Booked::Close) })
+        }
+    }
+}
+
+/// The columns of a batch's reserves, as `book_many` takes them (`p_r_*`).
+#[derive(Clone, Default)]
+struct ReserveColumns {
+    account: Vec<String>,
+    id: Vec<i64>,
+    amount: Vec<i64>,
+    ttl: Vec<i64>,
+    window: Vec<i64>,
+    ikey: Vec<Option<String>>,
+    fingerprint: Vec<Option<Vec<u8>>>,
+    request_id: Vec<Option<String>>,
+    key_id: Vec<Option<String>>,
+    buckets: BatchBuckets,
+    now_ns: Vec<Option<i64>>,
+}
+
+/// The columns of a batch's closes, as `book_many` takes them (`p_c_*`).
+#[derive(Clone, Default)]
+struct CloseColumns {
+    account: Vec<String>,
+    id: Vec<i64>,
+    how: Vec<&'static str>,
+    actual: Vec<i64>,
+    fence_ms: Vec<i64>,
+    when: Vec<&'static str>,
+    buckets: BatchBuckets,
+    now_ns: Vec<Option<i64>>,
+}
+
+/// Several reserves and closes in one statement (`book_many`), in the order given, one commit
+/// for all. Sent again on a connection lost before the answer, as a single call is: a reserve is
+/// idempotent by its hold id (one that was applied answers `held` again), closing is idempotent
+/// by hold id, and on a second attempt every close's corrections are applied only if it is the
+/// call that closes its hold (`if_open`), so none is applied twice. A call that waited on a lock
+/// too long answers `None` (rolled back, to be sent again alone).
+pub(super) fn book_many(shared: &Arc<Shared>, calls: Vec<Book>) -> BoxFuture<Answers<Booked>> {
+    let sql = shared.hot.book_many.clone();
+    let mut kinds = Vec::with_capacity(calls.len());
+    let (mut r, mut c) = (ReserveColumns::default(), CloseColumns::default());
+    for call in calls {
+        match call {
+            Book::Reserve(call) => {
+                kinds.push("r");
+                r.account.push(call.account);
+                r.id.push(call.id);
+                r.amount.push(call.amount);
+                r.ttl.push(call.ttl);
+                r.window.push(call.window);
+                r.ikey.push(call.ikey);
+                r.fingerprint.push(call.fingerprint);
+                r.request_id.push(call.request_id);
+                r.key_id.push(call.key_id);
+                r.now_ns.push(call.now_ns);
+                r.buckets.push(call.keys, call.t, call.burst, call.cost);
+            }
+            Book::Close(call) => {
+                kinds.push("c");
+                c.account.push(call.account);
+                c.id.push(call.id);
+                c.how.push(call.how);
+                c.actual.push(call.actual);
+                c.fence_ms.push(call.fence_ms);
+                c.when.push(call.when);
+                c.now_ns.push(call.now_ns);
+                c.buckets.push(call.keys, call.t, call.burst, call.delta);
+            }
+        }
+    }
+    let binds = Arc::new((kinds, r, c));
+    Box::pin(shared.call_retrying("book", move |pool, attempt| {
+        let (kinds, r, mut c) = (*binds).clone();
         if attempt > 0 {
             // The first attempt may have closed some holds: their corrections are made.
-            columns.5 = vec!["if_open"; columns.5.len()];
+            c.when = vec!["if_open"; c.when.len()];
         }
         let sql = sql.clone();
         async move {
             let query = sqlx::query(sql)
-                .bind(columns.0)
-                .bind(columns.1)
-                .bind(columns.2)
-                .bind(columns.3)
-                .bind(columns.4)
-                .bind(columns.5);
-            let rows = buckets.bind(query).bind(columns.6).fetch_all(&pool).await?;
+                .bind(&kinds)
+                .bind(r.account)
+                .bind(r.id)
+                .bind(r.amount)
+                .bind(r.ttl)
+                .bind(r.window)
+                .bind(r.ikey)
+                .bind(r.fingerprint)
+                .bind(r.request_id)
+                .bind(r.key_id);
+            let query = r.buckets.bind(query).bind(r.now_ns);
+            let query = query
+                .bind(c.account)
+                .bind(c.id)
+                .bind(c.how)
+                .bind(c.actual)
+                .bind(c.fence_ms)
+                .bind(c.when);
+            let rows = c.buckets.bind(query).bind(c.now_ns).fetch_all(&pool).await?;
+            if rows.len() != kinds.len() {
+                return Err(sqlx::Error::Protocol(
+                    "book_many answered another number of rows".into(),
+                ));
+            }
             rows.iter()
-                .map(|row| batch_answer(row, "settle", 5, |row| settlement(row, 2)))
+                .zip(&kinds)
+                .map(|(row, kind)| {
+                    if *kind == "r" {
+                        batch_answer(row, "reserve", 10, |row| {
+                            reserve_row(row, 1).map(Booked::Reserve)
+                        })
+                    } else {
+                        batch_answer(row, "settle", 10, |row| {
+                            settlement(row, 7).map(Booked::Close)
+                        })
+                    }
+                })
                 .collect()
         }
     }))
 }
 
-/// The coalescers of a pool's reserves and closes.
-pub(super) fn coalescers() -> (
-    Coalescer<ReserveCall, ReserveRow>,
-    Coalescer<CloseCall, Settlement>,
-) {
-    (
-        Coalescer::new(reserve_one, reserve_many, reserve_account),
-        Coalescer::new(close_one, close_many, close_account),
-    )
+/// The coalescer of a pool's calls on the books.
+pub(super) fn coalescer() -> Coalescer<Book, Booked> {
+    Coalescer::new(book_one, book_many, book_account)
 }
 
 impl Ledger for PostgresLedger {

@@ -89,6 +89,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "batch_one_subtransaction",
         include_str!("migrations/0008_batch_one_subtransaction.sql"),
     ),
+    (10, "one_batch", include_str!("migrations/0010_one_batch.sql")),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
@@ -265,18 +266,15 @@ pub(crate) struct Shared {
     schema: String,
     /// The hot path's statements.
     hot: Hot,
-    /// The reserves of this pool, coalesced.
-    reserves: coalesce::Coalescer<ledger::ReserveCall, ledger::ReserveRow>,
-    /// The closes of this pool, coalesced.
-    closes: coalesce::Coalescer<ledger::CloseCall, crate::credits::ledger::Settlement>,
+    /// The reserves and closes of this pool, coalesced.
+    books: coalesce::Coalescer<ledger::Book, ledger::Booked>,
 }
 
 /// The statements of the hot path, with the schema in them.
 struct Hot {
     reserve: SqlStr,
     close: SqlStr,
-    reserve_many: SqlStr,
-    close_many: SqlStr,
+    book_many: SqlStr,
 }
 
 impl Hot {
@@ -292,15 +290,11 @@ impl Hot {
                 "SELECT charged, balance, was_open FROM @schema@.close(\
                  $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             ),
-            reserve_many: with_schema(
+            book_many: with_schema(
                 schema,
-                "SELECT n, status, available, verdict, idx, wait, rels, err FROM @schema@.reserve_many(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ORDER BY n",
-            ),
-            close_many: with_schema(
-                schema,
-                "SELECT n, status, charged, balance, was_open, err FROM @schema@.close_many(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ORDER BY n",
+                "SELECT n, status, available, verdict, idx, wait, rels, charged, balance, was_open, err \
+                 FROM @schema@.book_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                 $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28) ORDER BY n",
             ),
         }
     }
@@ -481,15 +475,14 @@ impl PostgresBackend {
     /// deadline (the client-side one applies anyway).
     pub fn from_pool(pool: PgPool, options: PostgresOptions) -> Self {
         let schema = format!("\"{}\"", options.schema);
-        let (reserves, closes) = ledger::coalescers();
+
         PostgresBackend {
             shared: Arc::new(Shared {
                 pool,
                 options,
                 hot: Hot::new(&schema),
                 schema,
-                reserves,
-                closes,
+                books: ledger::coalescer(),
             }),
         }
     }
