@@ -145,7 +145,9 @@ settled_before=$(settles)
 PG_PID=$(head -1 "$WORK/data/postmaster.pid")
 ticks() { awk '{ t += $14 + $15 } END { print t }' "$@" 2>/dev/null; }
 pg_ticks() { ticks /proc/"$PG_PID"/stat $(for c in $(pgrep -P "$PG_PID"); do echo /proc/"$c"/stat; done); }
-gw_before=$(ticks /proc/"$GW_PID"/stat); pg_before=$(pg_ticks)
+# The whole machine's busy and idle (iowait counted idle) ticks, from /proc/stat.
+machine() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
+gw_before=$(ticks /proc/"$GW_PID"/stat); pg_before=$(pg_ticks); read -r busy_before idle_before < <(machine)
 SAMPLER=""
 if [ -n "${BENCH_PG_WAITS:-}" ]; then
   # What the gateway's connections are doing, sampled every 5 ms: running, or waiting on what.
@@ -163,6 +165,7 @@ if [ -n "$SAMPLER" ]; then
   sort "$WORK/waits.txt" | uniq -c | sort -rn
 fi
 gw_cpu=$(( $(ticks /proc/"$GW_PID"/stat) - gw_before )); pg_cpu=$(( $(pg_ticks) - pg_before ))
+read -r busy_after idle_after < <(machine)
 # Requests cut by wrk's end release their holds in the background: give them a moment.
 sleep 3
 billed=$(( $(settles) - settled_before ))
@@ -171,4 +174,5 @@ held=$("${PSQL[@]}" -c "SELECT coalesce(sum(held), 0) FROM tollgate.balances")
 echo "billed requests (settles journaled): $billed; statements on the books: $statements; per billed request: $(awk "BEGIN { printf \"%.2f\", $statements / $billed }")"
 echo "credits still held after the run: $held"
 HZ=$(getconf CLK_TCK)
+echo "machine busy during the run: $(awk "BEGIN { printf \"%.0f\", 100 * ($busy_after - $busy_before) / ($busy_after - $busy_before + $idle_after - $idle_before) }")% of $(nproc) cores"
 echo "CPU per billed request: gateway $(awk "BEGIN { printf \"%.0f\", $gw_cpu * 1000000 / $HZ / $billed }") µs, PostgreSQL $(awk "BEGIN { printf \"%.0f\", $pg_cpu * 1000000 / $HZ / $billed }") µs (of $(nproc) cores x ${SECONDS_EACH} s)"
