@@ -93,8 +93,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 6,
-        "one replica applies migrations 1, 3, 5, 6, 7 and 8, the others see them"
+        applied, 7,
+        "one replica applies migrations 1, 3, 5, 6, 7, 8 and 10, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -114,7 +114,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks\n8:batch_one_subtransaction"
+        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks\n8:batch_one_subtransaction\n10:one_batch"
     );
 
     // Another schema on the same database keeps books of its own.
@@ -1060,12 +1060,12 @@ async fn a_reserve_dropped_in_flight_leaves_no_hold() {
 }
 
 /// Coalescing (on by default): 400 reserves at once against one account that can afford
-/// exactly 150 go in a few batches (`reserve_many`), and every call keeps its exact answer:
+/// exactly 150 go in a few batches (`book_many`), and every call keeps its exact answer:
 /// exactly 150 are held, each with its own `available` after it (149 down to 0), the others are
 /// refused with 0 available. One call in 20 fails inside the database while credits remain (a
 /// trigger refuses its hold): it fails alone, its neighbours in the same batch are answered as if
 /// it were not there (no other call fails).
-/// The 150 settles go together too (`close_many`); the books are exact.
+/// The 150 settles go together too; the books are exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() {
     use std::sync::Arc;
@@ -1135,7 +1135,7 @@ async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() 
     let batches: u64 = server
         .psql(&format!(
             "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
-             WHERE query LIKE '%\"{schema}\".reserve_many%'"
+             WHERE query LIKE '%\"{schema}\".book_many%'"
         ))
         .parse()
         .unwrap();
@@ -1163,6 +1163,84 @@ async fn coalesced_calls_keep_each_answer_exact_and_a_failing_one_fails_alone() 
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
     assert_eq!(assert_books(&ledger, "acct_1").await, (150, 150));
+}
+
+/// Reserves and settles of several accounts that arrive together go in one statement
+/// (`book_many`, one commit): 20 settles of open holds and 20 new reserves, on 4 accounts, queued
+/// at once on one runtime thread, are one statement, and every call keeps its exact answer: an
+/// account's calls run in the order they came, so its 5 settles (3 credits each) answer the
+/// balances 97 down to 85, then its 5 reserves (10 each) the credits available 75 down to 35.
+/// The books of every account are exact.
+#[tokio::test(flavor = "current_thread")]
+async fn reserves_and_settles_that_arrive_together_go_in_one_statement() {
+    use futures_util::future::join_all;
+    let server = PgServer::shared();
+    let schema = PgServer::schema("one_batch");
+    let backend = replica(server, options(&schema)).await;
+    let ledger = backend.ledger();
+    let accounts = ["acct_1", "acct_2", "acct_3", "acct_4"];
+    for account in accounts {
+        ledger.top_up(account, 100, "invoice-1").await.unwrap();
+    }
+    let reserve_all = || {
+        join_all(
+            accounts
+                .iter()
+                .flat_map(|a| std::iter::repeat_n(*a, 5))
+                .map(|a| ledger.reserve(ReserveRequest::new(a, 10))),
+        )
+    };
+    let first: Vec<Hold> = reserve_all()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().into_hold().unwrap())
+        .collect();
+
+    let before = server.statements(&schema);
+    let (settled, reserved) = tokio::join!(
+        join_all(first.iter().map(|h| ledger.settle(h, 3))),
+        reserve_all()
+    );
+    assert_eq!(
+        server.statements(&schema) - before,
+        1,
+        "one statement for 40 calls"
+    );
+    for account in accounts {
+        let mut balances: Vec<u64> = first
+            .iter()
+            .zip(&settled)
+            .filter(|(h, _)| h.account() == account)
+            .map(|(_, s)| {
+                let s = s.as_ref().unwrap();
+                assert_eq!((s.charged, s.was_open), (3, true));
+                s.balance
+            })
+            .collect();
+        balances.sort_unstable();
+        assert_eq!(balances, [85, 88, 91, 94, 97], "{account}");
+    }
+    let second: Vec<Hold> = reserved
+        .into_iter()
+        .map(|r| r.unwrap().into_hold().unwrap())
+        .collect();
+    for account in accounts {
+        let mut available: Vec<u64> = second
+            .iter()
+            .filter(|h| h.account() == account)
+            .map(Hold::available_after)
+            .collect();
+        available.sort_unstable();
+        assert_eq!(available, [35, 45, 55, 65, 75], "{account}");
+    }
+    for settled in join_all(second.iter().map(|h| ledger.settle(h, 2))).await {
+        assert_eq!(settled.unwrap().charged, 2);
+    }
+    for account in accounts {
+        let balance = ledger.balance(account).await.unwrap();
+        assert_eq!((balance.balance, balance.held, balance.holds), (75, 0, 0));
+        assert_eq!(assert_books(&ledger, account).await, (25, 10), "{account}");
+    }
 }
 
 /// Another client's transaction holding `account`'s row in `balances` (as another replica's
@@ -1206,7 +1284,7 @@ async fn waiting_on_a_lock(server: &'static PgServer, schema: &str, function: &s
         .unwrap()
 }
 
-/// One batch (`reserve_many`, then `close_many`) of 30 calls on one account whose row another
+/// One batch (`book_many`) of 30 reserves, then one of 30 settles, on one account whose row another
 /// replica holds: the first call waits its 100 ms `lock_timeout` in vain, and the batch's other
 /// calls of that account do not wait again (their waits would add up past the 500 ms
 /// `statement_timeout` and fail the whole batch): they are sent again alone at once, and the row
@@ -1278,16 +1356,14 @@ async fn a_batch_waits_once_for_an_account_whose_row_is_held_elsewhere() {
         "each its own balance"
     );
 
-    for function in ["reserve_many", "close_many"] {
-        let batches: u64 = server
-            .psql(&format!(
-                "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
-                 WHERE query LIKE '%\"{schema}\".{function}(%'"
-            ))
-            .parse()
-            .unwrap();
-        assert!(batches > 0, "no {function} batch");
-    }
+    let batches: u64 = server
+        .psql(&format!(
+            "SELECT coalesce(sum(calls), 0) /* verify */ FROM pg_stat_statements \
+             WHERE query LIKE '%\"{schema}\".book_many(%'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(batches >= 2, "{batches} batches");
     let balance = ledger.balance("acct_1").await.unwrap();
     assert_eq!((balance.balance, balance.held, balance.holds), (0, 0, 0));
     assert_eq!(assert_books(&ledger, "acct_1").await, (30, 30));
@@ -1373,7 +1449,7 @@ async fn a_coalesced_call_answers_within_one_deadline() {
     );
 }
 
-/// The connection of a batch of settles (`close_many`) is lost mid-statement (its backend
+/// The connection of a batch of settles (`book_many`) is lost mid-statement (its backend
 /// terminated by a trigger on the third settle): the batch is sent again, each call's token
 /// correction only if its hold is still open, and every settle answers its exact settlement.
 /// The journal has one settle per hold, the balance is exact, and the tokens bucket was

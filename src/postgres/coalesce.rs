@@ -1,13 +1,13 @@
 //! Coalescing of the hot-path statements ([`PostgresOptions::coalesce`](super::PostgresOptions::coalesce)):
-//! at most one statement of each kind (reserve, close) in flight per pool; the calls that arrive
-//! meanwhile wait and go together, up to [`MAX_BATCH`], in one statement (`reserve_many`,
-//! `close_many`, migration 6), so that one commit serves them all.
+//! at most one statement on the books in flight per pool; the calls (reserves and closes) that
+//! arrive meanwhile wait and go together, up to [`MAX_BATCH`], in one statement (`book_many`,
+//! migration 10), so that one commit serves them all.
 //!
 //! - A call that finds nothing in flight is sent at once, alone, with the single statement it
 //!   would have had without coalescing (the same retries, the same answer): a caller sees one
 //!   round trip per call either way.
 //! - A batch is sorted by account (concurrent batches, of this pool or of other replicas, lock the
-//!   accounts' rows in the same order). Each call runs in a subtransaction of its own: one that
+//!   accounts' rows in the same order), an account's calls in the order they came. Each call runs in a subtransaction of its own: one that
 //!   fails fails alone, and the others keep their exact answers.
 //! - A call of a batch that waited on a lock more than 100 ms (`lock_timeout`, set for the batch
 //!   only) was rolled back; it is sent again alone, and so are the batch's later calls of the same

@@ -710,7 +710,12 @@ pub(super) fn book_many(shared: &Arc<Shared>, calls: Vec<Book>) -> BoxFuture<Ans
                 .bind(c.actual)
                 .bind(c.fence_ms)
                 .bind(c.when);
-            let rows = c.buckets.bind(query).bind(c.now_ns).fetch_all(&pool).await?;
+            let rows = c
+                .buckets
+                .bind(query)
+                .bind(c.now_ns)
+                .fetch_all(&pool)
+                .await?;
             if rows.len() != kinds.len() {
                 return Err(sqlx::Error::Protocol(
                     "book_many answered another number of rows".into(),

@@ -89,7 +89,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "batch_one_subtransaction",
         include_str!("migrations/0008_batch_one_subtransaction.sql"),
     ),
-    (10, "one_batch", include_str!("migrations/0010_one_batch.sql")),
+    (
+        10,
+        "one_batch",
+        include_str!("migrations/0010_one_batch.sql"),
+    ),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
@@ -222,9 +226,9 @@ impl PostgresOptions {
         self
     }
 
-    /// Whether the ledger coalesces its statements (default `true`): at most one reserve and
-    /// one close statement in flight per pool; the calls that arrive meanwhile go together (up to
-    /// 64) in the next one (`reserve_many`, `close_many`), one commit for all of them, each call
+    /// Whether the ledger coalesces its statements (default `true`): at most one statement on
+    /// the books in flight per pool; the reserves and closes that arrive meanwhile go together (up
+    /// to 64) in the next one (`book_many`), one commit for all of them, each call
     /// in a subtransaction of its own so that one failing call fails alone and the others keep
     /// their exact answers. A call that finds nothing in flight is sent at once, alone: each
     /// caller still makes one round trip per call, and waits at most one deadline (acquire
