@@ -13,6 +13,8 @@
 #   scripts/bench_postgres.sh [SECONDS=10]
 #   BENCH_NO_BUILD=1 scripts/bench_postgres.sh   # use the binary already built
 #   BENCH_PG_WAITS=1 scripts/bench_postgres.sh   # also sample what the statements wait on
+#   BENCH_PG_PROFILE=1 scripts/bench_postgres.sh # also time the statements inside the functions
+#                                                # (pg_stat_statements.track = all; slows them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH="${1:-10}"
@@ -38,7 +40,7 @@ trap cleanup EXIT
 
 "${AS[@]}" "$BIN_DIR/initdb" -D "$WORK/data" -U postgres -A trust -E UTF8 >/dev/null
 "${AS[@]}" "$BIN_DIR/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w -o \
-  "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_preload_libraries=pg_stat_statements" \
+  "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_preload_libraries=pg_stat_statements${BENCH_PG_PROFILE:+ -c pg_stat_statements.track=all -c pg_stat_statements.track_planning=on}" \
   start >/dev/null
 PSQL=("$BIN_DIR/psql" -X -q -A -t -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres)
 "${PSQL[@]}" -c "CREATE EXTENSION pg_stat_statements"
@@ -169,7 +171,11 @@ read -r busy_after idle_after < <(machine)
 # Requests cut by wrk's end release their holds in the background: give them a moment.
 sleep 3
 billed=$(( $(settles) - settled_before ))
-statements=$("${PSQL[@]}" -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%\"tollgate\".%'")
+statements=$("${PSQL[@]}" -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE toplevel AND query LIKE '%\"tollgate\".%'")
+if [ -n "${BENCH_PG_PROFILE:-}" ]; then
+  echo "== statements: exec µs, calls and planning µs per billed request (nested ones included in their callers' time)"
+  "${PSQL[@]}" -F ' | ' -c "SELECT round((total_exec_time * 1000 / greatest($billed, 1))::numeric, 1) AS us_per_billed, round((calls::numeric / greatest($billed, 1)), 2) AS calls_per_billed, round((total_plan_time * 1000 / greatest($billed, 1))::numeric, 1) AS plan_us_per_billed, regexp_replace(left(query, 110), '\s+', ' ', 'g') FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat%' ORDER BY total_exec_time DESC LIMIT 30"
+fi
 held=$("${PSQL[@]}" -c "SELECT coalesce(sum(held), 0) FROM tollgate.balances")
 echo "billed requests (settles journaled): $billed; statements on the books: $statements; per billed request: $(awk "BEGIN { printf \"%.2f\", $statements / $billed }")"
 echo "credits still held after the run: $held"
