@@ -93,8 +93,8 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         applied += run.await.unwrap();
     }
     assert_eq!(
-        applied, 7,
-        "one replica applies migrations 1, 3, 5, 6, 7, 8 and 10, the others see them"
+        applied, 8,
+        "one replica applies migrations 1, 3, 5, 6, 7, 8, 10 and 11, the others see them"
     );
     assert_eq!(
         backends[0].migrate().await.unwrap(),
@@ -114,7 +114,7 @@ async fn migrations_apply_once_from_every_replica_at_once_in_their_own_schema() 
         server.psql(&format!(
             "SELECT version || ':' || name /* verify */ FROM \"{schema}\".schema_migrations"
         )),
-        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks\n8:batch_one_subtransaction\n10:one_batch"
+        "1:books\n3:extend\n5:redis_journal\n6:fast\n7:batch_locks\n8:batch_one_subtransaction\n10:one_batch\n11:inline"
     );
 
     // Another schema on the same database keeps books of its own.

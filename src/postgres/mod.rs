@@ -94,6 +94,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "one_batch",
         include_str!("migrations/0010_one_batch.sql"),
     ),
+    (11, "inline", include_str!("migrations/0011_inline.sql")),
 ];
 
 /// Schema name, timeouts, TTLs and pool size of a [`PostgresBackend`].
