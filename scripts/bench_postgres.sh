@@ -22,6 +22,7 @@ BIN_DIR="$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql
 AS=(); [ "$(id -u)" = 0 ] && AS=(runuser -u postgres --)
 PG_PORT="${BENCH_PG_PORT:-15433}"
 GW_PORT="${BENCH_GW_PORT:-18093}"
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 TARGET="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET/release/gateway"
 
